@@ -1,0 +1,346 @@
+"""The flash folder format: the one source of truth for names, offsets, alignment and checksums.
+
+A flash folder holds:
+- ``config.json`` and tokenizer files, copied from the source model;
+- ``dense.safetensors``: every weight that is not an FFN neuron;
+- ``ffn/layer_NNN.safetensors``: per layer, the neuron bundles. Bundled (the default): one 2-D
+  tensor ``[num_neurons, bundle_elems]`` whose row i is neuron i's parts side by side, in the
+  order of the manifest's ``parts`` (gate row, up row, down column). Unbundled (``--no-bundle``,
+  the paper's baseline): one ``[num_neurons, elems]`` tensor per part. Every such tensor's data
+  starts at a file offset that is a multiple of ``DATA_ALIGNMENT`` (16 KiB);
+- ``flash_manifest.json``: described by `Manifest`; a reader takes every offset from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "flash_manifest.json"
+DENSE_NAME = "dense.safetensors"
+FFN_DIR = "ffn"
+PREDICTORS_NAME = "predictors.safetensors"
+DATA_ALIGNMENT = 16 * 1024  # every neuron tensor's data starts on this boundary
+SECTOR = 4096  # O_DIRECT granularity assumed by readers
+CHECKSUM = "sha256"
+
+# Manifest dtype names <-> safetensors dtype names and element sizes.
+DTYPE_TO_ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+ST_TO_DTYPE = {v: k for k, v in DTYPE_TO_ST.items()}
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+class FlashFormatError(ValueError):
+    """A flash folder that is missing, malformed or does not match its manifest."""
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str  # gate | up | down
+    elems: int  # elements of this part in one neuron's row
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One neuron-major tensor of a layer: row i holds `parts` of neuron i, side by side."""
+
+    tensor: str
+    parts: tuple[str, ...]
+    data_offset: int  # bytes from the start of the layer's file
+    row_bytes: int
+
+    def row_offset(self, neuron: int) -> int:
+        return self.data_offset + neuron * self.row_bytes
+
+
+@dataclass(frozen=True)
+class LayerEntry:
+    layer: int
+    file: str  # relative to the flash folder
+    num_neurons: int
+    bundle_bytes: int  # bytes of one whole neuron (all parts)
+    checksum: str  # sha256 of the layer's segment data, in segment order
+    segments: tuple[Segment, ...]
+
+    @property
+    def tensor(self) -> str:
+        return self.segments[0].tensor
+
+    @property
+    def data_offset(self) -> int:
+        return self.segments[0].data_offset
+
+    @property
+    def data_bytes(self) -> int:
+        return self.num_neurons * self.bundle_bytes
+
+
+@dataclass
+class Manifest:
+    source_model: str
+    model_type: str
+    family: str  # gated | two_matrix
+    activation: str  # as the config names it (relu, silu, gelu_new, ...)
+    dtype: str  # float32 | float16 | bfloat16
+    hidden_size: int
+    num_layers: int
+    bundled: bool
+    parts: tuple[Part, ...]
+    layers: list[LayerEntry]
+    format_version: int = FORMAT_VERSION
+    checksum_algorithm: str = CHECKSUM
+    dense_file: str = DENSE_NAME
+    dense_checksum: str = ""
+    predictors_file: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def part_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.parts)
+
+    @property
+    def bundle_elems(self) -> int:
+        return sum(p.elems for p in self.parts)
+
+    def part_columns(self) -> dict[str, tuple[int, int]]:
+        """Element range [start, stop) of each part inside a whole-neuron bundle row."""
+        cols, start = {}, 0
+        for p in self.parts:
+            cols[p.name] = (start, start + p.elems)
+            start += p.elems
+        return cols
+
+    def ffn_bytes(self) -> int:
+        return sum(e.data_bytes for e in self.layers)
+
+    def to_json(self) -> dict:
+        d = {
+            "format_version": self.format_version,
+            "source_model": self.source_model,
+            "model_type": self.model_type,
+            "family": self.family,
+            "activation": self.activation,
+            "dtype": self.dtype,
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "bundled": self.bundled,
+            "parts": [asdict(p) for p in self.parts],
+            "dense_file": self.dense_file,
+            "dense_checksum": self.dense_checksum,
+            "predictors_file": self.predictors_file,
+            "checksum_algorithm": self.checksum_algorithm,
+            "layers": [],
+            "extra": self.extra,
+        }
+        for e in self.layers:
+            entry = {
+                "layer": e.layer,
+                "file": e.file,
+                "num_neurons": e.num_neurons,
+                "bundle_bytes": e.bundle_bytes,
+                "checksum": e.checksum,
+                "segments": [
+                    {"tensor": s.tensor, "parts": list(s.parts), "data_offset": s.data_offset, "row_bytes": s.row_bytes}
+                    for s in e.segments
+                ],
+            }
+            if self.bundled:  # the single bundle tensor, at the layer's top level too
+                entry["tensor"] = e.tensor
+                entry["data_offset"] = e.data_offset
+            d["layers"].append(entry)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict, where: str = MANIFEST_NAME) -> "Manifest":
+        """Parse and validate a manifest dict; every problem is a one-line FlashFormatError."""
+        if not isinstance(d, dict):
+            raise FlashFormatError(f"{where}: not a JSON object")
+        version = d.get("format_version")
+        if not isinstance(version, int):
+            raise FlashFormatError(f"{where}: missing format_version")
+        if version > FORMAT_VERSION:
+            raise FlashFormatError(
+                f"{where}: format_version {version} is newer than this mlx_flash reads ({FORMAT_VERSION}); upgrade mlx_flash"
+            )
+        try:
+            parts = tuple(Part(str(p["name"]), _pos_int(p["elems"])) for p in d["parts"])
+            layers = []
+            for e in d["layers"]:
+                segs = tuple(
+                    Segment(str(s["tensor"]), tuple(str(x) for x in s["parts"]), _nonneg_int(s["data_offset"]), _pos_int(s["row_bytes"]))
+                    for s in e["segments"]
+                )
+                layers.append(
+                    LayerEntry(
+                        _nonneg_int(e["layer"]), _rel_path(e["file"]), _pos_int(e["num_neurons"]),
+                        _pos_int(e["bundle_bytes"]), str(e["checksum"]), segs,
+                    )
+                )
+            m = cls(
+                source_model=str(d.get("source_model", "")),
+                model_type=str(d["model_type"]),
+                family=str(d["family"]),
+                activation=str(d["activation"]),
+                dtype=str(d["dtype"]),
+                hidden_size=_pos_int(d["hidden_size"]),
+                num_layers=_pos_int(d["num_layers"]),
+                bundled=bool(d["bundled"]),
+                parts=parts,
+                layers=layers,
+                format_version=version,
+                checksum_algorithm=str(d.get("checksum_algorithm", CHECKSUM)),
+                dense_file=_rel_path(d.get("dense_file", DENSE_NAME)),
+                dense_checksum=str(d.get("dense_checksum", "")),
+                predictors_file=_rel_path(d["predictors_file"]) if d.get("predictors_file") else None,
+                extra=dict(d.get("extra") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FlashFormatError(f"{where}: malformed manifest ({_describe(exc)}); re-run mlx_flash.convert") from None
+        m.validate(where)
+        return m
+
+    def validate(self, where: str = MANIFEST_NAME) -> None:
+        """Internal consistency: sizes, alignment, parts. Raises FlashFormatError."""
+        if self.dtype not in DTYPE_BYTES:
+            raise FlashFormatError(f"{where}: unknown dtype {self.dtype!r}")
+        if len(self.layers) != self.num_layers or [e.layer for e in self.layers] != list(range(self.num_layers)):
+            raise FlashFormatError(f"{where}: layers do not list 0..{self.num_layers - 1} in order")
+        names = self.part_names
+        if len(set(names)) != len(names) or not names:
+            raise FlashFormatError(f"{where}: parts {names} malformed")
+        elems = {p.name: p.elems for p in self.parts}
+        for e in self.layers:
+            seg_parts = [p for s in e.segments for p in s.parts]
+            if tuple(seg_parts) != names:
+                raise FlashFormatError(f"{where}: layer {e.layer} segments do not hold parts {names} in order")
+            if self.bundled and len(e.segments) != 1:
+                raise FlashFormatError(f"{where}: bundled layer {e.layer} has {len(e.segments)} tensors")
+            for s in e.segments:
+                if s.row_bytes != sum(elems[p] for p in s.parts) * self.dtype_bytes:
+                    raise FlashFormatError(f"{where}: layer {e.layer} tensor {s.tensor}: row_bytes does not match its parts")
+                if s.data_offset % DATA_ALIGNMENT:
+                    raise FlashFormatError(f"{where}: layer {e.layer} tensor {s.tensor}: data_offset not {DATA_ALIGNMENT}-aligned")
+            if e.bundle_bytes != sum(s.row_bytes for s in e.segments):
+                raise FlashFormatError(f"{where}: layer {e.layer}: bundle_bytes does not match its parts")
+
+
+def _pos_int(x) -> int:
+    if isinstance(x, bool) or not isinstance(x, int) or x <= 0:
+        raise ValueError(f"expected a positive integer, got {x!r}")
+    return x
+
+
+def _nonneg_int(x) -> int:
+    if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+        raise ValueError(f"expected a non-negative integer, got {x!r}")
+    return x
+
+
+def _rel_path(x) -> str:
+    p = str(x)
+    if not p or os.path.isabs(p) or ".." in Path(p).parts:
+        raise ValueError(f"file path {p!r} must be relative and inside the folder")
+    return p
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, KeyError):
+        return f"missing key {exc.args[0]!r}"
+    return str(exc)
+
+
+def layer_file(layer: int) -> str:
+    return f"{FFN_DIR}/layer_{layer:03d}.safetensors"
+
+
+def bundle_tensor_name(layer: int) -> str:
+    return f"layers.{layer}.bundles"
+
+
+def part_tensor_name(layer: int, part: str) -> str:
+    return f"layers.{layer}.{part}"
+
+
+def manifest_path(folder: str | os.PathLike) -> Path:
+    return Path(folder) / MANIFEST_NAME
+
+
+def is_flash_folder(folder: str | os.PathLike) -> bool:
+    return manifest_path(folder).is_file()
+
+
+def read_manifest(folder: str | os.PathLike) -> Manifest:
+    path = manifest_path(folder)
+    try:
+        raw = path.read_text()
+    except FileNotFoundError:
+        raise FlashFormatError(f"{folder}: not a flash folder (no {MANIFEST_NAME}); create one with python -m mlx_flash.convert") from None
+    except OSError as e:
+        raise FlashFormatError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        d = json.loads(raw)
+    except json.JSONDecodeError:
+        raise FlashFormatError(f"{path}: not valid JSON; re-run mlx_flash.convert") from None
+    return Manifest.from_json(d, str(path))
+
+
+def write_manifest(folder: str | os.PathLike, manifest: Manifest) -> None:
+    manifest.validate()
+    path = manifest_path(folder)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest.to_json(), indent=1))
+    os.replace(tmp, path)
+
+
+def check_files(folder: str | os.PathLike, manifest: Manifest) -> None:
+    """Cheap checks of the files against the manifest: each exists and is long enough."""
+    folder = Path(folder)
+    for e in manifest.layers:
+        path = folder / e.file
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise FlashFormatError(f"{path}: missing; re-run mlx_flash.convert") from None
+        end = max(s.data_offset + s.row_bytes * e.num_neurons for s in e.segments)
+        if size < end:
+            raise FlashFormatError(
+                f"{path}: truncated ({size} bytes, manifest needs {end}); re-run mlx_flash.convert"
+            )
+    dense = folder / manifest.dense_file
+    if not dense.is_file():
+        raise FlashFormatError(f"{dense}: missing; re-run mlx_flash.convert")
+
+
+def file_digest(path: str | os.PathLike, ranges: list[tuple[int, int]] | None = None, chunk: int = 8 << 20) -> str:
+    """Checksum of byte ranges [start, end) of a file (the whole file when None), streamed."""
+    h = hashlib.new(CHECKSUM)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for pos, end in ranges if ranges is not None else [(0, os.fstat(fd).st_size)]:
+            while pos < end:
+                b = os.pread(fd, min(chunk, end - pos), pos)
+                if not b:
+                    raise FlashFormatError(f"{path}: truncated at byte {pos}; re-run mlx_flash.convert")
+                h.update(b)
+                pos += len(b)
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
+def layer_data_ranges(entry: LayerEntry) -> list[tuple[int, int]]:
+    """The byte ranges of a layer's file that hold its neurons, in segment order."""
+    return [(s.data_offset, s.data_offset + s.row_bytes * entry.num_neurons) for s in entry.segments]
+
+
+def layer_digest(folder: str | os.PathLike, entry: LayerEntry) -> str:
+    """Checksum of a layer's neuron data as stored on flash."""
+    return file_digest(Path(folder) / entry.file, layer_data_ranges(entry))
