@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import MlxFlashError
 
-class UnsupportedModelError(ValueError):
+
+class UnsupportedModelError(MlxFlashError):
     """The model folder's architecture is not one mlx_flash can run."""
 
 

@@ -19,6 +19,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .errors import MlxFlashError
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "flash_manifest.json"
 DENSE_NAME = "dense.safetensors"
@@ -34,7 +36,7 @@ ST_TO_DTYPE = {v: k for k, v in DTYPE_TO_ST.items()}
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
-class FlashFormatError(ValueError):
+class FlashFormatError(MlxFlashError):
     """A flash folder that is missing, malformed or does not match its manifest."""
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import MlxFlashError
+
 # safetensors dtype name -> (numpy dtype used to hold the raw bytes, bytes per element).
 # bfloat16 has no numpy dtype: its raw bits are held as uint16.
 DTYPES: dict[str, tuple[np.dtype, int]] = {
@@ -40,7 +42,7 @@ DTYPES: dict[str, tuple[np.dtype, int]] = {
 PADDING_PREFIX = "__padding_"
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(MlxFlashError):
     """A safetensors file that cannot be read: names the file and what is wrong."""
 
 

@@ -1,0 +1,31 @@
+"""The project's user-facing errors, and how a command-line entry point reports them.
+
+Every mistake a user can make (a bad folder, a corrupt shard, a budget too small, an
+unsupported model) raises a subclass of `MlxFlashError` whose message is one line saying what
+is wrong and what to do. The CLIs print that line and exit non-zero, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+class MlxFlashError(ValueError):
+    """A user-facing error with a one-line message."""
+
+
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None, prog: str = "mlx_flash") -> int:
+    """Run a CLI main function; print user errors as one line on stderr with exit code 1,
+    and Ctrl-C as exit code 130."""
+    try:
+        return int(main(argv) or 0)
+    except MlxFlashError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        print(f"{prog}: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,152 @@
+"""Tiny random models of several architectures, written as Hugging Face folders for tests.
+
+Nothing is downloaded: weights come from a seeded generator, the tokenizer is a byte-level BPE
+trained in a fraction of a second on a few sentences. mlx-lm's architectures (llama, qwen2,
+qwen3, phi) are instantiated from mlx-lm itself so their tensor names are the real ones; OPT,
+which mlx-lm lacks, is written with the Hugging Face checkpoint's names.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+TOKENIZER_TEXT = (
+    "The quick brown fox jumps over the lazy dog. A flash of light, a page of text, a model "
+    "that reads its neurons from the disk. Python is a programming language; numbers 0123456789. "
+) * 20
+
+
+def base_config(model_type: str, **over) -> dict:
+    cfg = {
+        "model_type": model_type,
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "intermediate_size": 256,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 300,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": False,
+        "hidden_act": "relu",
+    }
+    if model_type == "qwen3":
+        cfg["head_dim"] = 16
+    if model_type == "phi":
+        cfg.update(partial_rotary_factor=0.5, layer_norm_eps=1e-5, hidden_act="gelu_new", num_key_value_heads=4)
+    if model_type == "opt":
+        cfg = {
+            "model_type": "opt",
+            "hidden_size": 64,
+            "word_embed_proj_dim": 64,
+            "num_hidden_layers": 2,
+            "ffn_dim": 256,
+            "num_attention_heads": 4,
+            "vocab_size": 300,
+            "max_position_embeddings": 512,
+            "activation_function": "relu",
+            "do_layer_norm_before": True,
+            "enable_bias": True,
+            "layer_norm_elementwise_affine": True,
+            "tie_word_embeddings": True,
+        }
+    cfg.update(over)
+    return cfg
+
+
+def make_tiny_model(
+    folder: Path,
+    model_type: str = "llama",
+    *,
+    dtype: str = "float32",
+    seed: int = 0,
+    shards: int = 1,
+    tokenizer: bool = True,
+    **config_over,
+) -> Path:
+    """Write a random model of `model_type` into `folder` (created); returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = base_config(model_type, **config_over)
+    if model_type == "opt":
+        weights = _opt_weights(cfg, seed)
+    else:
+        mx.random.seed(seed)
+        mod = importlib.import_module(f"mlx_lm.models.{model_type}")
+        model = mod.Model(mod.ModelArgs.from_dict(cfg))
+        weights = dict(tree_flatten(model.parameters()))
+    weights = {k: v.astype(MX_DTYPES[dtype]) for k, v in weights.items()}
+    names = sorted(weights)
+    if shards == 1:
+        mx.save_safetensors(str(folder / "model.safetensors"), weights)
+    else:
+        weight_map = {}
+        for s in range(shards):
+            fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+            part = {n: weights[n] for n in names[s::shards]}
+            mx.save_safetensors(str(folder / fname), part)
+            weight_map.update({n: fname for n in part})
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    cfg["torch_dtype"] = dtype
+    (folder / "config.json").write_text(json.dumps(cfg, indent=1))
+    if tokenizer:
+        write_tokenizer(folder, cfg["vocab_size"])
+    return folder
+
+
+def _opt_weights(cfg: dict, seed: int) -> dict[str, mx.array]:
+    rng = np.random.default_rng(seed)
+    d, f, v = cfg["hidden_size"], cfg["ffn_dim"], cfg["vocab_size"]
+    w: dict[str, np.ndarray] = {}
+
+    def lin(name: str, out_dim: int, in_dim: int) -> None:
+        w[f"{name}.weight"] = rng.normal(0, in_dim**-0.5, (out_dim, in_dim))
+        w[f"{name}.bias"] = rng.normal(0, 0.02, (out_dim,))
+
+    def norm(name: str) -> None:
+        w[f"{name}.weight"] = 1 + rng.normal(0, 0.05, (d,))
+        w[f"{name}.bias"] = rng.normal(0, 0.02, (d,))
+
+    w["model.decoder.embed_tokens.weight"] = rng.normal(0, 0.5, (v, d))
+    w["model.decoder.embed_positions.weight"] = rng.normal(0, 0.1, (cfg["max_position_embeddings"] + 2, d))
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.decoder.layers.{i}"
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            lin(f"{p}.self_attn.{proj}", d, d)
+        norm(f"{p}.self_attn_layer_norm")
+        lin(f"{p}.fc1", f, d)
+        lin(f"{p}.fc2", d, f)
+        norm(f"{p}.final_layer_norm")
+    norm("model.decoder.final_layer_norm")
+    return {k: mx.array(a.astype(np.float32)) for k, a in w.items()}
+
+
+_TOKENIZER_CACHE: dict[int, Path] = {}
+
+
+def write_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer of at most `vocab_size` tokens, saved with transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([TOKENIZER_TEXT], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    fast.save_pretrained(str(folder))
