@@ -1,0 +1,490 @@
+"""Reads FFN neuron bundles from a flash folder: aligned, page-cache-bypassing, parallel, async.
+
+`FlashReader.submit(layer, ids)` returns a future of ``{part: float32 [len(ids), elems]}``,
+row j holding neuron ``ids[j]``. Every byte offset comes from the manifest (`layout`): a
+neuron's bytes in a segment start at ``segment.row_offset(neuron)``.
+
+How a request becomes reads: per segment (one when bundled, one per part otherwise), each
+wanted neuron's byte range is widened to 4 KiB sectors (O_DIRECT needs aligned offsets,
+lengths and buffers; a bundle that is not a multiple of 4 KiB is read as part of an aligned
+range), neighbours whose gap on flash is at most `coalesce_gap` bytes are merged into one read
+(reading the gap and discarding it is cheaper than a second read), and no read grows past
+about `max_read` bytes (so that a dense range still spreads over the threads). The reads go to
+a pool of threads (``os.preadv`` releases the GIL); each thread reads into its own aligned
+scratch buffer and converts the rows it read to float32 straight into the output arrays.
+
+The defaults (`DEFAULT_THREADS`, `DEFAULT_COALESCE_GAP`, `DEFAULT_MAX_READ`) were chosen by
+the cost model measured with ``benchmarks/bench_io.py``; see the comment above them.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import sys
+import threading
+import time
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .io_stats import IOStats, LayerIOStats
+from .layout import SECTOR, FlashFormatError, LayerEntry, Manifest, Segment
+
+# Cost model, measured by `python benchmarks/bench_io.py --out DIR` on the project's Linux
+# machine (virtual disk, 2 cores; table in benchmarks/RESULTS.md). Fitting the reader's
+# random-read time per read as t(c) = a + b*c over chunk sizes c = 4 KiB..1 MiB:
+# see `DEFAULT_COALESCE_GAP` and `DEFAULT_THREADS` below for the numbers that chose each.
+DEFAULT_THREADS = 16
+DEFAULT_COALESCE_GAP = 16 * 1024
+DEFAULT_MAX_READ = 512 * 1024
+
+_RAW_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
+
+
+class FlashReadError(OSError):
+    """A read of neuron bundles failed: names the file, the byte offset and the layer."""
+
+    def __init__(self, message: str, *, path: str, offset: int, layer: int, err: int = errno.EIO):
+        super().__init__(err, message)
+        self.path, self.offset, self.layer = path, offset, layer
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class ReaderClosedError(RuntimeError):
+    """The reader was closed before (or while) this request ran."""
+
+
+@dataclass(frozen=True)
+class _File:
+    fd: int
+    path: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class _SegmentPlan:
+    """The reads of one segment for one request: chunk c covers sorted ids [first[c], stop[c])
+    and reads bytes [offset[c], offset[c] + length[c]) of which the first need[c] must arrive."""
+
+    segment: Segment
+    file: _File
+    columns: list[tuple[str, int, int]]  # (part, first element, end element) in a segment row
+    first: np.ndarray
+    stop: np.ndarray
+    offset: np.ndarray
+    length: np.ndarray
+    need: np.ndarray
+
+
+def plan_chunks(
+    starts: np.ndarray, row_bytes: int, coalesce_gap: int, max_read: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Group rows starting at sorted byte offsets `starts` into aligned reads.
+
+    Returns (first, stop, offset, length, need): read c covers rows first[c]..stop[c]-1, starts
+    at the sector-aligned `offset[c]`, is `length[c]` bytes (a multiple of SECTOR) and must
+    deliver at least `need[c]` bytes (its last row's end; the rest may lie past end of file).
+    Two rows share a read when the bytes between their aligned ranges are <= coalesce_gap (a
+    negative gap merges only rows that share a sector); a read stops growing once it spans
+    `max_read` bytes, so it is at most max_read + row_bytes + SECTOR long."""
+    ends = starts + row_bytes
+    a0 = starts // SECTOR * SECTOR
+    a1 = -(-ends // SECTOR) * SECTOR
+    n = len(starts)
+    gap_break = np.zeros(n, dtype=bool)
+    gap_break[0] = True
+    gap_break[1:] = a0[1:] - a1[:-1] > coalesce_gap
+    group = np.cumsum(gap_break) - 1
+    group_start = a0[np.flatnonzero(gap_break)][group]
+    window = (a1 - 1 - group_start) // max(max_read, 1)
+    new = gap_break.copy()
+    new[1:] |= window[1:] != window[:-1]
+    first = np.flatnonzero(new)
+    stop = np.append(first[1:], n)
+    offset = a0[first]
+    return first, stop, offset, a1[stop - 1] - offset, ends[stop - 1] - offset
+
+
+def _aligned_empty(nbytes: int) -> np.ndarray:
+    """A uint8 array of `nbytes` whose address is a multiple of SECTOR (O_DIRECT needs it)."""
+    raw = np.empty(nbytes + SECTOR, dtype=np.uint8)
+    skip = -raw.ctypes.data % SECTOR
+    return raw[skip : skip + nbytes]
+
+
+def _convert_into(out: np.ndarray, where: slice | np.ndarray, src: np.ndarray, dtype: str) -> None:
+    """out[where] = src as float32 (float16 by numpy's cast; bfloat16 bits shifted into the
+    high half of a float32, which is exact)."""
+    if dtype == "bfloat16":
+        if isinstance(where, slice):
+            np.left_shift(src, 16, out=out[where].view(np.uint32), dtype=np.uint32)
+            return
+        src = (src.astype(np.uint32) << 16).view(np.float32)
+    out[where] = src
+
+
+class ReadFuture(Future):
+    """A Future of a read request; `result()` adds the time the caller blocked in it to the
+    reader's `wait_seconds` for the layer."""
+
+    def __init__(self, stats: IOStats, layer: int):
+        super().__init__()
+        self._stats, self._layer = stats, layer
+
+    def result(self, timeout: float | None = None):
+        if self.done():
+            return super().result(0)
+        t0 = time.perf_counter()
+        try:
+            return super().result(timeout)
+        finally:
+            self._stats.add_wait(self._layer, time.perf_counter() - t0)
+
+
+class _Request:
+    """One submitted request: its plan, outputs, progress, and the future to resolve."""
+
+    def __init__(self, layer: int, ids: np.ndarray, plans: list[_SegmentPlan], out: dict[str, np.ndarray],
+                 dest: np.ndarray | None, inverse: np.ndarray | None, future: ReadFuture):
+        self.layer, self.ids, self.out, self.dest, self.inverse = layer, ids, out, dest, inverse
+        self.future = future
+        self.jobs = [(p, c) for p in plans for c in range(len(p.first))]
+        self.max_length = max(int(p.length.max()) for p in plans)
+        self.next_job = itertools.count()  # next(...) is atomic under the GIL
+        self.failed = False
+        self.t_submit = time.perf_counter()
+        self._lock = threading.Lock()
+        self._workers = 0
+        self._stats = LayerIOStats()
+
+    def where(self, first: int, stop: int) -> slice | np.ndarray:
+        """Output rows of sorted ids [first, stop)."""
+        return slice(first, stop) if self.dest is None else self.dest[first:stop]
+
+    def fail(self, exc: BaseException) -> None:
+        with self._lock:
+            if self.failed or self.future.done():
+                return
+            self.failed = True
+        self.future.set_exception(exc)
+
+    def worker_started(self) -> None:
+        with self._lock:
+            self._workers += 1
+
+    def worker_done(self, local: LayerIOStats, stats: IOStats) -> None:
+        """Merge a worker's counts; the last worker to finish resolves the future."""
+        with self._lock:
+            self._stats.merge(local)
+            self._workers -= 1
+            last = self._workers == 0 and not self.failed and not self.future.done()
+        if not last:
+            return
+        self._stats.requests = 1
+        self._stats.neurons = len(self.ids) if self.inverse is None else len(self.inverse)
+        self._stats.request_latency.add(time.perf_counter() - self.t_submit)
+        stats.add(self.layer, self._stats)
+        out = self.out if self.inverse is None else {k: v[self.inverse] for k, v in self.out.items()}
+        self.future.set_result(out)
+
+
+class FlashReader:
+    """Parallel, aligned, page-cache-bypassing reader of a flash folder's neuron bundles.
+
+    folder, manifest: the flash folder and its parsed `Manifest` (offsets come from it only).
+    threads: reader threads (default `DEFAULT_THREADS`).
+    direct: True: bypass the page cache or raise; False: buffered reads; None (default):
+        bypass when the filesystem allows, else buffered with one warning. `self.direct` says
+        what was done.
+    coalesce_gap: merge neighbouring reads whose gap on flash is at most this many bytes
+        (default `DEFAULT_COALESCE_GAP`; negative: merge only reads sharing a sector).
+    max_read: a merged read stops growing at about this many bytes (default `DEFAULT_MAX_READ`).
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        manifest: Manifest,
+        *,
+        threads: int | None = None,
+        direct: bool | None = None,
+        coalesce_gap: int | None = None,
+        max_read: int | None = None,
+    ):
+        self.folder = Path(folder)
+        self.manifest = manifest
+        self.threads = threads or DEFAULT_THREADS
+        self.coalesce_gap = DEFAULT_COALESCE_GAP if coalesce_gap is None else coalesce_gap
+        self.max_read = max_read or DEFAULT_MAX_READ
+        if self.threads < 1 or self.max_read < SECTOR:
+            raise ValueError(f"threads must be >= 1 and max_read >= {SECTOR}")
+        self.stats = IOStats()
+        self._raw_dtype = _RAW_DTYPES[manifest.dtype]
+        self._elems = {p.name: p.elems for p in manifest.parts}
+        self._closed = False
+        self._files: dict[str, _File] = {}
+        self._requests: set[_Request] = set()
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self.direct = direct is not False
+        try:
+            for entry in manifest.layers:
+                if entry.file not in self._files:
+                    self._files[entry.file] = self._open(entry, direct)
+        except BaseException:
+            self._close_files()
+            raise
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="mlx_flash-reader")
+
+    # -- opening -------------------------------------------------------------------------
+
+    def _os_open(self, path: str, flags: int) -> int:
+        """os.open; a hook for tests that simulate a filesystem refusing O_DIRECT."""
+        return os.open(path, flags)
+
+    def _open(self, entry: LayerEntry, direct: bool | None) -> _File:
+        path = str(self.folder / entry.file)
+        fd = self._open_uncached(path, direct) if self.direct else self._os_open(path, os.O_RDONLY)
+        st = os.fstat(fd)
+        end = max(s.data_offset + s.row_bytes * entry.num_neurons for s in entry.segments)
+        if st.st_size < end:
+            os.close(fd)
+            raise FlashFormatError(
+                f"{path}: truncated ({st.st_size} bytes, manifest needs {end}); re-run mlx_flash.convert"
+            )
+        return _File(fd, path, st.st_size, st.st_mtime_ns)
+
+    def _open_uncached(self, path: str, direct: bool | None) -> int:
+        """Open bypassing the page cache; fall back to buffered (once warned) unless required."""
+        flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+        try:
+            if hasattr(os, "O_DIRECT"):
+                fd = self._os_open(path, flags | os.O_DIRECT)
+                try:
+                    # Some filesystems accept O_DIRECT at open and refuse the read: probe one sector.
+                    os.preadv(fd, [_aligned_empty(SECTOR)], 0)
+                except OSError:
+                    os.close(fd)
+                    raise
+                return fd
+            fd = self._os_open(path, flags)
+            if sys.platform == "darwin":
+                import fcntl
+
+                try:
+                    fcntl.fcntl(fd, getattr(fcntl, "F_NOCACHE", 48), 1)
+                except OSError:
+                    os.close(fd)
+                    raise
+                return fd
+            os.close(fd)
+            raise OSError(errno.EINVAL, "no way to bypass the page cache on this platform")
+        except FileNotFoundError:
+            raise FlashFormatError(f"{path}: missing; re-run mlx_flash.convert") from None
+        except OSError as e:
+            if direct or e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
+        if self.direct:
+            self.direct = False
+            warnings.warn(
+                f"{self.folder}: the filesystem refuses uncached (O_DIRECT/F_NOCACHE) reads; "
+                "reading through the page cache, so I/O timings will look better than a cold disk",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return self._os_open(path, os.O_RDONLY)
+
+    # -- requests ------------------------------------------------------------------------
+
+    def submit(self, layer: int, ids: np.ndarray) -> ReadFuture:
+        """Start reading neurons `ids` of `layer`; the future resolves to {part: float32
+        [len(ids), elems]} with row j = neuron ids[j] (ids may be in any order, repeated)."""
+        if self._closed:
+            raise ReaderClosedError("FlashReader is closed")
+        entry = self._entry(layer)
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+            raise ValueError(f"ids must be a 1-D integer array, got shape {ids.shape} dtype {ids.dtype}")
+        ids = ids.astype(np.int64, copy=False)
+        if ids.size and (ids.min() < 0 or ids.max() >= entry.num_neurons):
+            raise IndexError(f"layer {layer}: neuron ids must lie in [0, {entry.num_neurons})")
+        future = ReadFuture(self.stats, layer)
+        future.set_running_or_notify_cancel()
+        out = {name: np.empty((len(ids), n), dtype=np.float32) for name, n in self._elems.items()}
+        if not ids.size:
+            future.set_result(out)
+            return future
+        dest = inverse = None
+        if ids.size > 1 and not np.all(ids[1:] > ids[:-1]):
+            ids, dest, inverse = np.unique(ids, return_index=True, return_inverse=True)
+            if len(ids) < len(inverse):  # repeats: fill unique rows, gather at the end
+                out = {k: v[: len(ids)] for k, v in out.items()}
+                dest = None
+            else:
+                inverse = None
+        req = _Request(layer, ids, [self._plan(entry, s, ids) for s in entry.segments], out, dest, inverse, future)
+        self._start(req)
+        return future
+
+    def read(self, layer: int, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """`submit(layer, ids).result()`."""
+        return self.submit(layer, ids).result()
+
+    def submit_rows(self, layer: int, start: int, stop: int) -> ReadFuture:
+        """Start reading the contiguous neurons [start, stop) of a layer: large sequential
+        reads of `max_read` bytes spread over the threads (for streaming a whole layer)."""
+        entry = self._entry(layer)
+        if not 0 <= start <= stop <= entry.num_neurons:
+            raise IndexError(f"layer {layer}: rows [{start}, {stop}) outside [0, {entry.num_neurons})")
+        return self.submit(layer, np.arange(start, stop, dtype=np.int64))
+
+    def read_rows(self, layer: int, start: int, stop: int) -> dict[str, np.ndarray]:
+        """`submit_rows(layer, start, stop).result()`."""
+        return self.submit_rows(layer, start, stop).result()
+
+    def _entry(self, layer: int) -> LayerEntry:
+        if not 0 <= layer < len(self.manifest.layers):
+            raise IndexError(f"layer {layer} not in the flash folder (0..{len(self.manifest.layers) - 1})")
+        return self.manifest.layers[layer]
+
+    def _plan(self, entry: LayerEntry, seg: Segment, ids: np.ndarray) -> _SegmentPlan:
+        cols, c = [], 0
+        for name in seg.parts:
+            cols.append((name, c, c + self._elems[name]))
+            c += self._elems[name]
+        starts = seg.data_offset + ids * seg.row_bytes
+        first, stop, offset, length, need = plan_chunks(starts, seg.row_bytes, self.coalesce_gap, self.max_read)
+        return _SegmentPlan(seg, self._files[entry.file], cols, first, stop, offset, length, need)
+
+    def _start(self, req: _Request) -> None:
+        with self._lock:
+            if self._closed:
+                raise ReaderClosedError("FlashReader is closed")
+            self._requests.add(req)
+            req.future.add_done_callback(lambda _f: self._forget(req))
+            for _ in range(min(self.threads, len(req.jobs))):
+                req.worker_started()
+                self._pool.submit(self._drain, req)
+
+    def _forget(self, req: _Request) -> None:
+        with self._lock:
+            self._requests.discard(req)
+
+    # -- worker side ---------------------------------------------------------------------
+
+    def _drain(self, req: _Request) -> None:
+        """A worker: take the request's next read until none is left or one failed."""
+        local = LayerIOStats()
+        try:
+            scratch = self._scratch(req.max_length)
+            while not req.failed and not self._closed:
+                i = next(req.next_job)
+                if i >= len(req.jobs):
+                    break
+                plan, c = req.jobs[i]
+                self._read_chunk(req.layer, plan, c, scratch, local)
+                self._scatter(req, plan, c, scratch)
+            if self._closed and not req.failed:
+                raise ReaderClosedError("FlashReader closed while a request was running")
+        except BaseException as exc:  # every error reaches the caller; the worker lives on
+            req.fail(exc)
+        finally:
+            req.worker_done(local, self.stats)
+
+    def _scratch(self, nbytes: int) -> np.ndarray:
+        buf = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < nbytes:
+            buf = self._local.buf = _aligned_empty(-(-nbytes // SECTOR) * SECTOR)
+        return buf
+
+    def _pread_into(self, fd: int, buf: memoryview, offset: int) -> int:
+        """One positioned read into `buf`, returning the bytes read; the single low-level read
+        of the reader (tests override it to inject faults)."""
+        return os.preadv(fd, [buf], offset)
+
+    def _read_chunk(self, layer: int, plan: _SegmentPlan, c: int, scratch: np.ndarray, local: LayerIOStats) -> None:
+        f = plan.file
+        offset, length, need = int(plan.offset[c]), int(plan.length[c]), int(plan.need[c])
+        mv = memoryview(scratch)[:length]
+        got = 0
+        while got < need:
+            t0 = time.perf_counter()
+            try:
+                n = self._pread_into(f.fd, mv[got:], offset + got)
+            except OSError as e:
+                raise FlashReadError(
+                    f"{f.path}: read of {length - got} bytes at offset {offset + got} (layer {layer}) "
+                    f"failed: {e.strerror or e}{self._changed(f)}",
+                    path=f.path, offset=offset + got, layer=layer, err=e.errno or errno.EIO,
+                ) from e
+            local.read_latency.add(time.perf_counter() - t0)
+            local.reads += 1
+            if n <= 0:
+                raise FlashReadError(
+                    f"{f.path}: short read at offset {offset + got} (layer {layer}): got {got} of "
+                    f"{need} bytes{self._changed(f)}",
+                    path=f.path, offset=offset + got, layer=layer,
+                )
+            got += n
+        local.bytes_read += got
+        first, stop = int(plan.first[c]), int(plan.stop[c])
+        local.bytes_used += (stop - first) * plan.segment.row_bytes
+
+    def _scatter(self, req: _Request, plan: _SegmentPlan, c: int, scratch: np.ndarray) -> None:
+        """Convert the rows of read c from the scratch buffer into the request's outputs."""
+        first, stop = int(plan.first[c]), int(plan.stop[c])
+        ids = req.ids[first:stop]
+        seg, lo = plan.segment, int(ids[0])
+        span = int(ids[-1]) - lo + 1  # the rows from the first to the last wanted one
+        begin = seg.row_offset(lo) - int(plan.offset[c])
+        rows = scratch[begin : begin + span * seg.row_bytes].view(self._raw_dtype).reshape(span, -1)
+        if span != stop - first:  # a coalesced read also holds unwanted rows: pick ours
+            rows = rows[ids - lo]
+        where = req.where(first, stop)
+        for name, c0, c1 in plan.columns:
+            _convert_into(req.out[name], where, rows[:, c0:c1], self.manifest.dtype)
+
+    @staticmethod
+    def _changed(f: _File) -> str:
+        """' (the file changed since it was opened)' when its size or mtime moved, else ''."""
+        try:
+            st = os.fstat(f.fd)
+        except OSError:
+            return ""
+        if (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
+            return f"; the file changed since it was opened ({f.size} -> {st.st_size} bytes)"
+        return ""
+
+    # -- closing -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the threads and close the files; requests still running fail with
+        ReaderClosedError. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            pending = list(self._requests)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for req in pending:
+            req.fail(ReaderClosedError("FlashReader closed before the request finished"))
+        self._close_files()
+
+    def _close_files(self) -> None:
+        for f in self._files.values():
+            os.close(f.fd)
+        self._files.clear()
+
+    def __enter__(self) -> "FlashReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

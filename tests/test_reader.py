@@ -1,0 +1,244 @@
+"""FlashReader: exact bytes for random id sets, every layout and dtype; fault injection;
+fallback when the filesystem refuses O_DIRECT; no leaked threads or descriptors."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import warnings
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_flash.layout import (
+    DATA_ALIGNMENT, SECTOR, FlashFormatError, LayerEntry, Manifest, Part, Segment,
+    bundle_tensor_name, layer_digest, layer_file, part_tensor_name, write_manifest,
+)
+from mlx_flash.reader import FlashReader, FlashReadError, ReaderClosedError, plan_chunks
+from mlx_flash.safetensors_file import PlannedTensor, SafetensorsWriter
+
+ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+RAW = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+
+
+def make_flash_folder(folder, *, dtype="float16", bundled=True, elems=(40, 40, 40), num_neurons=300,
+                      num_layers=2, seed=0):
+    """Write random neuron data as a flash folder; returns (manifest, raw) where raw[layer][part]
+    is the [num_neurons, elems] array of the stored values (bfloat16 as uint16 bits)."""
+    rng = np.random.default_rng(seed)
+    names = ("gate", "up", "down")[: len(elems)]
+    parts = tuple(Part(n, e) for n, e in zip(names, elems))
+    esize = np.dtype(RAW[dtype]).itemsize
+    (folder / "ffn").mkdir(parents=True, exist_ok=True)
+    raw, layers = [], []
+    for layer in range(num_layers):
+        data = {}
+        for p in parts:
+            x = rng.standard_normal((num_neurons, p.elems)).astype(np.float32)
+            data[p.name] = (x.view(np.uint32) >> 16).astype(np.uint16) if dtype == "bfloat16" else x.astype(RAW[dtype])
+        raw.append(data)
+        groups = [(bundle_tensor_name(layer), names)] if bundled else [(part_tensor_name(layer, n), (n,)) for n in names]
+        planned = [PlannedTensor(t, ST[dtype], (num_neurons, sum(data[n].shape[1] for n in ps)), DATA_ALIGNMENT) for t, ps in groups]
+        path = folder / layer_file(layer)
+        with SafetensorsWriter(path, planned) as w:
+            for (t, ps) in groups:
+                w.write(t, np.concatenate([data[n] for n in ps], axis=1))
+        segs = tuple(Segment(t, ps, w.offsets[t], sum(data[n].shape[1] for n in ps) * esize) for t, ps in groups)
+        entry = LayerEntry(layer, layer_file(layer), num_neurons, sum(s.row_bytes for s in segs), "", segs)
+        layers.append(LayerEntry(**{**entry.__dict__, "checksum": layer_digest(folder, entry)}))
+    m = Manifest("test", "llama", "gated", "relu", dtype, 64, num_layers, bundled, parts, layers)
+    write_manifest(folder, m)
+    return m, raw
+
+
+def as_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """The stored values as float32, converted by MLX (independent of the reader's numpy path)."""
+    a = mx.array(raw)
+    if dtype == "bfloat16":
+        a = a.view(mx.bfloat16)
+    return np.array(a.astype(mx.float32))
+
+
+def check_rows(out, raw_layer, ids, dtype):
+    assert set(out) == set(raw_layer)
+    for name, x in raw_layer.items():
+        assert out[name].dtype == np.float32 and out[name].shape == (len(ids), x.shape[1])
+        np.testing.assert_array_equal(out[name], as_float32(x[np.asarray(ids, dtype=np.int64)], dtype))
+
+
+# bundle bytes per dtype: 40*3*2 = 240 (not a sector multiple), 1024*4 = 4 KiB exactly, 1400*3*4 > 4 KiB
+LAYOUTS = [
+    ("float16", True, (40, 40, 40)),
+    ("bfloat16", True, (40, 40, 40)),
+    ("float32", True, (384, 384, 256)),
+    ("float32", False, (384, 384, 256)),
+    ("float16", False, (40, 60, 24)),
+    ("bfloat16", False, (1400, 1400, 1400)),
+    ("float32", True, (1400, 1400, 1400)),
+]
+
+
+@pytest.mark.parametrize("dtype,bundled,elems", LAYOUTS)
+def test_random_id_sets_return_exact_rows(tmp_path, dtype, bundled, elems):
+    m, raw = make_flash_folder(tmp_path, dtype=dtype, bundled=bundled, elems=elems)
+    rng = np.random.default_rng(1)
+    for gap, max_read in [(-1, 4096), (0, 8192), (16384, 65536), (1 << 30, 1 << 20)]:
+        with FlashReader(tmp_path, m, threads=3, coalesce_gap=gap, max_read=max_read) as r:
+            for _ in range(4):
+                layer = int(rng.integers(2))
+                ids = np.sort(rng.choice(300, size=int(rng.integers(1, 120)), replace=False))
+                check_rows(r.read(layer, ids), raw[layer], ids, dtype)
+            check_rows(r.read(1, [299, 0, 298, 1]), raw[1], [299, 0, 298, 1], dtype)  # both ends of the file
+
+
+def test_any_order_repeats_empty_and_rows(tmp_path):
+    m, raw = make_flash_folder(tmp_path)
+    with FlashReader(tmp_path, m, threads=2) as r:
+        for ids in ([5, 3, 9, 4], [7, 7, 2, 7], [12], []):
+            check_rows(r.read(0, np.array(ids, dtype=np.int32)), raw[0], ids, "float16")
+        check_rows(r.read_rows(1, 10, 290), raw[1], np.arange(10, 290), "float16")
+        futures = [r.submit(layer, np.arange(layer, 300, 7)) for layer in (0, 1, 0, 1)]  # several in flight
+        for layer, f in zip((0, 1, 0, 1), futures):
+            check_rows(f.result(), raw[layer], np.arange(layer, 300, 7), "float16")
+        with pytest.raises(IndexError):
+            r.read(0, [300])
+        with pytest.raises(IndexError):
+            r.read(2, [0])
+        with pytest.raises(ValueError):
+            r.read(0, np.array([1.0]))
+
+
+def test_plan_chunks_aligned_coalesced_and_bounded():
+    starts = 16384 + np.array([0, 1, 2, 10, 11, 60, 200, 201, 202, 203]) * 3000
+    for gap, max_read in [(-1, 4096), (0, 4096), (8192, 8192), (1 << 20, 12288), (1 << 20, 1 << 20)]:
+        first, stop, offset, length, need = plan_chunks(starts, 3000, gap, max_read)
+        assert first[0] == 0 and stop[-1] == len(starts) and np.all(first[1:] == stop[:-1])
+        assert np.all(offset % SECTOR == 0) and np.all(length % SECTOR == 0)
+        assert np.all(offset <= starts[first]) and np.all(offset + need == starts[stop - 1] + 3000)
+        assert np.all(need <= length) and np.all(length <= max_read + 3000 + SECTOR)
+        gaps = offset[1:] - (offset[:-1] + length[:-1])
+        assert np.all((gaps > gap) | (length[:-1] + 3000 + SECTOR > max_read))  # split only for a reason
+    assert len(plan_chunks(starts, 3000, 1 << 20, 1 << 20)[0]) == 1
+    assert len(plan_chunks(starts, 3000, -1, 1 << 20)[0]) == 4  # rows sharing a sector merge
+
+
+class FaultyReader(FlashReader):
+    """Injects a fault into the n-th low-level read: an errno, a short read (0 bytes: end of
+    file) or a partial read (the first sector only, which the reader must continue)."""
+
+    def __init__(self, *a, fail_at: int, fault: str, **kw):
+        super().__init__(*a, **kw)
+        self.calls, self.fail_at, self.fault = 0, fail_at, fault
+        self._count_lock = threading.Lock()
+
+    def _pread_into(self, fd, buf, offset):
+        with self._count_lock:
+            self.calls += 1
+            hit = self.calls == self.fail_at
+        if hit and self.fault == "eio":
+            raise OSError(errno.EIO, "Input/output error")
+        if hit and self.fault == "short":
+            return 0
+        if hit and self.fault == "partial":
+            return super()._pread_into(fd, buf[:SECTOR], offset)
+        return super()._pread_into(fd, buf, offset)
+
+
+@pytest.mark.parametrize("fault", ["eio", "short"])
+def test_fault_raises_clear_error_and_pool_keeps_working(tmp_path, fault):
+    m, raw = make_flash_folder(tmp_path)
+    ids = np.arange(0, 300, 5)
+    with FaultyReader(tmp_path, m, threads=4, coalesce_gap=-1, fail_at=7, fault=fault) as r:
+        with pytest.raises(FlashReadError) as ei:
+            r.read(1, ids)
+        e = ei.value
+        assert isinstance(e, OSError) and e.layer == 1 and e.path.endswith(layer_file(1))
+        assert e.offset % SECTOR == 0 and str(e.offset) in str(e) and "layer 1" in str(e)
+        for _ in range(3):  # the same pool serves later requests
+            check_rows(r.read(1, ids), raw[1], ids, "float16")
+
+
+def test_partial_read_is_continued(tmp_path):
+    m, raw = make_flash_folder(tmp_path, dtype="float32", elems=(1400, 1400, 1400))
+    with FaultyReader(tmp_path, m, threads=2, fail_at=2, fault="partial") as r:
+        ids = np.arange(100, 140)
+        check_rows(r.read(0, ids), raw[0], ids, "float32")
+        assert r.stats.total().reads > r.stats.total().requests
+
+
+def test_file_truncated_underneath(tmp_path):
+    m, _ = make_flash_folder(tmp_path)
+    with FlashReader(tmp_path, m, threads=2) as r:
+        os.truncate(tmp_path / layer_file(0), m.layers[0].segments[0].data_offset + 1000)
+        with pytest.raises(FlashReadError, match="changed since it was opened"):
+            r.read(0, [250, 251])
+
+
+def test_missing_or_short_file_at_open(tmp_path):
+    m, _ = make_flash_folder(tmp_path)
+    os.truncate(tmp_path / layer_file(1), 20000)
+    with pytest.raises(FlashFormatError, match="truncated"):
+        FlashReader(tmp_path, m)
+    os.remove(tmp_path / layer_file(1))
+    with pytest.raises(FlashFormatError, match="missing"):
+        FlashReader(tmp_path, m)
+
+
+class NoDirectReader(FlashReader):
+    """A filesystem that refuses O_DIRECT at open, as some do."""
+
+    def _os_open(self, path, flags):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return super()._os_open(path, flags)
+
+
+def test_buffered_fallback_warns_once(tmp_path):
+    m, raw = make_flash_folder(tmp_path)
+    with pytest.warns(RuntimeWarning, match="page cache") as rec:
+        r = NoDirectReader(tmp_path, m, threads=2)
+    assert len(rec) == 1 and r.direct is False
+    with r:
+        check_rows(r.read(1, [3, 200]), raw[1], [3, 200], "float16")
+    if hasattr(os, "O_DIRECT"):
+        with pytest.raises(OSError):
+            NoDirectReader(tmp_path, m, direct=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with FlashReader(tmp_path, m, direct=False) as r:
+            assert r.direct is False
+            check_rows(r.read(0, [7]), raw[0], [7], "float16")
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0
+
+
+def test_close_leaks_nothing_and_is_idempotent(tmp_path):
+    m, _ = make_flash_folder(tmp_path)
+    fds, threads = _open_fds(), threading.active_count()
+    r = FaultyReader(tmp_path, m, threads=5, coalesce_gap=-1, fail_at=3, fault="eio")
+    with pytest.raises(FlashReadError):
+        r.read(0, np.arange(0, 300, 20))  # 15 reads, 4800 bytes apart
+    r.read(0, np.arange(0, 300, 20))
+    r.close()
+    r.close()
+    assert _open_fds() == fds and threading.active_count() == threads
+    with pytest.raises(ReaderClosedError):
+        r.submit(0, [1])
+
+
+def test_stats_count_reads_bytes_and_take_resets(tmp_path):
+    m, _ = make_flash_folder(tmp_path, dtype="float32", elems=(384, 384, 256))  # 4 KiB bundles
+    with FlashReader(tmp_path, m, threads=2, coalesce_gap=0) as r:
+        r.read(0, [1, 5, 9])  # 12 KiB gaps: three reads
+        r.read(1, [2, 3])  # neighbours: one 8 KiB read
+        s = r.stats.take()
+        assert (s[0].reads, s[0].bytes_read, s[0].bytes_used, s[0].neurons) == (3, 3 * 4096, 3 * 4096, 3)
+        assert (s[1].reads, s[1].bytes_read, s[1].requests) == (1, 8192, 1)
+        assert s[0].read_latency.count == 3 and s[0].request_latency.count == 1
+        assert 0 < s[0].read_latency.quantile(0.5) <= s[0].read_latency.max_seconds
+        assert s[0].wait_seconds >= 0
+        assert r.stats.snapshot() == {}
