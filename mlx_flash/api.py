@@ -1,0 +1,137 @@
+"""The Python API: load, generate, stream_generate (shaped like mlx-lm's, built on it).
+
+    model, tokenizer = mlx_flash.load("path/to/model", memory_budget="50%")
+    text = mlx_flash.generate(model, tokenizer, "Hello", max_tokens=64)
+    print(mlx_flash.flash_stats(model).format())
+
+The model returned is an mlx-lm model whose MLPs are FlashFFNs: `mlx_lm.generate` and
+`mlx_lm.stream_generate` accept it as well; these wrappers add the flash statistics and make
+generations on one model take turns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import mlx.nn as nn
+
+from . import layout
+from .convert import convert, resolve_source
+from .errors import MlxFlashError
+from .model import FlashOptions, load_flash_model
+from .runtime import FlashRuntime
+from .stats import StatsSummary
+
+DEMO_SOURCE = Path(__file__).parent / "demo_model"
+
+
+def cache_root() -> Path:
+    """Where converted flash folders are kept ($MLX_FLASH_CACHE, or ~/.cache/mlx_flash)."""
+    return Path(os.environ.get("MLX_FLASH_CACHE") or Path.home() / ".cache" / "mlx_flash")
+
+
+def _converted_folder(source: Path, label: str) -> Path:
+    """A flash folder converted once from `source` into the cache (keyed by its weights)."""
+    h = hashlib.sha256()
+    for f in sorted(source.glob("*.safetensors")) + [source / "config.json"]:
+        h.update(f.name.encode())
+        h.update(layout.file_digest(f).encode() if f.stat().st_size < (64 << 20) else str(f.stat().st_size).encode())
+    out = cache_root() / f"{label}-{h.hexdigest()[:12]}"
+    if not layout.is_flash_folder(out):
+        print(f"mlx_flash: converting {source} into the flash folder {out} (once)", file=sys.stderr)
+        convert(source, out, overwrite=True, progress=True)
+    return out
+
+
+def resolve_flash_folder(path: str | os.PathLike | None) -> Path:
+    """A flash folder for `path`: itself if it is one; the bundled demo model when None; else
+    a model folder or Hugging Face repo id converted once into the cache."""
+    if path is None:
+        return _converted_folder(DEMO_SOURCE, "demo")
+    p = Path(path).expanduser()
+    if p.is_dir() and layout.is_flash_folder(p):
+        return p
+    source = resolve_source(str(path))
+    label = "".join(c if c.isalnum() or c in "-_." else "_" for c in source.name) or "model"
+    return _converted_folder(source, label)
+
+
+def load(
+    path: str | os.PathLike | None = None,
+    *,
+    mode: str = "flash",
+    memory_budget: int | float | str | None = None,
+    window: int | None = None,
+    selection: str | None = None,
+    threads: int | None = None,
+    context: int | None = None,
+    verify: bool = False,
+    verbose: bool = False,
+) -> tuple[nn.Module, object]:
+    """Load a model with its FFN on flash; returns (model, tokenizer) like mlx_lm.load.
+
+    mode: "flash" (selection + windowing + bundles, the paper's method), "hybrid" (the FFN
+        neurons that fit the budget stay in memory, the rest are read every token) or "naive"
+        (every token reads the whole FFN).
+    memory_budget: bytes, "6GB", or "50%" of the model's in-memory size; None: no limit.
+    window: tokens whose neurons stay cached (default 5). selection: "exact" (the resident
+        gate / up projection computes the true active set) or "predictor".
+    """
+    from mlx_lm.utils import load_tokenizer
+
+    folder = resolve_flash_folder(path)
+    options = FlashOptions(
+        mode=mode, memory_budget=memory_budget, window=window, selection=selection,
+        threads=threads, context=context, verify=verify,
+    )
+    model, runtime = load_flash_model(folder, options)
+    model.flash = runtime
+    if verbose:
+        print(runtime.plan.describe(), file=sys.stderr)
+    tokenizer = load_tokenizer(folder)
+    return model, tokenizer
+
+
+def runtime_of(model: nn.Module) -> FlashRuntime:
+    rt = getattr(model, "flash", None)
+    if not isinstance(rt, FlashRuntime):
+        raise MlxFlashError("this model was not loaded with mlx_flash.load")
+    return rt
+
+
+def flash_stats(model: nn.Module) -> StatsSummary:
+    """Mean per-token breakdown (selection, I/O, cache, compute), bytes read, memory."""
+    return runtime_of(model).stats()
+
+
+def stream_generate(model: nn.Module, tokenizer, prompt, max_tokens: int = 256, **kwargs) -> Iterator:
+    """mlx_lm.stream_generate on a flash model; each response carries `flash`, the statistics
+    of the last finished forward pass. Statistics restart with each call."""
+    import mlx_lm
+
+    rt = runtime_of(model)
+    if isinstance(prompt, str) and not prompt:
+        raise MlxFlashError("the prompt is empty")
+    with rt.lock:
+        rt.reset_stats()
+        for response in mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, **kwargs):
+            response.flash = rt.records[-1] if rt.records else None
+            yield response
+        rt.end_pass()
+
+
+def generate(model: nn.Module, tokenizer, prompt, max_tokens: int = 256, verbose: bool = False, **kwargs) -> str:
+    """Generate text; with verbose, stream it to stdout and print the flash statistics."""
+    text = ""
+    for response in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, **kwargs):
+        text += response.text
+        if verbose:
+            print(response.text, end="", flush=True)
+    if verbose:
+        print()
+        print(flash_stats(model).format())
+    return text

@@ -1,0 +1,198 @@
+"""Memory budget planning: what stays in memory, and how many neurons each layer may cache.
+
+The plan adds up, in the dtype weights are computed in:
+- the dense part (embeddings, attention, norms, lm_head, FFN biases): always resident;
+- the KV cache for the context the user asks for;
+- a streaming buffer: the block of neurons read at once when a layer is streamed (naive and
+  hybrid decoding, and prefill);
+- per mode: `naive` nothing more; `hybrid` the first neurons of every layer that fit;
+  `flash` the exact selector (gate or up projection) when selection is "exact", the predictors,
+  and a neuron cache per layer with the capacity that is left.
+A budget smaller than the fixed part is a one-line BudgetError naming the minimum.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import MlxFlashError
+
+MODES = ("naive", "hybrid", "flash")
+SELECTIONS = ("exact", "predictor")
+STREAM_BLOCK_NEURONS = 4096  # at most this many neurons per block when a layer is streamed
+
+
+def stream_block_neurons(num_neurons: int) -> int:
+    """Neurons per streamed block: at least 4 blocks a layer (so reading the next overlaps
+    computing this one), at most STREAM_BLOCK_NEURONS (so the buffer stays small)."""
+    return max(1, min(STREAM_BLOCK_NEURONS, -(-num_neurons // 4)))
+
+
+class BudgetError(MlxFlashError):
+    """The memory budget cannot hold what the chosen mode needs."""
+
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "MIB": 1 << 20,
+          "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40, "TIB": 1 << 40}
+
+
+def parse_budget(budget: int | float | str | None, model_bytes: int) -> int | None:
+    """Bytes from 123, "6GB", "512MiB", or "50%" (of the model's in-memory size)."""
+    if budget is None:
+        return None
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        if budget <= 0:
+            raise BudgetError(f"memory budget must be positive, got {budget}")
+        return int(budget)
+    text = str(budget).strip().upper().replace(" ", "")
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)(%|[KMGT]?I?B?)", text)
+    if not m or (m.group(2) not in _UNITS and m.group(2) != "%"):
+        raise BudgetError(f"cannot read memory budget {budget!r}: use bytes, a size like 6GB or 512MB, or a percentage like 50%")
+    value = float(m.group(1))
+    nbytes = value / 100 * model_bytes if m.group(2) == "%" else value * _UNITS[m.group(2)]
+    if nbytes <= 0:
+        raise BudgetError(f"memory budget must be positive, got {budget!r}")
+    return int(nbytes)
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """What the planner needs to know of a model, in elements."""
+
+    dense_elems: int  # every resident weight that is not an FFN neuron
+    num_layers: int
+    num_neurons: int  # per layer
+    hidden_size: int
+    num_parts: int  # neuron-indexed parts per neuron (3 gated, 2 two-matrix)
+    kv_elems_per_token: int  # keys + values of all layers for one token
+    predictor_elems: int = 0  # all layers' predictors
+
+    @property
+    def neuron_elems(self) -> int:
+        return self.num_parts * self.hidden_size
+
+    @property
+    def ffn_elems(self) -> int:
+        return self.num_layers * self.num_neurons * self.neuron_elems
+
+    def model_bytes(self, dtype_bytes: int) -> int:
+        return (self.dense_elems + self.ffn_elems) * dtype_bytes
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    mode: str
+    budget_bytes: int | None
+    dtype_bytes: int
+    dense_bytes: int
+    kv_bytes: int
+    stream_bytes: int
+    selector_bytes: int
+    predictor_bytes: int
+    resident_neurons: int  # hybrid: neurons per layer kept in memory
+    cache_capacity: int  # flash: neuron slots per layer
+    context: int
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.resident_neurons * self.neuron_bytes_all_layers
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.cache_capacity * self.neuron_bytes_all_layers
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.dense_bytes + self.kv_bytes + self.stream_bytes + self.selector_bytes
+                + self.predictor_bytes + self.resident_bytes + self.cache_bytes)
+
+    neuron_bytes_all_layers: int = 0
+
+    def describe(self) -> str:
+        mb = 1e6
+        rows = [
+            ("dense weights", self.dense_bytes),
+            (f"KV cache ({self.context} tokens)", self.kv_bytes),
+            ("streaming buffer", self.stream_bytes),
+        ]
+        if self.selector_bytes:
+            rows.append(("exact selector", self.selector_bytes))
+        if self.predictor_bytes:
+            rows.append(("predictors", self.predictor_bytes))
+        if self.mode == "hybrid":
+            rows.append((f"resident FFN ({self.resident_neurons} neurons/layer)", self.resident_bytes))
+        if self.mode == "flash":
+            rows.append((f"neuron caches ({self.cache_capacity} slots/layer)", self.cache_bytes))
+        budget = "unlimited" if self.budget_bytes is None else f"{self.budget_bytes / mb:.1f} MB"
+        lines = [f"memory plan ({self.mode}, budget {budget}):"]
+        lines += [f"  {name:<40s} {b / mb:10.1f} MB" for name, b in rows]
+        lines.append(f"  {'total':<40s} {self.total_bytes / mb:10.1f} MB")
+        return "\n".join(lines)
+
+
+def plan_memory(
+    sizes: ModelSizes,
+    *,
+    mode: str,
+    budget_bytes: int | None,
+    dtype_bytes: int,
+    context: int,
+    selection: str = "exact",
+    min_cache_neurons: int = 1,
+) -> MemoryPlan:
+    """Split the budget. Raises BudgetError when the fixed part alone does not fit."""
+    if mode not in MODES:
+        raise BudgetError(f"unknown mode {mode!r} (choose one of {', '.join(MODES)})")
+    if selection not in SELECTIONS:
+        raise BudgetError(f"unknown selection {selection!r} (choose one of {', '.join(SELECTIONS)})")
+    b = dtype_bytes
+    per_neuron_layer = sizes.neuron_elems * b  # one neuron, one layer
+    per_neuron_all = per_neuron_layer * sizes.num_layers
+    fixed = {
+        "dense": sizes.dense_elems * b,
+        "kv": sizes.kv_elems_per_token * context * b,
+        "stream": stream_block_neurons(sizes.num_neurons) * per_neuron_layer,
+        "selector": 0,
+        "predictor": 0,
+    }
+    if mode == "flash" and selection == "exact":
+        fixed["selector"] = sizes.num_layers * sizes.num_neurons * sizes.hidden_size * b
+    if mode == "flash" and selection == "predictor":
+        fixed["predictor"] = sizes.predictor_elems * b
+    fixed_total = sum(fixed.values())
+    n = sizes.num_neurons
+    if budget_bytes is None:
+        resident = capacity = n
+    else:
+        need = fixed_total + (min_cache_neurons * per_neuron_all if mode == "flash" else 0)
+        if budget_bytes < need:
+            raise BudgetError(
+                f"memory budget {budget_bytes / 1e6:.1f} MB is too small for mode {mode}: it needs at least "
+                f"{need / 1e6:.1f} MB (dense weights {fixed['dense'] / 1e6:.1f} MB, KV cache {fixed['kv'] / 1e6:.1f} MB for "
+                f"{context} tokens, streaming {fixed['stream'] / 1e6:.1f} MB"
+                + (f", selector {fixed['selector'] / 1e6:.1f} MB" if fixed["selector"] else "")
+                + ")"
+            )
+        spare = budget_bytes - fixed_total
+        resident = capacity = min(n, spare // per_neuron_all)
+    if mode != "hybrid":
+        resident = 0
+    if mode != "flash":
+        capacity = 0
+    if mode == "hybrid" and resident == n:
+        fixed["stream"] = 0  # nothing left to stream
+    return MemoryPlan(
+        mode=mode,
+        budget_bytes=budget_bytes,
+        dtype_bytes=b,
+        dense_bytes=fixed["dense"],
+        kv_bytes=fixed["kv"],
+        stream_bytes=fixed["stream"],
+        selector_bytes=fixed["selector"],
+        predictor_bytes=fixed["predictor"],
+        resident_neurons=int(resident),
+        cache_capacity=int(capacity),
+        context=context,
+        neuron_bytes_all_layers=per_neuron_all,
+    )

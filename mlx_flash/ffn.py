@@ -1,0 +1,170 @@
+"""FlashFFN: the module that replaces a model's MLP, its weights read from flash.
+
+Per layer and per forward pass (one token when decoding, many when prefilling):
+- `naive`: every neuron of the layer is streamed from flash in large sequential blocks and the
+  FFN is computed densely (the paper's naive baseline);
+- `hybrid`: the first neurons that fit the budget stay in memory, the rest are streamed;
+- `flash`: the active neurons are selected (exactly, from the resident gate / up projection,
+  or by a predictor), the neuron cache says which of them are missing, the reader fetches
+  their bundles, the cache inserts them and evicts what left the window, and the FFN is
+  computed on the cache's first `used` rows. A prefill streams the layer like `naive` and
+  seeds the window with the last prompt tokens' active sets.
+
+Computing on more neurons than are active is never wrong: a cached neuron that does not fire
+for this token adds exactly zero under ReLU, and its true value otherwise.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .runtime import FlashRuntime
+
+ACTIVATION_FUNCTIONS: dict[str, Callable[[mx.array], mx.array]] = {
+    "relu": nn.relu,
+    "silu": nn.silu,
+    "gelu": nn.gelu,
+    "gelu_approx": nn.gelu_approx,
+}
+
+
+def ffn_block(x: mx.array, parts: dict[str, mx.array], act: Callable, up_bias: mx.array | None = None) -> mx.array:
+    """The FFN over a block of neurons whose rows are in `parts` (each [k, d]; "down" holds the
+    down projection's columns as rows). Gated: down(act(gate x) * up x); two-matrix:
+    down(act(up x + b1)). No output bias: the caller adds it once."""
+    if "gate" in parts:
+        h = act(x @ parts["gate"].T) * (x @ parts["up"].T)
+    else:
+        h = x @ parts["up"].T
+        if up_bias is not None:
+            h = h + up_bias
+        h = act(h)
+    return h @ parts["down"]
+
+
+@dataclass
+class LayerState:
+    """What one FlashFFN keeps in memory besides the shared runtime."""
+
+    layer: int
+    num_neurons: int
+    resident: dict[str, mx.array] = field(default_factory=dict)  # hybrid: rows [:resident]
+    num_resident: int = 0
+    selector: mx.array | None = None  # flash + exact: gate (or up) rows of all neurons
+    up_bias: mx.array | None = None  # two-matrix: per-neuron bias, all neurons
+    down_bias: mx.array | None = None
+    cache: object | None = None  # NeuronCache in flash mode
+
+
+class FlashFFN(nn.Module):
+    """Drop-in replacement for a model layer's `mlp`; holds no parameters of its own."""
+
+    def __init__(self, state: LayerState, runtime: "FlashRuntime"):
+        super().__init__()
+        self._state = state
+        self._rt = runtime
+
+    def __call__(self, x: mx.array) -> mx.array:
+        rt, st = self._rt, self._state
+        rt.begin_layer(st.layer, tokens=x.size // x.shape[-1])
+        if rt.mode == "flash" and x.shape[-2] == 1 and x.size // x.shape[-1] == 1:
+            y = self._decode_flash(x)
+        else:
+            y = self._stream(x, start=st.num_resident)
+            if st.num_resident:
+                y = y + ffn_block(x, st.resident, rt.act, _first(st.up_bias, st.num_resident))
+        if st.down_bias is not None:
+            y = y + st.down_bias
+        return y.astype(x.dtype)
+
+    # -- streaming: naive, hybrid, prefill ---------------------------------------------------
+    def _stream(self, x: mx.array, start: int) -> mx.array:
+        """Stream neurons [start, n) of the layer from flash in blocks and compute densely. In
+        flash mode, also seed the window with the last prompt tokens' active sets."""
+        rt, st = self._rt, self._state
+        xc = x.astype(rt.compute_dtype)
+        y = mx.zeros(xc.shape, dtype=rt.compute_dtype)
+        seed = rt.mode == "flash" and st.cache is not None
+        if seed:
+            mx.eval(xc)
+            seed_sets = self._seed_sets(xc)
+            wanted = np.unique(np.concatenate(seed_sets)) if seed_sets else np.zeros(0, np.int64)
+            seed_rows: dict[str, list[np.ndarray]] = {}
+        for lo, hi, rows in rt.stream_layer(st.layer, start):
+            t0 = time.perf_counter()
+            block = {k: mx.array(v) for k, v in rows.items()}
+            y = y + ffn_block(xc, block, rt.act, _slice(st.up_bias, lo, hi))
+            mx.eval(y)
+            rt.add_time("streamed", time.perf_counter() - t0)
+            if seed:
+                pick = wanted[(wanted >= lo) & (wanted < hi)] - lo
+                for k, v in rows.items():
+                    seed_rows.setdefault(k, []).append(v[pick])
+        if seed:
+            t0 = time.perf_counter()
+            rows_all = {k: np.concatenate(v) for k, v in seed_rows.items()}
+            slot_of = {int(n): i for i, n in enumerate(wanted)}
+            for ids in seed_sets:
+                missing = st.cache.begin_token(ids)
+                idx = [slot_of[int(n)] for n in missing]
+                st.cache.insert(missing, {k: v[idx] for k, v in rows_all.items()})
+            rt.add_time("memory", time.perf_counter() - t0)
+        return y
+
+    def _seed_sets(self, xc: mx.array) -> list[np.ndarray]:
+        """Active sets of the last `window` prompt positions, oldest first."""
+        rt = self._rt
+        flat = xc.reshape(-1, xc.shape[-1])
+        last = flat[-rt.window :]
+        return [self._select(last[i : i + 1]) for i in range(last.shape[0])]
+
+    # -- flash decode -----------------------------------------------------------------------
+    def _decode_flash(self, x: mx.array) -> mx.array:
+        rt, st = self._rt, self._state
+        xc = x.astype(rt.compute_dtype).reshape(1, -1)
+        mx.eval(xc)  # the attention above this FFN (counted as compute)
+        t1 = time.perf_counter()
+        ids = self._select(xc)
+        t2 = time.perf_counter()
+        rt.add_time("selection", t2 - t1)
+        missing = st.cache.begin_token(ids)
+        t3 = time.perf_counter()
+        rows = rt.reader.read(st.layer, missing) if len(missing) else {}
+        t4 = time.perf_counter()
+        if len(missing):
+            st.cache.insert(missing, rows)
+        views = st.cache.views()
+        bias = mx.take(st.up_bias, mx.array(st.cache.resident_ids())) if st.up_bias is not None else None
+        t5 = time.perf_counter()
+        rt.add_time("memory", (t3 - t2) + (t5 - t4))
+        rt.add_time("io", t4 - t3)
+        rt.count_token_layer(st.layer, active=len(ids), loaded=len(missing), used=st.cache.used)
+        y = ffn_block(xc, views, rt.act, bias)
+        return y.reshape(x.shape)
+
+    def _select(self, xc: mx.array) -> np.ndarray:
+        """Ids of the neurons this token needs: exact (the resident selector) or predicted."""
+        rt, st = self._rt, self._state
+        if rt.selection == "predictor":
+            return rt.predict(st.layer, xc)
+        pre = xc @ st.selector.T
+        if st.up_bias is not None:
+            pre = pre + st.up_bias
+        a = rt.act(pre)
+        mx.eval(a)
+        return np.flatnonzero(np.array(a).reshape(-1)).astype(np.int64)
+
+
+def _first(a: mx.array | None, n: int) -> mx.array | None:
+    return None if a is None else a[:n]
+
+
+def _slice(a: mx.array | None, lo: int, hi: int) -> mx.array | None:
+    return None if a is None else a[lo:hi]

@@ -1,0 +1,218 @@
+"""Build an mlx-lm model from a flash folder, each layer's MLP replaced by a FlashFFN.
+
+The model class comes from mlx-lm (or from `mlx_flash.models` for OPT); its MLPs are swapped
+for FlashFFNs right after construction, so no FFN neuron weight is ever loaded: the dense
+weights come from `dense.safetensors` alone, and the FFN's per-neuron and output biases are
+taken out of them and kept by the FlashFFN.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from . import layout
+from .budget import ModelSizes, MemoryPlan, parse_budget, plan_memory
+from .cache import NeuronCache
+from .errors import MlxFlashError
+from .families import ACTIVATIONS, architecture_for
+from .ffn import ACTIVATION_FUNCTIONS, FlashFFN, LayerState
+from .models import get_model_classes
+from .reader import FlashReader
+from .runtime import FlashRuntime
+from .safetensors_file import read_header
+
+DEFAULT_WINDOW = 5  # the paper keeps the last 4-5 tokens' neurons
+DEFAULT_CONTEXT = 2048
+
+
+@dataclass(frozen=True)
+class FlashOptions:
+    mode: str = "flash"
+    memory_budget: int | float | str | None = None
+    window: int | None = None
+    selection: str | None = None
+    threads: int | None = None
+    context: int | None = None  # tokens of KV cache the plan reserves
+    verify: bool = False
+
+
+def compute_dtype_for(flash_dtype: str) -> mx.Dtype:
+    """fp32 on a CPU (fp16/bf16 matmuls are several times slower there), else the flash dtype."""
+    if mx.default_device() == mx.cpu:
+        return mx.float32
+    return {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}[flash_dtype]
+
+
+def read_config(folder: Path) -> dict:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except FileNotFoundError:
+        raise layout.FlashFormatError(f"{folder}: no config.json; re-run mlx_flash.convert") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise layout.FlashFormatError(f"{folder / 'config.json'}: not valid JSON") from None
+    if not isinstance(config, dict):
+        raise layout.FlashFormatError(f"{folder / 'config.json'}: not a JSON object")
+    return config
+
+
+def build_model_skeleton(config: dict) -> nn.Module:
+    """The architecture's model with random weights (mlx-lm's, or ours for OPT)."""
+    try:
+        model_cls, args_cls = get_model_classes(config)
+        return model_cls(args_cls.from_dict(config))
+    except (ValueError, TypeError, KeyError) as e:
+        raise MlxFlashError(f"cannot build a {config.get('model_type')!r} model from config.json: {e}") from None
+
+
+def model_layers(model: nn.Module) -> list[nn.Module]:
+    layers = getattr(model, "layers", None)
+    if layers is None or not all(hasattr(l, "mlp") for l in layers):
+        raise MlxFlashError(f"{type(model).__module__}: model layers have no `mlp` to replace")
+    return list(layers)
+
+
+def model_sizes(manifest: layout.Manifest, config: dict, dense_elems: int, model: nn.Module) -> ModelSizes:
+    args = getattr(model, "args", None)
+    heads = config.get("num_attention_heads")
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or getattr(args, "head_dim", None) or manifest.hidden_size // heads
+    return ModelSizes(
+        dense_elems=dense_elems,
+        num_layers=manifest.num_layers,
+        num_neurons=manifest.layers[0].num_neurons,
+        hidden_size=manifest.hidden_size,
+        num_parts=len(manifest.parts),
+        kv_elems_per_token=manifest.num_layers * 2 * kv_heads * head_dim,
+    )
+
+
+def load_flash_model(folder: str | Path, options: FlashOptions = FlashOptions()) -> tuple[nn.Module, FlashRuntime]:
+    """The model of a flash folder, its FFNs on flash; returns (model, runtime)."""
+    folder = Path(folder)
+    manifest = layout.read_manifest(folder)
+    layout.check_files(folder, manifest)
+    if options.verify:
+        from .convert import verify
+
+        verify(folder, progress=False)
+    config = read_config(folder)
+    arch = architecture_for(config)
+    if arch.family.name != manifest.family or config.get("num_hidden_layers") != manifest.num_layers:
+        raise layout.FlashFormatError(f"{folder}: config.json does not match {layout.MANIFEST_NAME}; re-run mlx_flash.convert")
+    dtype = compute_dtype_for(manifest.dtype)
+    dtype_bytes = dtype.size
+    model = build_model_skeleton(config)
+    layers = model_layers(model)
+
+    dense_header, _ = read_header(folder / manifest.dense_file)
+    bias_names = {
+        (i, role): name
+        for i in range(manifest.num_layers)
+        for role, suffix in arch.family.biases.items()
+        for name in (arch.source_name(i, suffix), arch.source_name(i, suffix).removeprefix("model."))
+        if name in dense_header
+    }
+    dense_elems = sum(t.numel for n, t in dense_header.items() if not n.startswith("__padding"))
+    sizes = model_sizes(manifest, config, dense_elems, model)
+    mode = options.mode
+    selection = options.selection or "exact"
+    window = DEFAULT_WINDOW if options.window is None else int(options.window)
+    if window < 1:
+        raise MlxFlashError(f"window must be at least 1 token, got {window}")
+    context = options.context or min(DEFAULT_CONTEXT, int(config.get("max_position_embeddings") or DEFAULT_CONTEXT))
+    budget = parse_budget(options.memory_budget, sizes.model_bytes(dtype_bytes))
+    plan = plan_memory(sizes, mode=mode, budget_bytes=budget, dtype_bytes=dtype_bytes, context=context, selection=selection)
+    if selection == "predictor" and not manifest.predictors_file:
+        raise MlxFlashError(f"{folder}: selection='predictor' but the folder has no predictors; train them or use selection='exact'")
+
+    act = ACTIVATION_FUNCTIONS[ACTIVATIONS[manifest.activation]]
+    reader = FlashReader(folder, manifest, threads=options.threads)
+    try:
+        runtime = FlashRuntime(
+            manifest, reader, mode=mode, selection=selection, window=window, plan=plan, act=act, compute_dtype=dtype
+        )
+        weights = {n: a for n, a in mx.load(str(folder / manifest.dense_file)).items() if not n.startswith("__padding")}
+        weights = {n: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a for n, a in weights.items()}
+        biases = {key: weights.pop(name) for key, name in bias_names.items()}
+        part_elems = {p.name: p.elems for p in manifest.parts}
+        selector_part = "gate" if "gate" in part_elems else "up"
+        for i, layer in enumerate(layers):
+            st = LayerState(layer=i, num_neurons=manifest.layers[i].num_neurons)
+            st.up_bias = biases.get((i, "up_bias"))
+            st.down_bias = biases.get((i, "down_bias"))
+            if plan.resident_neurons:
+                rows = reader.read_rows(i, 0, plan.resident_neurons)
+                st.resident = {k: mx.array(v).astype(dtype) for k, v in rows.items()}
+                st.num_resident = plan.resident_neurons
+            if mode == "flash":
+                if selection == "exact":
+                    rows = reader.read_rows(i, 0, st.num_neurons)
+                    st.selector = mx.array(rows[selector_part]).astype(dtype)
+                    del rows
+                st.cache = NeuronCache(part_elems, capacity=plan.cache_capacity, window=window, num_neurons=st.num_neurons)
+            layer.mlp = FlashFFN(st, runtime)
+        if hasattr(model, "sanitize"):
+            weights = model.sanitize(weights)
+        try:
+            model.load_weights(list(weights.items()), strict=True)
+        except ValueError as e:
+            raise layout.FlashFormatError(f"{folder / manifest.dense_file}: weights do not match config.json ({e}); re-run mlx_flash.convert") from None
+        mx.eval(model.parameters())
+        mx.eval([st for l in layers for st in _state_arrays(l.mlp._state)])
+    except BaseException:
+        reader.close()
+        raise
+    model.eval()
+    return model, runtime
+
+
+def _state_arrays(st: LayerState) -> list[mx.array]:
+    arrays = list(st.resident.values())
+    arrays += [a for a in (st.selector, st.up_bias, st.down_bias) if a is not None]
+    return arrays
+
+
+class DenseActMLP(nn.Module):
+    """A dense gated MLP that applies the activation its config names (mlx-lm's llama always
+    applies SiLU): the reference the flash path is compared with."""
+
+    def __init__(self, mlp: nn.Module, act):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self._act = act
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(self._act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def load_dense(source: str | Path, dtype: mx.Dtype | None = mx.float32) -> nn.Module:
+    """A source model folder loaded whole in memory through mlx-lm (the `dense` baseline),
+    honouring `hidden_act`, cast to `dtype` (fp32: the same compute dtype as the flash path)."""
+    from mlx_lm.utils import load_model
+
+    source = Path(source)
+    model, config = load_model(source, get_model_classes=get_model_classes)
+    arch = architecture_for(config)
+    act = ACTIVATION_FUNCTIONS[ACTIVATIONS[arch.activation(config)]]
+    if arch.family.name == "gated":
+        for layer in model_layers(model):
+            layer.mlp = DenseActMLP(layer.mlp, act)
+    if dtype is not None:
+        model.update(
+            {k: v for k, v in _tree_cast(model.parameters(), dtype).items()}
+        )
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def _tree_cast(params, dtype):
+    from mlx.utils import tree_map
+
+    return tree_map(lambda a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a, params)

@@ -1,0 +1,116 @@
+"""FlashRuntime: what the FlashFFN layers of one model share.
+
+It owns the flash reader, the mode and selection settings, the memory plan, and the per-pass
+statistics: FlashFFN layers report time and counts here, and `stats()` reads them in one place.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable, Iterator
+
+import mlx.core as mx
+import numpy as np
+
+from .budget import MemoryPlan, stream_block_neurons
+from .layout import Manifest
+from .reader import FlashReader
+from .stats import PassStats, StatsSummary, summarize
+
+
+class FlashRuntime:
+    def __init__(
+        self,
+        manifest: Manifest,
+        reader: FlashReader,
+        *,
+        mode: str,
+        selection: str,
+        window: int,
+        plan: MemoryPlan,
+        act: Callable[[mx.array], mx.array],
+        compute_dtype: mx.Dtype,
+    ):
+        self.manifest = manifest
+        self.reader = reader
+        self.mode = mode
+        self.selection = selection
+        self.window = window
+        self.plan = plan
+        self.act = act
+        self.compute_dtype = compute_dtype
+        self.stream_block = stream_block_neurons(manifest.layers[0].num_neurons)
+        self.records: list[PassStats] = []
+        self._current: PassStats | None = None
+        self._pass_start = 0.0
+        self._layers_seen = 0
+        self.predictors = None  # set when predictor selection is loaded
+        self.lock = threading.RLock()  # one generation at a time per model
+
+    # -- statistics ---------------------------------------------------------------------------
+    def begin_layer(self, layer: int, tokens: int = 1) -> None:
+        """Called by each FlashFFN as it starts; the first layer opens a new pass record."""
+        if layer == 0:
+            self.end_pass()
+            self._current = PassStats(tokens=tokens)
+            self._pass_start = time.perf_counter()
+            self.reader.stats.take()
+
+    def end_pass(self) -> None:
+        """Close the open pass record (its wall time runs until now)."""
+        cur = self._current
+        if cur is None:
+            return
+        cur.wall_ms = (time.perf_counter() - self._pass_start) * 1e3
+        io = self.reader.stats.take()
+        cur.bytes_read = sum(s.bytes_read for s in io.values())
+        cur.reads = sum(s.reads for s in io.values())
+        self.records.append(cur)
+        self._current = None
+
+    def add_time(self, key: str, seconds: float) -> None:
+        if self._current is not None:
+            setattr(self._current, f"{key}_ms", getattr(self._current, f"{key}_ms") + seconds * 1e3)
+
+    def count_token_layer(self, layer: int, *, active: int, loaded: int, used: int) -> None:
+        cur = self._current
+        if cur is not None:
+            cur.neurons_active += active
+            cur.neurons_loaded += loaded
+            cur.cache_used += used
+
+    def reset_stats(self) -> None:
+        self.end_pass()
+        self.records = []
+        mx.reset_peak_memory()
+
+    def stats(self) -> StatsSummary:
+        self.end_pass()
+        s = summarize(self.records, resident_bytes=self.plan.total_bytes, peak_memory_bytes=mx.get_peak_memory())
+        s.extra["mode"] = self.mode
+        s.extra["selection"] = self.selection
+        s.extra["window"] = self.window
+        return s
+
+    # -- streaming ----------------------------------------------------------------------------
+    def stream_layer(self, layer: int, start: int = 0) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
+        """Neurons [start, n) of a layer in blocks (lo, hi, rows), read with large sequential
+        reads; the next block's read runs while the caller computes on the current one."""
+        n = self.manifest.layers[layer].num_neurons
+        bounds = [(lo, min(n, lo + self.stream_block)) for lo in range(start, n, self.stream_block)]
+        pending = self.reader.submit_rows(layer, *bounds[0]) if bounds else None
+        for i, (lo, hi) in enumerate(bounds):
+            t0 = time.perf_counter()
+            rows = pending.result()
+            self.add_time("io", time.perf_counter() - t0)
+            pending = self.reader.submit_rows(layer, *bounds[i + 1]) if i + 1 < len(bounds) else None
+            yield lo, hi, rows
+
+    def predict(self, layer: int, x: mx.array) -> np.ndarray:
+        if self.predictors is None:
+            raise RuntimeError("selection='predictor' but no predictors are loaded")
+        return self.predictors.predict(layer, x)
+
+    def close(self) -> None:
+        self.reader.close()

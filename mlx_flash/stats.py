@@ -1,0 +1,127 @@
+"""Where every millisecond of a token went: per-forward-pass records and their summary.
+
+A record covers one forward pass of the model (one decoded token, or one prefill chunk). It is
+opened when the first FFN layer starts and closed when the next pass starts (or when asked),
+so its wall time covers the whole token; `compute_ms` is what is left after selection, waiting
+for I/O and cache management, i.e. the attention, the FFN matmuls and the sampling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+TIME_KEYS = ("selection", "io", "memory", "compute")
+
+
+@dataclass
+class PassStats:
+    tokens: int  # tokens in this pass (1 when decoding)
+    wall_ms: float = 0.0
+    selection_ms: float = 0.0
+    io_ms: float = 0.0  # waiting for flash reads
+    memory_ms: float = 0.0  # neuron cache management
+    bytes_read: int = 0
+    reads: int = 0
+    neurons_active: int = 0  # summed over layers
+    neurons_loaded: int = 0  # summed over layers: read from flash this pass
+    cache_used: int = 0  # summed over layers: cached rows the FFN computed on
+    streamed_ms: float = 0.0  # compute of streamed blocks (part of compute)
+
+    @property
+    def compute_ms(self) -> float:
+        return max(0.0, self.wall_ms - self.selection_ms - self.io_ms - self.memory_ms)
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.tokens > 1
+
+    @property
+    def window_hit_rate(self) -> float:
+        """Fraction of this token's active neurons already in memory."""
+        return 1.0 - self.neurons_loaded / self.neurons_active if self.neurons_active else 0.0
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["compute_ms"] = self.compute_ms
+        d["window_hit_rate"] = self.window_hit_rate
+        return d
+
+
+@dataclass
+class StatsSummary:
+    """Mean per decoded token (prefill reported apart)."""
+
+    decode_tokens: int
+    ms_per_token: float
+    selection_ms: float
+    io_ms: float
+    memory_ms: float
+    compute_ms: float
+    bytes_per_token: float
+    reads_per_token: float
+    neurons_loaded_per_token: float
+    window_hit_rate: float
+    prefill_tokens: int
+    prefill_ms: float
+    prefill_bytes: int
+    resident_bytes: int = 0
+    peak_memory_bytes: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def format(self) -> str:
+        ms = self.ms_per_token or 1e-9
+        lines = [
+            f"decode: {self.decode_tokens} tokens, {self.ms_per_token:.1f} ms/token ({1000 / ms:.1f} tok/s)",
+            "  per token: "
+            + ", ".join(
+                f"{name} {v:.1f} ms ({100 * v / ms:.0f}%)"
+                for name, v in (
+                    ("selection", self.selection_ms),
+                    ("I/O wait", self.io_ms),
+                    ("cache", self.memory_ms),
+                    ("compute", self.compute_ms),
+                )
+            ),
+            f"  flash: {self.bytes_per_token / 1e6:.2f} MB in {self.reads_per_token:.0f} reads per token, "
+            f"{self.neurons_loaded_per_token:.0f} neurons loaded, window hit rate {100 * self.window_hit_rate:.1f}%",
+        ]
+        if self.prefill_tokens:
+            lines.append(
+                f"prefill: {self.prefill_tokens} tokens in {self.prefill_ms:.0f} ms, {self.prefill_bytes / 1e6:.1f} MB read"
+            )
+        lines.append(
+            f"memory: {self.resident_bytes / 1e6:.1f} MB resident, peak {self.peak_memory_bytes / 1e6:.1f} MB (MLX)"
+        )
+        return "\n".join(lines)
+
+
+def summarize(records: list[PassStats], resident_bytes: int = 0, peak_memory_bytes: int = 0) -> StatsSummary:
+    dec = [r for r in records if not r.is_prefill]
+    pre = [r for r in records if r.is_prefill]
+    n = len(dec) or 1
+
+    def mean(key: str) -> float:
+        return sum(getattr(r, key) for r in dec) / n
+
+    active = sum(r.neurons_active for r in dec)
+    loaded = sum(r.neurons_loaded for r in dec)
+    return StatsSummary(
+        decode_tokens=len(dec),
+        ms_per_token=mean("wall_ms"),
+        selection_ms=mean("selection_ms"),
+        io_ms=mean("io_ms"),
+        memory_ms=mean("memory_ms"),
+        compute_ms=mean("compute_ms"),
+        bytes_per_token=mean("bytes_read"),
+        reads_per_token=mean("reads"),
+        neurons_loaded_per_token=mean("neurons_loaded"),
+        window_hit_rate=1.0 - loaded / active if active else 0.0,
+        prefill_tokens=sum(r.tokens for r in pre),
+        prefill_ms=sum(r.wall_ms for r in pre),
+        prefill_bytes=sum(r.bytes_read for r in pre),
+        resident_bytes=resident_bytes,
+        peak_memory_bytes=peak_memory_bytes,
+    )
