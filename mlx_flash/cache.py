@@ -1,0 +1,287 @@
+"""The per-layer neuron cache: the FFN rows of the neurons used by the last `window` tokens.
+
+One `NeuronCache` per FFN layer holds, per part (gate, up, down), a preallocated contiguous
+float32 MLX buffer ``[capacity, elems]`` (down stored transposed: row i is neuron i's down
+column), so the FFN runs on the first `used` rows of each:
+``(act(x @ gate[:used].T) * (x @ up[:used].T)) @ down[:used]`` (row order does not change the
+result). Per token:
+
+    missing = cache.begin_token(active_ids)   # evicts what left the window, reserves slots
+    cache.insert(missing, reader.read(layer, missing))
+    views = cache.views()                     # {part: buffer[:used]}; cache.active_mask()
+
+Slots (the paper's DRAM management, with one refinement): a neuron that left the window frees
+its row; a new neuron is written into a freed row when there is one, else appended after the
+last used row; freed rows left over are filled by moving the last used rows down (swap-delete),
+so rows [:used] are always exactly the resident neurons. Filling freed rows first makes a
+steady-state token (as many neurons leave as arrive) cost one copy per new row and no moves,
+where delete-then-append would move as many rows again.
+
+Adaptive window: when the active sets of the last `window` tokens do not fit in `capacity`
+rows, the oldest sets are dropped (for this layer) until they do; if the token's own active
+set is larger than the capacity, `CacheCapacityError` is raised.
+
+Write path, and why it never copies a buffer: each MLX buffer is made once, evaluated, and
+from then on written only through a zero-copy numpy view of its memory (``np.asarray``);
+MLX never writes to it, so MLX never makes a copy of it (MLX copies a whole array on a slice
+assignment while a view of it is alive, and a numpy view of a copied array would dangle). The
+one rule for callers: evaluate whatever you computed from `views()` (``mx.eval``) before the
+next `begin_token` of this cache; an unevaluated graph would read the rows as they are then.
+A decoder does this naturally: the next layer's predictor evaluates its input.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, fields
+
+import mlx.core as mx
+import numpy as np
+
+
+class CacheCapacityError(ValueError):
+    """A token's own active set does not fit in the cache's capacity."""
+
+
+@dataclass
+class CacheStats:
+    """Counts of the cache's management work (not of the FFN's compute), since the last take."""
+
+    tokens: int = 0
+    seconds: float = 0.0  # in begin_token + insert + active_mask
+    inserted: int = 0  # rows written from the reader
+    moved: int = 0  # rows moved down to close a gap (swap-delete)
+    evicted: int = 0  # neurons that left the window
+    window_shrinks: int = 0  # tokens whose window was cut to fit the capacity
+
+    def take(self) -> "CacheStats":
+        """A copy of the counts, zeroing them (e.g. once per token)."""
+        out = CacheStats(**{f.name: getattr(self, f.name) for f in fields(self)})
+        for f in fields(self):
+            setattr(self, f.name, type(getattr(self, f.name))())
+        return out
+
+
+class NeuronCache:
+    """The cached FFN rows of one layer. See the module docstring for the per-token protocol.
+
+    part_elems: elements of one neuron's row per part, e.g. {"gate": d, "up": d, "down": d}.
+    capacity: rows per buffer (from the memory budget).
+    window: tokens whose active neurons stay resident (the paper's k), at most.
+    num_neurons: the layer's neuron count, to size the maps at once (they grow when omitted).
+    """
+
+    def __init__(self, part_elems: dict[str, int], capacity: int, window: int, *, num_neurons: int | None = None):
+        if capacity < 1 or window < 1 or not part_elems:
+            raise ValueError("NeuronCache needs capacity >= 1, window >= 1 and at least one part")
+        self.part_elems = dict(part_elems)
+        self.capacity = capacity
+        self.window = window
+        self.used = 0
+        self.stats = CacheStats()
+        self._buffers: dict[str, mx.array] = {}
+        self._host: dict[str, np.ndarray] = {}  # writable numpy views of the same memory
+        for name, elems in self.part_elems.items():
+            buf = mx.zeros((capacity, elems), dtype=mx.float32)
+            mx.eval(buf)
+            self._buffers[name], self._host[name] = buf, _shared_host_view(buf)
+        self._neuron_of = np.full(capacity, -1, dtype=np.int64)  # slot -> neuron
+        n = num_neurons or 0
+        self._slot_of = np.full(n, -1, dtype=np.int64)  # neuron -> slot (-1: not resident)
+        self._refs = np.zeros(n, dtype=np.int32)  # how many window tokens used the neuron
+        self._pending = np.zeros(n, dtype=bool)  # slot reserved, row not yet inserted
+        self._n_pending = 0
+        self._history: deque[np.ndarray] = deque()  # active sets, oldest first
+        self._mask: mx.array | None = None
+
+    # -- the per-token protocol ------------------------------------------------------------
+
+    def begin_token(self, active_ids: np.ndarray) -> np.ndarray:
+        """Start a token whose active neurons are `active_ids`: evict neurons that left the
+        window (shrinking it if needed to fit), reserve rows for the active neurons that are
+        not resident, and return those (sorted, unique) for the caller to read and `insert`."""
+        t0 = time.perf_counter()
+        if self._n_pending:
+            raise RuntimeError(f"{self._n_pending} missing neurons of the previous token were never inserted")
+        active = np.unique(np.asarray(active_ids, dtype=np.int64))
+        if len(active) > self.capacity:
+            raise CacheCapacityError(
+                f"{len(active)} active neurons do not fit in a cache of {self.capacity} rows; "
+                "raise the memory budget or the predictor's threshold"
+            )
+        if active.size and active[0] < 0:
+            raise IndexError("neuron ids must be >= 0")
+        if active.size:
+            self._grow(int(active[-1]) + 1)
+        self._history.append(active)
+        self._refs[active] += 1
+        dropped = [self._drop_oldest() for _ in range(len(self._history) - self.window)]
+        missing = active[self._slot_of[active] < 0]
+        evict = self._gone(dropped)
+        shrunk = False
+        while self.used - len(evict) + len(missing) > self.capacity:  # adaptive window
+            dropped.append(self._drop_oldest())
+            evict = self._gone(dropped)
+            shrunk = True
+        self._place(evict, missing)
+        self._mask = None
+        s = self.stats
+        s.tokens += 1
+        s.evicted += len(evict)
+        s.window_shrinks += shrunk
+        s.seconds += time.perf_counter() - t0
+        return missing
+
+    def insert(self, ids: np.ndarray, rows: dict[str, np.ndarray]) -> None:
+        """Write the rows of neurons `ids` (returned by `begin_token`, any order or a subset at
+        a time): rows[part] is ``[len(ids), part_elems[part]]`` (cast to float32)."""
+        t0 = time.perf_counter()
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size == 0:
+            return
+        if ids.min() < 0 or ids.max() >= len(self._pending) or not self._pending[ids].all() or len(np.unique(ids)) != len(ids):
+            raise ValueError("insert() takes ids returned by begin_token() for this token, each once")
+        slots = self._slot_of[ids]
+        contiguous = int(slots[-1]) - int(slots[0]) == len(slots) - 1 and bool(np.all(np.diff(slots) == 1))
+        where = slice(int(slots[0]), int(slots[-1]) + 1) if contiguous else slots
+        for name, host in self._host.items():
+            r = rows[name]
+            if r.shape != (len(ids), self.part_elems[name]):
+                raise ValueError(f"rows[{name!r}] has shape {r.shape}, expected {(len(ids), self.part_elems[name])}")
+            host[where] = r
+        self._pending[ids] = False
+        self._n_pending -= len(ids)
+        self.stats.inserted += len(ids)
+        self.stats.seconds += time.perf_counter() - t0
+
+    def views(self) -> dict[str, mx.array]:
+        """{part: buffer[:used]}, the rows to compute on (neuron of row i: `resident_ids()[i]`)."""
+        self._check_complete()
+        return {name: buf[: self.used] for name, buf in self._buffers.items()}
+
+    def active_mask(self) -> mx.array:
+        """float32 ``[used]``: 1 for the rows of this token's active neurons, 0 for the rows
+        kept only because an earlier token of the window used them."""
+        self._check_complete()
+        if self._mask is None:
+            t0 = time.perf_counter()
+            mask = np.zeros(self.used, dtype=np.float32)
+            if self._history:
+                mask[self._slot_of[self._history[-1]]] = 1.0
+            self._mask = mx.array(mask)
+            self.stats.seconds += time.perf_counter() - t0
+        return self._mask
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def slots(self, ids: np.ndarray) -> np.ndarray:
+        """Row of each neuron in the buffers, -1 where it is not resident."""
+        ids = np.asarray(ids, dtype=np.int64)
+        out = np.full(ids.shape, -1, dtype=np.int64)
+        known = (ids >= 0) & (ids < len(self._slot_of))
+        out[known] = self._slot_of[ids[known]]
+        return out
+
+    def resident_ids(self) -> np.ndarray:
+        """The neuron held by each row [:used] (a copy)."""
+        return self._neuron_of[: self.used].copy()
+
+    @property
+    def effective_window(self) -> int:
+        """Tokens whose active sets are resident now (less than `window` after a shrink)."""
+        return len(self._history)
+
+    def host_view(self, part: str) -> np.ndarray:
+        """Read-only numpy view of a part's rows [:used] (the same memory as `views()`)."""
+        v = self._host[part][: self.used].view()
+        v.flags.writeable = False
+        return v
+
+    def buffer_address(self, part: str) -> int:
+        """Address of a part's MLX buffer memory: constant for the cache's life (no copies)."""
+        return _address(self._buffers[part])
+
+    def clear(self) -> None:
+        """Forget every neuron (a new sequence); the buffers stay allocated."""
+        self._slot_of[:] = -1
+        self._neuron_of[:] = -1
+        self._refs[:] = 0
+        self._pending[:] = False
+        self._n_pending = 0
+        self._history.clear()
+        self.used = 0
+        self._mask = None
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _grow(self, n: int) -> None:
+        """Make the neuron-indexed maps hold ids < n (doubling; only the small maps grow)."""
+        if n <= len(self._slot_of):
+            return
+        size = max(n, 2 * len(self._slot_of))
+        self._slot_of = np.concatenate([self._slot_of, np.full(size - len(self._slot_of), -1, np.int64)])
+        self._refs = np.concatenate([self._refs, np.zeros(size - len(self._refs), np.int32)])
+        self._pending = np.concatenate([self._pending, np.zeros(size - len(self._pending), bool)])
+
+    def _drop_oldest(self) -> np.ndarray:
+        old = self._history.popleft()
+        self._refs[old] -= 1
+        return old
+
+    def _gone(self, dropped: list[np.ndarray]) -> np.ndarray:
+        """Resident neurons among `dropped` that no token of the window uses any more."""
+        if not dropped:
+            return np.empty(0, dtype=np.int64)
+        cand = np.unique(np.concatenate(dropped))
+        return cand[(self._refs[cand] == 0) & (self._slot_of[cand] >= 0)]
+
+    def _place(self, evict: np.ndarray, missing: np.ndarray) -> None:
+        """Free the rows of `evict`, reserve rows for `missing`, keep rows [:used] dense."""
+        freed = np.sort(self._slot_of[evict])
+        self._slot_of[evict] = -1
+        self._neuron_of[freed] = -1
+        m, e, used0 = len(missing), len(freed), self.used
+        if m >= e:  # new neurons take every freed row, the rest are appended
+            slots = np.concatenate([freed, np.arange(used0, used0 + m - e, dtype=np.int64)])
+            self.used = used0 + m - e
+        else:  # more left than came: close the gaps past the new end by moving rows down
+            self.used = used0 - e + m
+            holes = freed[freed < self.used]
+            tail = np.arange(self.used, used0, dtype=np.int64)
+            movers = tail[self._neuron_of[tail] >= 0]
+            dst = holes[: len(movers)]
+            for host in self._host.values():
+                host[dst] = host[movers]
+            moved = self._neuron_of[movers]
+            self._neuron_of[dst] = moved
+            self._slot_of[moved] = dst
+            self._neuron_of[movers] = -1
+            slots = holes[len(movers) :]
+            self.stats.moved += len(movers)
+        self._slot_of[missing] = slots
+        self._neuron_of[slots] = missing
+        self._pending[missing] = True
+        self._n_pending = m
+
+    def _check_complete(self) -> None:
+        if self._n_pending:
+            raise RuntimeError(f"{self._n_pending} missing neurons not inserted yet: call insert() first")
+
+
+def _address(a: mx.array) -> int:
+    return np.asarray(a).ctypes.data
+
+
+def _shared_host_view(buf: mx.array) -> np.ndarray:
+    """A writable numpy array over an evaluated MLX array's memory; checked to be shared (a
+    copy would make every later write invisible to MLX)."""
+    host = np.asarray(buf)
+    if not host.flags.writeable or host.ctypes.data != _address(buf):
+        raise RuntimeError("this MLX build gives no writable zero-copy numpy view of an array")
+    host[0, 0] = 1.0
+    seen = buf[0, 0].item()
+    host[0, 0] = 0.0
+    if seen != 1.0:
+        raise RuntimeError("numpy writes to an MLX buffer are not seen by MLX in this build")
+    return host
