@@ -20,7 +20,7 @@ from typing import Iterator
 import mlx.nn as nn
 
 from . import layout
-from .convert import convert, resolve_source
+from .convert import convert, open_source, resolve_source
 from .errors import MlxFlashError
 from .model import FlashOptions, load_flash_model
 from .runtime import FlashRuntime
@@ -42,6 +42,7 @@ def _converted_folder(source: Path, label: str) -> Path:
         h.update(layout.file_digest(f).encode() if f.stat().st_size < (64 << 20) else str(f.stat().st_size).encode())
     out = cache_root() / f"{label}-{h.hexdigest()[:12]}"
     if not layout.is_flash_folder(out):
+        open_source(source)  # a folder that cannot be converted fails here, before any message
         print(f"mlx_flash: converting {source} into the flash folder {out} (once)", file=sys.stderr)
         convert(source, out, overwrite=True, progress=True)
     return out

@@ -37,6 +37,14 @@ _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 
           "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40, "TIB": 1 << 40}
 
 
+def fmt_bytes(n: float) -> str:
+    """A byte count for people: 512 B, 16.8 KB, 2.1 MB, 6.40 GB (powers of 1000)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}" if unit == "GB" else f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
 def parse_budget(budget: int | float | str | None, model_bytes: int) -> int | None:
     """Bytes from 123, "6GB", "512MiB", or "50%" (of the model's in-memory size)."""
     if budget is None:
@@ -110,7 +118,6 @@ class MemoryPlan:
     neuron_bytes_all_layers: int = 0
 
     def describe(self) -> str:
-        mb = 1e6
         rows = [
             ("dense weights", self.dense_bytes),
             (f"KV cache ({self.context} tokens)", self.kv_bytes),
@@ -124,10 +131,10 @@ class MemoryPlan:
             rows.append((f"resident FFN ({self.resident_neurons} neurons/layer)", self.resident_bytes))
         if self.mode == "flash":
             rows.append((f"neuron caches ({self.cache_capacity} slots/layer)", self.cache_bytes))
-        budget = "unlimited" if self.budget_bytes is None else f"{self.budget_bytes / mb:.1f} MB"
+        budget = "unlimited" if self.budget_bytes is None else fmt_bytes(self.budget_bytes)
         lines = [f"memory plan ({self.mode}, budget {budget}):"]
-        lines += [f"  {name:<40s} {b / mb:10.1f} MB" for name, b in rows]
-        lines.append(f"  {'total':<40s} {self.total_bytes / mb:10.1f} MB")
+        lines += [f"  {name:<42s} {fmt_bytes(b):>10s}" for name, b in rows]
+        lines.append(f"  {'total':<42s} {fmt_bytes(self.total_bytes):>10s}")
         return "\n".join(lines)
 
 
@@ -168,10 +175,10 @@ def plan_memory(
         need = fixed_total + (min_cache_neurons * per_neuron_all if mode == "flash" else 0)
         if budget_bytes < need:
             raise BudgetError(
-                f"memory budget {budget_bytes / 1e6:.1f} MB is too small for mode {mode}: it needs at least "
-                f"{need / 1e6:.1f} MB (dense weights {fixed['dense'] / 1e6:.1f} MB, KV cache {fixed['kv'] / 1e6:.1f} MB for "
-                f"{context} tokens, streaming {fixed['stream'] / 1e6:.1f} MB"
-                + (f", selector {fixed['selector'] / 1e6:.1f} MB" if fixed["selector"] else "")
+                f"memory budget {fmt_bytes(budget_bytes)} is too small for mode {mode}: it needs at least "
+                f"{fmt_bytes(need)} (dense weights {fmt_bytes(fixed['dense'])}, KV cache {fmt_bytes(fixed['kv'])} for "
+                f"{context} tokens, streaming buffer {fmt_bytes(fixed['stream'])}"
+                + (f", exact selector {fmt_bytes(fixed['selector'])}" if fixed["selector"] else "")
                 + ")"
             )
         spare = budget_bytes - fixed_total

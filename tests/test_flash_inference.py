@@ -1,0 +1,152 @@
+"""End to end: flash, hybrid and naive generation equal the dense model, for every family."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import mlx_lm
+import numpy as np
+import pytest
+
+import mlx_flash
+from mlx_flash.budget import BudgetError, parse_budget, plan_memory
+from mlx_flash.convert import convert
+from mlx_flash.model import load_dense
+from tiny_models import TOKENIZER_TEXT, make_tiny_model
+
+FAMILIES = [
+    ("llama", {"hidden_act": "relu"}),  # ReluLLaMA-style, GQA
+    ("llama", {"hidden_act": "silu", "tie_word_embeddings": True, "num_key_value_heads": 4}),
+    ("qwen2", {"hidden_act": "silu"}),
+    ("qwen3", {"hidden_act": "relu"}),
+    ("phi", {}),
+    ("opt", {}),
+]
+PROMPT = TOKENIZER_TEXT[:160]  # about 40 tokens: longer than the window
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module", params=FAMILIES, ids=[f"{f[0]}-{f[1].get('hidden_act', 'default')}" for f in FAMILIES])
+def family(request, tmp_path_factory):
+    model_type, over = request.param
+    root = tmp_path_factory.mktemp(model_type)
+    src = make_tiny_model(root / "src", model_type, **over)
+    convert(src, root / "flash", progress=False)
+    dense = load_dense(src)
+    tok = mlx_lm.utils.load_tokenizer(src)
+    ref = greedy_tokens(dense, tok)
+    return src, root / "flash", ref
+
+
+def greedy_tokens(model, tok, generate=mlx_lm.stream_generate) -> list[int]:
+    return [r.token for r in generate(model, tok, PROMPT, max_tokens=MAX_TOKENS)]
+
+
+def budget_for_capacity(folder, fraction: float, context: int = 128) -> int:
+    """A budget whose neuron caches hold `fraction` of each layer's neurons."""
+    m, rt = load(folder, mode="flash", context=context)
+    plan = rt.plan
+    rt.close()
+    n = m.flash.manifest.layers[0].num_neurons
+    fixed = plan.total_bytes - plan.cache_bytes
+    return fixed + int(fraction * n) * plan.neuron_bytes_all_layers
+
+
+def load(folder, **kw):
+    model, _ = mlx_flash.load(folder, **kw)
+    return model, model.flash
+
+
+def test_modes_equal_dense(family):
+    src, folder, ref = family
+    tok = mlx_lm.utils.load_tokenizer(folder)
+    cases = [
+        dict(mode="naive"),
+        dict(mode="hybrid", memory_budget=budget_for_hybrid(folder)),
+        dict(mode="flash", window=3),
+    ]
+    for kw in cases:
+        model, _ = mlx_flash.load(folder, context=128, **kw)
+        got = greedy_tokens(model, tok)
+        assert got == ref, kw
+        # the same model object through mlx-lm itself
+        assert [r.token for r in mlx_lm.stream_generate(model, tok, PROMPT, max_tokens=MAX_TOKENS)] == ref
+        stats = mlx_flash.flash_stats(model)
+        model.flash.close()
+    assert stats.decode_tokens >= MAX_TOKENS - 1
+
+
+def budget_for_hybrid(folder) -> int:
+    """Half of every layer's neurons resident, the rest read each token."""
+    m, rt = load(folder, mode="hybrid", context=128)
+    n = rt.manifest.layers[0].num_neurons
+    plan = rt.plan
+    rt.close()
+    return plan.total_bytes - (n - n // 2) * plan.neuron_bytes_all_layers
+
+
+def test_flash_under_a_tight_budget_evicts_and_stays_exact(tmp_path):
+    """ReLU model, cache smaller than the window's union: the window shrinks, tokens do not change."""
+    src = make_tiny_model(tmp_path / "src", "llama", hidden_act="relu", seed=3)
+    folder = tmp_path / "flash"
+    convert(src, folder, progress=False)
+    tok = mlx_lm.utils.load_tokenizer(src)
+    ref = greedy_tokens(load_dense(src), tok)
+    budget = budget_for_capacity(folder, 0.8)
+    model, rt = load(folder, mode="flash", window=4, memory_budget=budget, context=128)
+    n = rt.manifest.layers[0].num_neurons
+    assert rt.plan.cache_capacity == int(0.8 * n)
+    assert greedy_tokens(model, tok) == ref
+    s = mlx_flash.flash_stats(model)
+    assert 0 < s.neurons_loaded_per_token and s.bytes_per_token > 0
+    caches = [l.mlp._state.cache for l in model.layers]
+    assert all(c.used <= c.capacity for c in caches)
+    assert any(c.stats.window_shrinks for c in caches), "the budget should have forced the window to shrink"
+    rt.close()
+
+
+def test_budget_planner_arithmetic():
+    from mlx_flash.budget import ModelSizes
+
+    sizes = ModelSizes(dense_elems=1000, num_layers=2, num_neurons=100, hidden_size=10, num_parts=3, kv_elems_per_token=40)
+    assert parse_budget("50%", 4000) == 2000 and parse_budget("2KB", 0) == 2048 and parse_budget(123, 0) == 123
+    assert parse_budget("1.5GB", 0) == int(1.5 * (1 << 30))
+    for bad in ("lots", "-5", "0", "5 parsecs"):
+        with pytest.raises(BudgetError):
+            parse_budget(bad, 100)
+    # fixed: dense 4000 B, kv 40*10*4 = 1600 B, stream 25 neurons*30*4 = 3000 B, selector 2*100*10*4 = 8000 B
+    plan = plan_memory(sizes, mode="flash", budget_bytes=4000 + 1600 + 3000 + 8000 + 50 * 240, dtype_bytes=4, context=10)
+    assert (plan.dense_bytes, plan.kv_bytes, plan.stream_bytes, plan.selector_bytes) == (4000, 1600, 3000, 8000)
+    assert plan.cache_capacity == 50 and plan.total_bytes == plan.budget_bytes
+    hybrid = plan_memory(sizes, mode="hybrid", budget_bytes=4000 + 1600 + 3000 + 30 * 240, dtype_bytes=4, context=10)
+    assert hybrid.resident_neurons == 30 and hybrid.cache_capacity == 0
+    with pytest.raises(BudgetError, match="at least 16.8 KB"):
+        plan_memory(sizes, mode="flash", budget_bytes=1000, dtype_bytes=4, context=10)
+
+
+def run_generate(*args):
+    return subprocess.run([sys.executable, "-m", "mlx_flash.generate", *args], capture_output=True, text=True)
+
+
+def test_generate_cli(family):
+    src, folder, _ = family
+    r = run_generate("--model", str(folder), "--prompt", "The quick", "--max-tokens", "5", "--stats", "--window", "2")
+    assert r.returncode == 0, r.stderr
+    assert "per token:" in r.stdout and "I/O wait" in r.stdout and "memory plan" in r.stderr
+
+
+def test_generate_cli_errors(tmp_path):
+    def one_line(r):
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        lines = [l for l in r.stderr.splitlines() if l.strip()]
+        assert len(lines) == 1, r.stderr
+        return lines[0]
+
+    assert "no such folder" in one_line(run_generate("--model", str(tmp_path / "missing")))
+    bad = make_tiny_model(tmp_path / "bad", "llama", tokenizer=False)
+    (bad / "config.json").write_text('{"model_type": "rwkv"}')
+    assert "rwkv" in one_line(run_generate("--model", str(bad)))
+    src = make_tiny_model(tmp_path / "src", "llama")
+    convert(src, tmp_path / "flash", progress=False)
+    assert "too small" in one_line(run_generate("--model", str(tmp_path / "flash"), "--memory-budget", "10KB"))
