@@ -93,7 +93,7 @@ class StatsSummary:
                 f"prefill: {self.prefill_tokens} tokens in {self.prefill_ms:.0f} ms, {self.prefill_bytes / 1e6:.1f} MB read"
             )
         lines.append(
-            f"memory: {self.resident_bytes / 1e6:.1f} MB resident, peak {self.peak_memory_bytes / 1e6:.1f} MB (MLX)"
+            f"memory: plan {self.resident_bytes / 1e6:.1f} MB, peak {self.peak_memory_bytes / 1e6:.1f} MB (MLX allocations)"
         )
         return "\n".join(lines)
 

@@ -150,3 +150,13 @@ def test_generate_cli_errors(tmp_path):
     src = make_tiny_model(tmp_path / "src", "llama")
     convert(src, tmp_path / "flash", progress=False)
     assert "too small" in one_line(run_generate("--model", str(tmp_path / "flash"), "--memory-budget", "10KB"))
+
+
+def test_chat_cli(family):
+    src, folder, _ = family
+    r = subprocess.run(
+        [sys.executable, "-m", "mlx_flash.chat", "--model", str(folder), "--max-tokens", "4"],
+        input="hello there\n/stats\nmore\n/reset\n/nonsense\n/quit\n", capture_output=True, text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "decode:" in r.stdout and "(conversation cleared)" in r.stdout and "commands:" in r.stdout
