@@ -34,7 +34,7 @@ from .safetensors_file import PlannedTensor, SafetensorsWriter, TensorInfo, read
 # Files copied as they are from the source folder (config, tokenizer, chat template).
 COPIED_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja", ".jsonl")
 SKIPPED_FILES = {"model.safetensors.index.json", layout.MANIFEST_NAME}
-ROW_BLOCK_BYTES = 64 << 20  # gate/up rows are streamed in blocks of about this size
+ROW_BLOCK_BYTES = 8 << 20  # neuron rows are converted and written in blocks of about this size
 
 
 class ConvertError(MlxFlashError):
