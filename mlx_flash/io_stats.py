@@ -44,6 +44,15 @@ class LatencyHistogram:
         self.total_seconds += seconds
         self.max_seconds = max(self.max_seconds, seconds)
 
+    def add_many(self, seconds: list[float]) -> None:
+        if not seconds:
+            return
+        x = np.maximum(np.asarray(seconds, dtype=np.float64) * 1e6, 1.0)
+        k = np.minimum((np.log2(x) * _BUCKETS_PER_DOUBLING).astype(np.int64), _NUM_BUCKETS - 1)
+        self.counts += np.bincount(k, minlength=_NUM_BUCKETS)
+        self.total_seconds += float(np.sum(seconds))
+        self.max_seconds = max(self.max_seconds, float(np.max(seconds)))
+
     def merge(self, other: "LatencyHistogram") -> None:
         self.counts += other.counts
         self.total_seconds += other.total_seconds

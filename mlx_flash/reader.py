@@ -29,6 +29,7 @@ import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -43,6 +44,7 @@ DEFAULT_THREADS = 16
 DEFAULT_COALESCE_GAP = 16 * 1024
 DEFAULT_MAX_READ = 512 * 1024
 
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 _RAW_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
 
 
@@ -69,19 +71,30 @@ class _File:
     mtime_ns: int
 
 
-@dataclass
-class _SegmentPlan:
-    """The reads of one segment for one request: chunk c covers sorted ids [first[c], stop[c])
-    and reads bytes [offset[c], offset[c] + length[c]) of which the first need[c] must arrive."""
+@dataclass(frozen=True)
+class _SegmentReads:
+    """How one segment of a layer is read. Vectored: the stored rows are float32 and every part
+    fills whole sectors, so one preadv puts each part of each row straight into its output row
+    (no copy, no scratch); otherwise a read lands in a scratch buffer and its rows are
+    converted into the outputs."""
 
     segment: Segment
     file: _File
-    columns: list[tuple[str, int, int]]  # (part, first element, end element) in a segment row
-    first: np.ndarray
-    stop: np.ndarray
-    offset: np.ndarray
-    length: np.ndarray
-    need: np.ndarray
+    columns: tuple[tuple[str, int, int], ...]  # (part, first element, end element) in a row
+    vectored: bool
+
+
+class _Chunk(NamedTuple):
+    """One aligned read: sorted ids [first, stop) of a request, bytes [offset, offset+length)
+    of the file, of which the first `need` must arrive (the rest may lie past end of file).
+    (A NamedTuple: made and read per read, in the hot loop.)"""
+
+    reads: _SegmentReads
+    first: int
+    stop: int
+    offset: int
+    length: int
+    need: int
 
 
 def plan_chunks(
@@ -152,12 +165,15 @@ class ReadFuture(Future):
 class _Request:
     """One submitted request: its plan, outputs, progress, and the future to resolve."""
 
-    def __init__(self, layer: int, ids: np.ndarray, plans: list[_SegmentPlan], out: dict[str, np.ndarray],
+    def __init__(self, layer: int, ids: np.ndarray, chunks: list[_Chunk], out: dict[str, np.ndarray],
                  dest: np.ndarray | None, inverse: np.ndarray | None, future: ReadFuture):
         self.layer, self.ids, self.out, self.dest, self.inverse = layer, ids, out, dest, inverse
+        self.id_list = ids.tolist()
+        self.dest_list = None if dest is None else dest.tolist()
+        self.out_bytes = {k: memoryview(v).cast("B") for k, v in out.items()}  # flat, for preadv
         self.future = future
-        self.jobs = [(p, c) for p in plans for c in range(len(p.first))]
-        self.max_length = max(int(p.length.max()) for p in plans)
+        self.chunks = chunks
+        self.max_length = max(c.length for c in chunks)
         self.next_job = itertools.count()  # next(...) is atomic under the GIL
         self.failed = False
         self.t_submit = time.perf_counter()
@@ -318,7 +334,7 @@ class FlashReader:
             raise IndexError(f"layer {layer}: neuron ids must lie in [0, {entry.num_neurons})")
         future = ReadFuture(self.stats, layer)
         future.set_running_or_notify_cancel()
-        out = {name: np.empty((len(ids), n), dtype=np.float32) for name, n in self._elems.items()}
+        out = {name: _aligned_empty(len(ids) * n * 4).view(np.float32).reshape(len(ids), n) for name, n in self._elems.items()}
         if not ids.size:
             future.set_result(out)
             return future
@@ -330,7 +346,8 @@ class FlashReader:
                 dest = None
             else:
                 inverse = None
-        req = _Request(layer, ids, [self._plan(entry, s, ids) for s in entry.segments], out, dest, inverse, future)
+        chunks = [c for s in entry.segments for c in self._plan(entry, s, ids)]
+        req = _Request(layer, ids, chunks, out, dest, inverse, future)
         self._start(req)
         return future
 
@@ -355,14 +372,16 @@ class FlashReader:
             raise IndexError(f"layer {layer} not in the flash folder (0..{len(self.manifest.layers) - 1})")
         return self.manifest.layers[layer]
 
-    def _plan(self, entry: LayerEntry, seg: Segment, ids: np.ndarray) -> _SegmentPlan:
+    def _plan(self, entry: LayerEntry, seg: Segment, ids: np.ndarray) -> list[_Chunk]:
         cols, c = [], 0
         for name in seg.parts:
             cols.append((name, c, c + self._elems[name]))
             c += self._elems[name]
+        vectored = self.manifest.dtype == "float32" and all(self._elems[n] * 4 % SECTOR == 0 for n in seg.parts)
+        reads = _SegmentReads(seg, self._files[entry.file], tuple(cols), vectored)
         starts = seg.data_offset + ids * seg.row_bytes
-        first, stop, offset, length, need = plan_chunks(starts, seg.row_bytes, self.coalesce_gap, self.max_read)
-        return _SegmentPlan(seg, self._files[entry.file], cols, first, stop, offset, length, need)
+        planned = plan_chunks(starts, seg.row_bytes, self.coalesce_gap, self.max_read)
+        return [_Chunk(reads, *c) for c in zip(*(a.tolist() for a in planned))]
 
     def _start(self, req: _Request) -> None:
         with self._lock:
@@ -370,7 +389,7 @@ class FlashReader:
                 raise ReaderClosedError("FlashReader is closed")
             self._requests.add(req)
             req.future.add_done_callback(lambda _f: self._forget(req))
-            for _ in range(min(self.threads, len(req.jobs))):
+            for _ in range(min(self.threads, len(req.chunks))):
                 req.worker_started()
                 self._pool.submit(self._drain, req)
 
@@ -383,20 +402,33 @@ class FlashReader:
     def _drain(self, req: _Request) -> None:
         """A worker: take the request's next read until none is left or one failed."""
         local = LayerIOStats()
+        latencies: list[float] = []
         try:
             scratch = self._scratch(req.max_length)
+            scratch_view = memoryview(scratch)
+            chunks, n = req.chunks, len(req.chunks)
             while not req.failed and not self._closed:
                 i = next(req.next_job)
-                if i >= len(req.jobs):
+                if i >= n:
                     break
-                plan, c = req.jobs[i]
-                self._read_chunk(req.layer, plan, c, scratch, local)
-                self._scatter(req, plan, c, scratch)
+                chunk = chunks[i]
+                reads = chunk.reads
+                vectored = reads.vectored and (chunk.stop - chunk.first) * (len(reads.columns) + 1) <= _IOV_MAX
+                if vectored:
+                    bufs = self._row_buffers(req, chunk, scratch_view)
+                else:
+                    bufs = [scratch_view[: chunk.length]]
+                local.bytes_read += self._read_exact(req.layer, chunk, bufs, latencies)
+                local.bytes_used += (chunk.stop - chunk.first) * reads.segment.row_bytes
+                if not vectored:
+                    self._scatter(req, chunk, scratch)
             if self._closed and not req.failed:
                 raise ReaderClosedError("FlashReader closed while a request was running")
         except BaseException as exc:  # every error reaches the caller; the worker lives on
             req.fail(exc)
         finally:
+            local.reads = len(latencies)
+            local.read_latency.add_many(latencies)
             req.worker_done(local, self.stats)
 
     def _scratch(self, nbytes: int) -> np.ndarray:
@@ -405,51 +437,72 @@ class FlashReader:
             buf = self._local.buf = _aligned_empty(-(-nbytes // SECTOR) * SECTOR)
         return buf
 
-    def _pread_into(self, fd: int, buf: memoryview, offset: int) -> int:
-        """One positioned read into `buf`, returning the bytes read; the single low-level read
-        of the reader (tests override it to inject faults)."""
-        return os.preadv(fd, [buf], offset)
+    def _pread_into(self, fd: int, bufs: list[memoryview], offset: int) -> int:
+        """One positioned read filling `bufs` in order, returning the bytes read; the single
+        low-level read of the reader (tests override it to inject faults)."""
+        return os.preadv(fd, bufs, offset)
 
-    def _read_chunk(self, layer: int, plan: _SegmentPlan, c: int, scratch: np.ndarray, local: LayerIOStats) -> None:
-        f = plan.file
-        offset, length, need = int(plan.offset[c]), int(plan.length[c]), int(plan.need[c])
-        mv = memoryview(scratch)[:length]
-        got = 0
-        while got < need:
+    @staticmethod
+    def _row_buffers(req: _Request, chunk: _Chunk, scratch: memoryview) -> list[memoryview]:
+        """The iovecs of a vectored read: each part of each wanted row into its output row, the
+        bytes between wanted rows into scratch (discarded). All are whole sectors."""
+        seg, ids, dest = chunk.reads.segment, req.id_list, req.dest_list
+        base, row_bytes = seg.data_offset, seg.row_bytes
+        parts = [(req.out_bytes[name], (c1 - c0) * 4) for name, c0, c1 in chunk.reads.columns]
+        bufs, pos = [], chunk.offset
+        for k in range(chunk.first, chunk.stop):
+            start = base + ids[k] * row_bytes
+            if start > pos:
+                bufs.append(scratch[: start - pos])
+            row = k if dest is None else dest[k]
+            for flat, n in parts:
+                bufs.append(flat[row * n : (row + 1) * n])
+            pos = start + row_bytes
+        return bufs
+
+    def _read_exact(self, layer: int, chunk: _Chunk, bufs: list[memoryview], latencies: list[float]) -> int:
+        """Read `chunk` into `bufs`, continuing after partial reads, until `chunk.need` bytes
+        arrived; returns the bytes read. Raises FlashReadError naming file, offset and layer."""
+        f, got, i = chunk.reads.file, 0, 0
+        while got < chunk.need:
+            at = chunk.offset + got
             t0 = time.perf_counter()
             try:
-                n = self._pread_into(f.fd, mv[got:], offset + got)
+                n = self._pread_into(f.fd, bufs[i:], at)
             except OSError as e:
                 raise FlashReadError(
-                    f"{f.path}: read of {length - got} bytes at offset {offset + got} (layer {layer}) "
-                    f"failed: {e.strerror or e}{self._changed(f)}",
-                    path=f.path, offset=offset + got, layer=layer, err=e.errno or errno.EIO,
+                    f"{f.path}: read of {chunk.length - got} bytes at offset {at} (layer {layer}) failed: "
+                    f"{e.strerror or e}{self._changed(f)}",
+                    path=f.path, offset=at, layer=layer, err=e.errno or errno.EIO,
                 ) from e
-            local.read_latency.add(time.perf_counter() - t0)
-            local.reads += 1
+            latencies.append(time.perf_counter() - t0)
             if n <= 0:
                 raise FlashReadError(
-                    f"{f.path}: short read at offset {offset + got} (layer {layer}): got {got} of "
-                    f"{need} bytes{self._changed(f)}",
-                    path=f.path, offset=offset + got, layer=layer,
+                    f"{f.path}: short read at offset {at} (layer {layer}): got {got} of {chunk.need} "
+                    f"bytes{self._changed(f)}",
+                    path=f.path, offset=at, layer=layer,
                 )
             got += n
-        local.bytes_read += got
-        first, stop = int(plan.first[c]), int(plan.stop[c])
-        local.bytes_used += (stop - first) * plan.segment.row_bytes
+            if got >= chunk.need:
+                break
+            while i < len(bufs) and n >= len(bufs[i]):
+                n -= len(bufs[i])
+                i += 1
+            if n:
+                bufs[i] = bufs[i][n:]
+        return got
 
-    def _scatter(self, req: _Request, plan: _SegmentPlan, c: int, scratch: np.ndarray) -> None:
-        """Convert the rows of read c from the scratch buffer into the request's outputs."""
-        first, stop = int(plan.first[c]), int(plan.stop[c])
-        ids = req.ids[first:stop]
-        seg, lo = plan.segment, int(ids[0])
+    def _scatter(self, req: _Request, chunk: _Chunk, scratch: np.ndarray) -> None:
+        """Convert the rows of a read from the scratch buffer into the request's outputs."""
+        ids = req.ids[chunk.first : chunk.stop]
+        seg, lo = chunk.reads.segment, int(ids[0])
         span = int(ids[-1]) - lo + 1  # the rows from the first to the last wanted one
-        begin = seg.row_offset(lo) - int(plan.offset[c])
+        begin = seg.row_offset(lo) - chunk.offset
         rows = scratch[begin : begin + span * seg.row_bytes].view(self._raw_dtype).reshape(span, -1)
-        if span != stop - first:  # a coalesced read also holds unwanted rows: pick ours
+        if span != chunk.stop - chunk.first:  # a coalesced read also holds unwanted rows: pick ours
             rows = rows[ids - lo]
-        where = req.where(first, stop)
-        for name, c0, c1 in plan.columns:
+        where = req.where(chunk.first, chunk.stop)
+        for name, c0, c1 in chunk.reads.columns:
             _convert_into(req.out[name], where, rows[:, c0:c1], self.manifest.dtype)
 
     @staticmethod

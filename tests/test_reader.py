@@ -77,6 +77,8 @@ LAYOUTS = [
     ("float16", False, (40, 60, 24)),
     ("bfloat16", False, (1400, 1400, 1400)),
     ("float32", True, (1400, 1400, 1400)),
+    ("float32", True, (1024, 1024, 1024)),  # parts of whole sectors: read straight into the outputs
+    ("float32", False, (1024, 2048, 1024)),
 ]
 
 
@@ -133,7 +135,7 @@ class FaultyReader(FlashReader):
         self.calls, self.fail_at, self.fault = 0, fail_at, fault
         self._count_lock = threading.Lock()
 
-    def _pread_into(self, fd, buf, offset):
+    def _pread_into(self, fd, bufs, offset):
         with self._count_lock:
             self.calls += 1
             hit = self.calls == self.fail_at
@@ -142,8 +144,8 @@ class FaultyReader(FlashReader):
         if hit and self.fault == "short":
             return 0
         if hit and self.fault == "partial":
-            return super()._pread_into(fd, buf[:SECTOR], offset)
-        return super()._pread_into(fd, buf, offset)
+            return super()._pread_into(fd, [bufs[0][:SECTOR]], offset)
+        return super()._pread_into(fd, bufs, offset)
 
 
 @pytest.mark.parametrize("fault", ["eio", "short"])
@@ -160,8 +162,9 @@ def test_fault_raises_clear_error_and_pool_keeps_working(tmp_path, fault):
             check_rows(r.read(1, ids), raw[1], ids, "float16")
 
 
-def test_partial_read_is_continued(tmp_path):
-    m, raw = make_flash_folder(tmp_path, dtype="float32", elems=(1400, 1400, 1400))
+@pytest.mark.parametrize("elems", [(1400, 1400, 1400), (1024, 2048, 1024)])
+def test_partial_read_is_continued(tmp_path, elems):
+    m, raw = make_flash_folder(tmp_path, dtype="float32", elems=elems)
     with FaultyReader(tmp_path, m, threads=2, fail_at=2, fault="partial") as r:
         ids = np.arange(100, 140)
         check_rows(r.read(0, ids), raw[0], ids, "float32")
