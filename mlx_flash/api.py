@@ -21,7 +21,7 @@ import mlx.nn as nn
 
 from . import layout
 from .convert import convert, open_source, resolve_source
-from .errors import MlxFlashError
+from .errors import MlxFlashError, one_line
 from .model import FlashOptions, load_flash_model
 from .runtime import FlashRuntime
 from .stats import StatsSummary
@@ -36,13 +36,13 @@ def cache_root() -> Path:
 
 def _converted_folder(source: Path, label: str) -> Path:
     """A flash folder converted once from `source` into the cache (keyed by its weights)."""
+    open_source(source)  # a folder that cannot be converted fails here, before it is hashed
     h = hashlib.sha256()
     for f in sorted(source.glob("*.safetensors")) + [source / "config.json"]:
         h.update(f.name.encode())
         h.update(layout.file_digest(f).encode() if f.stat().st_size < (64 << 20) else str(f.stat().st_size).encode())
     out = cache_root() / f"{label}-{h.hexdigest()[:12]}"
     if not layout.is_flash_folder(out):
-        open_source(source)  # a folder that cannot be converted fails here, before any message
         print(f"mlx_flash: converting {source} into the flash folder {out} (once)", file=sys.stderr)
         convert(source, out, overwrite=True, progress=True)
     return out
@@ -90,10 +90,18 @@ def load(
         threads=threads, context=context, verify=verify,
     )
     model, runtime = load_flash_model(folder, options)
+    try:
+        # Config files are data: no code from the folder runs (no remote code, no prompt asking).
+        tokenizer = load_tokenizer(folder, tokenizer_config_extra={"trust_remote_code": False})
+    except Exception as e:
+        runtime.close()
+        raise MlxFlashError(f"{folder}: cannot load the tokenizer ({type(e).__name__}: {one_line(e)})") from None
+    except BaseException:
+        runtime.close()
+        raise
     model.flash = runtime
     if verbose:
         print(runtime.plan.describe(), file=sys.stderr)
-    tokenizer = load_tokenizer(folder)
     return model, tokenizer
 
 
@@ -109,17 +117,60 @@ def flash_stats(model: nn.Module) -> StatsSummary:
     return runtime_of(model).stats()
 
 
+class ContextLengthError(MlxFlashError):
+    """The prompt and the tokens asked for do not fit the context the model was loaded for."""
+
+
+def prompt_tokens(tokenizer, prompt):
+    """The prompt as mlx_lm.stream_generate would tokenize it (an mx.array of token ids)."""
+    import mlx.core as mx
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    if isinstance(prompt, mx.array):
+        return prompt
+    if isinstance(prompt, str):
+        if not isinstance(tokenizer, TokenizerWrapper):
+            tokenizer = TokenizerWrapper(tokenizer)
+        add_special_tokens = tokenizer.bos_token is None or not prompt.startswith(tokenizer.bos_token)
+        prompt = tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+    return mx.array(prompt)
+
+
 def stream_generate(model: nn.Module, tokenizer, prompt, max_tokens: int = 256, **kwargs) -> Iterator:
     """mlx_lm.stream_generate on a flash model; each response carries `flash`, the statistics
-    of the last finished forward pass. Statistics restart with each call."""
+    of the last finished forward pass. Statistics restart with each call.
+
+    Generations on one model take turns (the runtime's lock, held for the whole generation);
+    `mlx_lm.stream_generate` called directly on the same model from several threads is safe
+    too (each FlashFFN layer takes the lock), but its statistics are then mixed. An empty
+    prompt, or a prompt (plus what a `prompt_cache` already holds) plus `max_tokens` longer
+    than the context the model was loaded for, is a one-line MlxFlashError. (A thread of your
+    own that generates should call `mx.clear_streams()` before it ends: MLX 0.32 otherwise may
+    abort the process at exit.)"""
     import mlx_lm
 
     rt = runtime_of(model)
     if isinstance(prompt, str) and not prompt:
         raise MlxFlashError("the prompt is empty")
+    prompt = prompt_tokens(tokenizer, prompt)
+    if prompt.size == 0:
+        raise MlxFlashError("the prompt is empty")
+    cached = max((getattr(c, "offset", 0) or 0 for c in kwargs.get("prompt_cache") or ()), default=0)
+    context = rt.plan.context
+    wanted = cached + prompt.size + max(max_tokens, 0)
+    if wanted > context:
+        raise ContextLengthError(
+            f"{prompt.size} prompt tokens"
+            + (f" after {cached} cached ones" if cached else "")
+            + (f" plus max_tokens {max_tokens}" if max_tokens > 0 else "")
+            + f" exceed the context of {context} tokens the model was loaded for; "
+            "shorten the prompt, lower max_tokens, or load the model with a larger context"
+        )
     with rt.lock:
         rt.reset_stats()
-        for response in mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, **kwargs):
+        for n, response in enumerate(mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, **kwargs)):
+            if max_tokens < 0 and cached + prompt.size + n >= context:
+                raise ContextLengthError(f"the generation reached the context of {context} tokens the model was loaded for")
             response.flash = rt.records[-1] if rt.records else None
             yield response
         rt.end_pass()

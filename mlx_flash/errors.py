@@ -15,9 +15,15 @@ class MlxFlashError(ValueError):
     """A user-facing error with a one-line message."""
 
 
+def one_line(text: object, limit: int = 300) -> str:
+    """A message from elsewhere (a library's exception) made into one line of at most `limit`."""
+    s = " ".join(str(text).split())
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None, prog: str = "mlx_flash") -> int:
-    """Run a CLI main function; print user errors as one line on stderr with exit code 1,
-    and Ctrl-C as exit code 130."""
+    """Run a CLI main function; print user errors and I/O errors as one line on stderr with
+    exit code 1, and Ctrl-C as exit code 130."""
     try:
         return int(main(argv) or 0)
     except MlxFlashError as e:
@@ -25,6 +31,9 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         return 1
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
         print(f"{prog}: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a failed read of the flash folder (FlashReadError), a full disk: one line
+        print(f"{prog}: error: {one_line(e, 1000)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

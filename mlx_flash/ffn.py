@@ -24,6 +24,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .budget import BudgetError
+from .cache import CacheCapacityError
+
 if TYPE_CHECKING:  # pragma: no cover
     from .runtime import FlashRuntime
 
@@ -72,17 +75,32 @@ class FlashFFN(nn.Module):
         self._rt = runtime
 
     def __call__(self, x: mx.array) -> mx.array:
+        """The layer's FFN of x. It holds the runtime's lock and evaluates its output before
+        returning, so that calls from several threads (mlx_lm.generate on one model at once)
+        take turns per layer and never see a neuron cache another call is changing. On any
+        error (a failed read, Ctrl-C) the layer's neuron cache is emptied, never left half
+        updated: the next call reads what it needs again."""
         rt, st = self._rt, self._state
-        rt.begin_layer(st.layer, tokens=x.size // x.shape[-1])
-        if rt.mode == "flash" and x.shape[-2] == 1 and x.size // x.shape[-1] == 1:
-            y = self._decode_flash(x)
-        else:
-            y = self._stream(x, start=st.num_resident)
-            if st.num_resident:
-                y = y + ffn_block(x, st.resident, rt.act, _first(st.up_bias, st.num_resident))
-        if st.down_bias is not None:
-            y = y + st.down_bias
-        return y.astype(x.dtype)
+        with rt.lock:
+            try:
+                rt.begin_layer(st.layer, tokens=x.size // x.shape[-1])
+                if rt.mode == "flash" and x.shape[-2] == 1 and x.size // x.shape[-1] == 1:
+                    y = self._decode_flash(x)
+                else:
+                    y = self._stream(x, start=st.num_resident)
+                    if st.num_resident:
+                        y = y + ffn_block(x, st.resident, rt.act, _first(st.up_bias, st.num_resident))
+                if st.down_bias is not None:
+                    y = y + st.down_bias
+                y = y.astype(x.dtype)
+                mx.eval(y)
+            except BaseException as exc:
+                if st.cache is not None:
+                    st.cache.clear()
+                if isinstance(exc, CacheCapacityError):
+                    raise BudgetError(f"layer {st.layer}: {exc}") from None
+                raise
+        return y
 
     # -- streaming: naive, hybrid, prefill ---------------------------------------------------
     def _stream(self, x: mx.array, start: int) -> mx.array:

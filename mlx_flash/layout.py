@@ -16,8 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from .errors import MlxFlashError
 
@@ -166,8 +169,8 @@ class Manifest:
         if not isinstance(d, dict):
             raise FlashFormatError(f"{where}: not a JSON object")
         version = d.get("format_version")
-        if not isinstance(version, int):
-            raise FlashFormatError(f"{where}: missing format_version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise FlashFormatError(f"{where}: missing or invalid format_version ({version!r}); re-run mlx_flash.convert")
         if version > FORMAT_VERSION:
             raise FlashFormatError(
                 f"{where}: format_version {version} is newer than this mlx_flash reads ({FORMAT_VERSION}); upgrade mlx_flash"
@@ -206,6 +209,8 @@ class Manifest:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise FlashFormatError(f"{where}: malformed manifest ({_describe(exc)}); re-run mlx_flash.convert") from None
+        if m.checksum_algorithm != CHECKSUM:
+            raise FlashFormatError(f"{where}: checksum_algorithm {m.checksum_algorithm!r} is not {CHECKSUM!r}; re-run mlx_flash.convert")
         m.validate(where)
         return m
 
@@ -303,19 +308,37 @@ def write_manifest(folder: str | os.PathLike, manifest: Manifest) -> None:
 
 
 def check_files(folder: str | os.PathLike, manifest: Manifest) -> None:
-    """Cheap checks of the files against the manifest: each exists and is long enough."""
+    """Cheap checks of the files against the manifest: each exists, is long enough, and its
+    safetensors header holds each of the layer's tensors with the manifest's name, dtype,
+    shape and data offset (so a shard of another conversion, or of another layer, is caught)."""
+    from .safetensors_file import read_header  # the format's reader, below this module
+
     folder = Path(folder)
+    headers: dict[str, dict] = {}
     for e in manifest.layers:
         path = folder / e.file
         try:
             size = path.stat().st_size
         except FileNotFoundError:
             raise FlashFormatError(f"{path}: missing; re-run mlx_flash.convert") from None
+        except OSError as exc:
+            raise FlashFormatError(f"{path}: cannot read ({exc.strerror or exc})") from None
         end = max(s.data_offset + s.row_bytes * e.num_neurons for s in e.segments)
         if size < end:
             raise FlashFormatError(
                 f"{path}: truncated ({size} bytes, manifest needs {end}); re-run mlx_flash.convert"
             )
+        if e.file not in headers:
+            headers[e.file] = read_header(path)[0]
+        for s in e.segments:
+            t = headers[e.file].get(s.tensor)
+            want = (DTYPE_TO_ST[manifest.dtype], (e.num_neurons, s.row_bytes // manifest.dtype_bytes), s.data_offset)
+            if t is None or (t.dtype, t.shape, t.offset) != want:
+                got = "missing" if t is None else f"{t.dtype} {list(t.shape)} at byte {t.offset}"
+                raise FlashFormatError(
+                    f"{path}: tensor {s.tensor!r} is {got}, {MANIFEST_NAME} says {want[0]} {list(want[1])} at byte "
+                    f"{want[2]}: the file is not from this conversion; re-run mlx_flash.convert"
+                )
     dense = folder / manifest.dense_file
     if not dense.is_file():
         raise FlashFormatError(f"{dense}: missing; re-run mlx_flash.convert")
@@ -346,3 +369,33 @@ def layer_data_ranges(entry: LayerEntry) -> list[tuple[int, int]]:
 def layer_digest(folder: str | os.PathLike, entry: LayerEntry) -> str:
     """Checksum of a layer's neuron data as stored on flash."""
     return file_digest(Path(folder) / entry.file, layer_data_ranges(entry))
+
+
+def verify_layer(folder: str | os.PathLike, entry: LayerEntry, chunk: int = 8 << 20) -> list[np.ndarray]:
+    """Check a layer's checksum (a FlashFormatError when it does not match) and return, per
+    segment, the crc32 of every neuron's row as stored: a reader made with them
+    (`runtime.VerifyingReader`) checks every row it delivers afterwards, cheaply."""
+    from .safetensors_file import pread_exact
+
+    path = Path(folder) / entry.file
+    h = hashlib.new(CHECKSUM)
+    crcs = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for s in entry.segments:
+            crc = np.empty(entry.num_neurons, dtype=np.uint32)
+            per = max(1, chunk // s.row_bytes)
+            for lo in range(0, entry.num_neurons, per):
+                hi = min(entry.num_neurons, lo + per)
+                data = memoryview(pread_exact(fd, (hi - lo) * s.row_bytes, s.row_offset(lo), str(path)))
+                h.update(data)
+                for j in range(hi - lo):
+                    crc[lo + j] = zlib.crc32(data[j * s.row_bytes : (j + 1) * s.row_bytes])
+            crcs.append(crc)
+    finally:
+        os.close(fd)
+    if h.hexdigest() != entry.checksum:
+        raise FlashFormatError(
+            f"{path}: checksum mismatch in layer {entry.layer}: the file is corrupt; re-run mlx_flash.convert"
+        )
+    return crcs

@@ -9,6 +9,7 @@ taken out of them and kept by the FlashFFN.
 from __future__ import annotations
 
 import json
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,12 +20,12 @@ from mlx.utils import tree_flatten
 from . import layout
 from .budget import ModelSizes, MemoryPlan, parse_budget, plan_memory
 from .cache import NeuronCache
-from .errors import MlxFlashError
+from .errors import MlxFlashError, one_line
 from .families import ACTIVATIONS, architecture_for
 from .ffn import ACTIVATION_FUNCTIONS, FlashFFN, LayerState
 from .models import get_model_classes
 from .reader import FlashReader
-from .runtime import FlashRuntime
+from .runtime import FlashRuntime, VerifyingReader
 from .safetensors_file import read_header
 
 DEFAULT_WINDOW = 5  # the paper keeps the last 4-5 tokens' neurons
@@ -66,8 +67,38 @@ def build_model_skeleton(config: dict) -> nn.Module:
     try:
         model_cls, args_cls = get_model_classes(config)
         return model_cls(args_cls.from_dict(config))
-    except (ValueError, TypeError, KeyError) as e:
-        raise MlxFlashError(f"cannot build a {config.get('model_type')!r} model from config.json: {e}") from None
+    except Exception as e:  # a malformed config can fail anywhere in the model's constructor
+        raise MlxFlashError(
+            f"cannot build a {config.get('model_type')!r} model from config.json ({type(e).__name__}: {one_line(e)})"
+        ) from None
+
+
+def check_config(folder: Path, manifest: layout.Manifest, config: dict):
+    """config.json against the manifest: the same architecture, activation, layer count, hidden
+    size and neurons per layer; returns the Architecture. A mismatch is a FlashFormatError."""
+    try:
+        arch = architecture_for(config)
+        act = arch.activation(config)
+    except TypeError:  # an unhashable model_type or activation
+        raise layout.FlashFormatError(f"{folder / 'config.json'}: malformed model_type or activation") from None
+    neurons = config.get(arch.intermediate_key)
+    checks = [
+        ("model_type", config.get("model_type"), manifest.model_type),
+        ("FFN family", arch.family.name, manifest.family),
+        ("FFN parts", arch.family.part_names, manifest.part_names),
+        ("activation", ACTIVATIONS[act], ACTIVATIONS.get(manifest.activation)),
+        ("num_hidden_layers", config.get("num_hidden_layers"), manifest.num_layers),
+        ("hidden_size", config.get("hidden_size"), manifest.hidden_size),
+    ]
+    checks += [(f"elements of part {p.name!r}", manifest.hidden_size, p.elems) for p in manifest.parts]
+    checks += [(f"{arch.intermediate_key} (layer {e.layer})", neurons, e.num_neurons) for e in manifest.layers]
+    for what, want, got in checks:
+        if want != got or type(want) is not type(got):
+            raise layout.FlashFormatError(
+                f"{folder}: config.json and {layout.MANIFEST_NAME} disagree on {what} ({want!r} vs {got!r}); "
+                "re-run mlx_flash.convert"
+            )
+    return arch
 
 
 def model_layers(model: nn.Module) -> list[nn.Module]:
@@ -79,9 +110,9 @@ def model_layers(model: nn.Module) -> list[nn.Module]:
 
 def model_sizes(manifest: layout.Manifest, config: dict, dense_elems: int, model: nn.Module) -> ModelSizes:
     args = getattr(model, "args", None)
-    heads = config.get("num_attention_heads")
-    kv_heads = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or getattr(args, "head_dim", None) or manifest.hidden_size // heads
+    heads = _config_int(config, "num_attention_heads")
+    kv_heads = _config_int(config, "num_key_value_heads", heads)
+    head_dim = _config_int(config, "head_dim", getattr(args, "head_dim", None) or manifest.hidden_size // heads)
     return ModelSizes(
         dense_elems=dense_elems,
         num_layers=manifest.num_layers,
@@ -92,19 +123,30 @@ def model_sizes(manifest: layout.Manifest, config: dict, dense_elems: int, model
     )
 
 
+def _config_int(config: dict, key: str, default: int | None = None) -> int:
+    """A positive integer setting of config.json (`default` when absent or null); ValueError else."""
+    value = config.get(key)
+    if value is None and default is not None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    return value
+
+
 def load_flash_model(folder: str | Path, options: FlashOptions = FlashOptions()) -> tuple[nn.Module, FlashRuntime]:
     """The model of a flash folder, its FFNs on flash; returns (model, runtime)."""
     folder = Path(folder)
     manifest = layout.read_manifest(folder)
     layout.check_files(folder, manifest)
-    if options.verify:
-        from .convert import verify
-
-        verify(folder, progress=False)
+    row_checksums = None
+    if options.verify:  # every checksum now; every neuron read later is checked against it
+        row_checksums = [layout.verify_layer(folder, e) for e in manifest.layers]
+        if manifest.dense_checksum and layout.file_digest(folder / manifest.dense_file) != manifest.dense_checksum:
+            raise layout.FlashFormatError(
+                f"{folder / manifest.dense_file}: checksum mismatch: the file is corrupt; re-run mlx_flash.convert"
+            )
     config = read_config(folder)
-    arch = architecture_for(config)
-    if arch.family.name != manifest.family or config.get("num_hidden_layers") != manifest.num_layers:
-        raise layout.FlashFormatError(f"{folder}: config.json does not match {layout.MANIFEST_NAME}; re-run mlx_flash.convert")
+    arch = check_config(folder, manifest, config)
     dtype = compute_dtype_for(manifest.dtype)
     dtype_bytes = dtype.size
     model = build_model_skeleton(config)
@@ -118,21 +160,44 @@ def load_flash_model(folder: str | Path, options: FlashOptions = FlashOptions())
         for name in (arch.source_name(i, suffix), arch.source_name(i, suffix).removeprefix("model."))
         if name in dense_header
     }
+    bias_shapes = {"up_bias": (manifest.layers[0].num_neurons,), "down_bias": (manifest.hidden_size,)}
+    for (i, role), name in bias_names.items():
+        if dense_header[name].shape != bias_shapes[role]:
+            raise layout.FlashFormatError(
+                f"{folder / manifest.dense_file}: {name} has shape {list(dense_header[name].shape)}, expected "
+                f"{list(bias_shapes[role])}; re-run mlx_flash.convert"
+            )
     dense_elems = sum(t.numel for n, t in dense_header.items() if not n.startswith("__padding"))
-    sizes = model_sizes(manifest, config, dense_elems, model)
+    try:
+        sizes = model_sizes(manifest, config, dense_elems, model)
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise layout.FlashFormatError(f"{folder / 'config.json'}: malformed attention settings ({e})") from None
     mode = options.mode
     selection = options.selection or "exact"
-    window = DEFAULT_WINDOW if options.window is None else int(options.window)
-    if window < 1:
-        raise MlxFlashError(f"window must be at least 1 token, got {window}")
-    context = options.context or min(DEFAULT_CONTEXT, int(config.get("max_position_embeddings") or DEFAULT_CONTEXT))
+    window = _positive_int("window", DEFAULT_WINDOW if options.window is None else options.window)
+    if options.threads is not None:
+        _positive_int("threads", options.threads)
+    max_positions = config.get("max_position_embeddings")
+    if not (isinstance(max_positions, int) and max_positions > 0):
+        max_positions = None
+    context = min(DEFAULT_CONTEXT, max_positions or DEFAULT_CONTEXT)
+    if options.context is not None:
+        context = _positive_int("context", options.context)
+        if max_positions and context > max_positions:
+            raise MlxFlashError(
+                f"context {context} is longer than the model's max_position_embeddings ({max_positions}); "
+                f"pass context <= {max_positions}"
+            )
     budget = parse_budget(options.memory_budget, sizes.model_bytes(dtype_bytes))
     plan = plan_memory(sizes, mode=mode, budget_bytes=budget, dtype_bytes=dtype_bytes, context=context, selection=selection)
     if selection == "predictor" and not manifest.predictors_file:
         raise MlxFlashError(f"{folder}: selection='predictor' but the folder has no predictors; train them or use selection='exact'")
 
     act = ACTIVATION_FUNCTIONS[ACTIVATIONS[manifest.activation]]
-    reader = FlashReader(folder, manifest, threads=options.threads)
+    if row_checksums is not None:
+        reader = VerifyingReader(folder, manifest, row_checksums, threads=options.threads)
+    else:
+        reader = FlashReader(folder, manifest, threads=options.threads)
     try:
         runtime = FlashRuntime(
             manifest, reader, mode=mode, selection=selection, window=window, plan=plan, act=act, compute_dtype=dtype
@@ -170,6 +235,16 @@ def load_flash_model(folder: str | Path, options: FlashOptions = FlashOptions())
         raise
     model.eval()
     return model, runtime
+
+
+def _positive_int(what: str, value) -> int:
+    try:
+        n = operator.index(value) if not isinstance(value, bool) else None
+    except TypeError:
+        n = None
+    if n is None or n < 1:
+        raise MlxFlashError(f"{what} must be a positive integer, got {value!r}")
+    return n
 
 
 def _state_arrays(st: LayerState) -> list[mx.array]:
