@@ -104,7 +104,7 @@ class NeuronCache:
         t0 = time.perf_counter()
         if self._n_pending:
             raise RuntimeError(f"{self._n_pending} missing neurons of the previous token were never inserted")
-        active = np.unique(np.asarray(active_ids, dtype=np.int64))
+        active = sorted_unique(np.asarray(active_ids, dtype=np.int64))
         if len(active) > self.capacity:
             raise CacheCapacityError(
                 f"{len(active)} active neurons do not fit in a cache of {self.capacity} rows; "
@@ -140,7 +140,8 @@ class NeuronCache:
         ids = np.asarray(ids, dtype=np.int64)
         if ids.size == 0:
             return
-        if ids.min() < 0 or ids.max() >= len(self._pending) or not self._pending[ids].all() or len(np.unique(ids)) != len(ids):
+        u = sorted_unique(ids)
+        if len(u) != len(ids) or u[0] < 0 or u[-1] >= len(self._pending) or not self._pending[ids].all():
             raise ValueError("insert() takes ids returned by begin_token() for this token, each once")
         slots = self._slot_of[ids]
         contiguous = int(slots[-1]) - int(slots[0]) == len(slots) - 1 and bool(np.all(np.diff(slots) == 1))
@@ -233,7 +234,7 @@ class NeuronCache:
         """Resident neurons among `dropped` that no token of the window uses any more."""
         if not dropped:
             return np.empty(0, dtype=np.int64)
-        cand = np.unique(np.concatenate(dropped))
+        cand = dropped[0] if len(dropped) == 1 else sorted_unique(np.concatenate(dropped))
         return cand[(self._refs[cand] == 0) & (self._slot_of[cand] >= 0)]
 
     def _place(self, evict: np.ndarray, missing: np.ndarray) -> None:
@@ -267,6 +268,15 @@ class NeuronCache:
     def _check_complete(self) -> None:
         if self._n_pending:
             raise RuntimeError(f"{self._n_pending} missing neurons not inserted yet: call insert() first")
+
+
+def sorted_unique(a: np.ndarray) -> np.ndarray:
+    """np.unique for 1-D integer ids, several times faster on the sizes a token has (numpy's
+    unique hashes first), and a no-op check when `a` is already sorted and unique."""
+    if len(a) < 2 or bool(np.all(a[1:] > a[:-1])):
+        return a
+    a = np.sort(a)
+    return a[np.concatenate(([True], a[1:] != a[:-1]))]
 
 
 def _address(a: mx.array) -> int:
