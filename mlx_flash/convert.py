@@ -185,6 +185,7 @@ def convert(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    old = out.parent / f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}"  # a folder being replaced
     try:
         (tmp / layout.FFN_DIR).mkdir()
         ffn_names = {n for layer in ffn for n in layer.part_names.values()}
@@ -213,12 +214,15 @@ def convert(
         )
         _copy_side_files(src.path, tmp)
         layout.write_manifest(tmp, manifest)
-        if out.exists():
-            shutil.rmtree(out)
+        if out.exists():  # renamed away, not deleted, until the new folder is in its place
+            os.replace(out, old)
         os.replace(tmp, out)
     except BaseException:
+        if old.exists() and not out.exists():
+            os.replace(old, out)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(old, ignore_errors=True)
     return manifest
 
 

@@ -418,6 +418,24 @@ def test_bad_arguments_are_clear_errors(tiny):
     assert not reader_threads() and open_fds() <= fds
 
 
+def test_a_token_needing_more_neurons_than_the_cache_holds(tiny):
+    """A budget that loads but whose caches cannot hold one token's active neurons: a clear
+    error at the token, and the model stays usable (here: the same error again)."""
+    _, folder, tok, _ = tiny
+    m, _ = load(folder, context=128)
+    plan = m.flash.plan
+    m.flash.close()
+    n = m.flash.manifest.layers[0].num_neurons
+    model, _ = load(folder, context=128, memory_budget=plan.total_bytes - (n - 4) * plan.neuron_bytes_all_layers)
+    assert model.flash.plan.cache_capacity == 4
+    for _ in range(2):
+        with pytest.raises(BudgetError) as info:
+            tokens(model, tok)
+        assert "do not fit in a cache of 4 rows" in one_line(info.value) and "memory budget" in str(info.value)
+        check_cache_consistent(model)
+    model.flash.close()
+
+
 def test_prompt_and_context_errors(tiny):
     _, folder, tok, ref = tiny
     model, _ = load(folder, context=64)
@@ -578,6 +596,24 @@ def test_conversion_interrupted_at_any_write_leaves_nothing(tiny, tmp_path, monk
                 with pytest.raises(MlxFlashError):
                     load_flash_model(out)
     monkeypatch.setattr(SafetensorsWriter, "write", orig)
+    # interrupted between moving the old folder away and putting the new one in its place
+    replace = os.replace
+
+    def interrupted_replace(a, b):
+        if ".partial-" in str(a) and Path(b) == good:
+            raise KeyboardInterrupt
+        return replace(a, b)
+
+    monkeypatch.setattr(os, "replace", interrupted_replace)
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, good, progress=False, overwrite=True)
+    monkeypatch.setattr(os, "replace", replace)
+    assert not _leftovers(tmp_path) and not [p for p in tmp_path.iterdir() if ".old-" in p.name]
+    model, _ = load(good)
+    assert tokens(model, tok) == ref
+    model.flash.close()
+    convert(src, good, progress=False, overwrite=True)  # and a replacement that finishes leaves nothing behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["count", "good"]
     # interrupted after every file, while the manifest is written
     monkeypatch.setattr(layout, "write_manifest", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
