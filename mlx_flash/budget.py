@@ -179,6 +179,7 @@ def plan_memory(
                 f"{fmt_bytes(need)} (dense weights {fmt_bytes(fixed['dense'])}, KV cache {fmt_bytes(fixed['kv'])} for "
                 f"{context} tokens, streaming buffer {fmt_bytes(fixed['stream'])}"
                 + (f", exact selector {fmt_bytes(fixed['selector'])}" if fixed["selector"] else "")
+                + (f", predictors {fmt_bytes(fixed['predictor'])}" if fixed["predictor"] else "")
                 + ")"
             )
         spare = budget_bytes - fixed_total
@@ -203,3 +204,30 @@ def plan_memory(
         context=context,
         neuron_bytes_all_layers=per_neuron_all,
     )
+
+
+def plan_with_selection(
+    sizes: ModelSizes,
+    *,
+    mode: str,
+    budget_bytes: int | None,
+    dtype_bytes: int,
+    context: int,
+    selection: str | None,
+    has_predictors: bool,
+) -> tuple[MemoryPlan, str]:
+    """`plan_memory` and the selection it was made for. With `selection` None: "exact", unless
+    the mode is flash, the folder has predictors (`sizes.predictor_elems`) and the budget cannot
+    hold the exact selector; then "predictor" (whose bytes are then planned)."""
+    if selection is not None or mode != "flash" or not has_predictors:
+        selection = selection or "exact"
+        plan = plan_memory(sizes, mode=mode, budget_bytes=budget_bytes, dtype_bytes=dtype_bytes, context=context,
+                           selection=selection)
+        return plan, selection
+    try:
+        plan = plan_memory(sizes, mode=mode, budget_bytes=budget_bytes, dtype_bytes=dtype_bytes, context=context)
+        return plan, "exact"
+    except BudgetError:
+        plan = plan_memory(sizes, mode=mode, budget_bytes=budget_bytes, dtype_bytes=dtype_bytes, context=context,
+                           selection="predictor")
+        return plan, "predictor"

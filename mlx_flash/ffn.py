@@ -12,6 +12,12 @@ Per layer and per forward pass (one token when decoding, many when prefilling):
 
 Computing on more neurons than are active is never wrong: a cached neuron that does not fire
 for this token adds exactly zero under ReLU, and its true value otherwise.
+The one exception is deliberate: with predictor selection on a model that is not ReLU-sparse
+(SwiGLU, GELU: the predictors learned thresholded active sets), the cached neurons that were not
+predicted for this token are zeroed (`NeuronCache.active_mask`), so that a token's output
+depends only on its own predicted set, not on what earlier tokens left in the window: the model
+is then the same sparse model at every token, the one `python -m mlx_flash.predictors eval`
+measures against sparsity.
 """
 
 from __future__ import annotations
@@ -38,10 +44,12 @@ ACTIVATION_FUNCTIONS: dict[str, Callable[[mx.array], mx.array]] = {
 }
 
 
-def ffn_block(x: mx.array, parts: dict[str, mx.array], act: Callable, up_bias: mx.array | None = None) -> mx.array:
+def ffn_block(x: mx.array, parts: dict[str, mx.array], act: Callable, up_bias: mx.array | None = None,
+              mask: mx.array | None = None) -> mx.array:
     """The FFN over a block of neurons whose rows are in `parts` (each [k, d]; "down" holds the
     down projection's columns as rows). Gated: down(act(gate x) * up x); two-matrix:
-    down(act(up x + b1)). No output bias: the caller adds it once."""
+    down(act(up x + b1)). No output bias: the caller adds it once. `mask` ([k], 0 or 1) zeroes
+    the neurons it marks 0."""
     if "gate" in parts:
         h = act(x @ parts["gate"].T) * (x @ parts["up"].T)
     else:
@@ -49,6 +57,8 @@ def ffn_block(x: mx.array, parts: dict[str, mx.array], act: Callable, up_bias: m
         if up_bias is not None:
             h = h + up_bias
         h = act(h)
+    if mask is not None:
+        h = h * mask
     return h @ parts["down"]
 
 
@@ -164,7 +174,8 @@ class FlashFFN(nn.Module):
         rt.add_time("memory", (t3 - t2) + (t5 - t4))
         rt.add_time("io", t4 - t3)
         rt.count_token_layer(st.layer, active=len(ids), loaded=len(missing), used=st.cache.used)
-        y = ffn_block(xc, views, rt.act, bias)
+        mask = st.cache.active_mask() if rt.mask_inactive else None
+        y = ffn_block(xc, views, rt.act, bias, mask)
         return y.reshape(x.shape)
 
     def _select(self, xc: mx.array) -> np.ndarray:

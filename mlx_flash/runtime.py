@@ -109,6 +109,7 @@ class FlashRuntime:
         self._pass_start = 0.0
         self._layers_seen = 0
         self.predictors = None  # set when predictor selection is loaded
+        self.mask_inactive = False  # zero cached neurons not selected for this token (non-ReLU predictors)
         self.lock = threading.RLock()  # one generation at a time per model
 
     # -- statistics ---------------------------------------------------------------------------
