@@ -30,12 +30,12 @@ def tokens(model, tok) -> list[int]:
     return [r.token for r in mlx_flash.stream_generate(model, tok, PROMPT, max_tokens=MAX_TOKENS)]
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
+@pytest.fixture(scope="module", params=["llama", "opt"])
+def base(tmp_path_factory, request):
     """A flash folder, and a scratch folder whose two JSON files the fuzz rewrites (every other
-    file a link to the folder's)."""
+    file a link to the folder's). OPT: the architecture this package defines itself."""
     root = tmp_path_factory.mktemp("fuzz")
-    src = make_tiny_model(root / "src", "llama", hidden_act="relu", seed=5)
+    src = make_tiny_model(root / "src", request.param, hidden_act="relu", seed=5)
     folder = root / "flash"
     convert(src, folder, progress=False)
     scratch = root / "scratch"
@@ -132,7 +132,7 @@ def _leaks_checked(fn):
     return run
 
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 def test_fuzzed_manifest(base):
