@@ -18,7 +18,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import layout
-from .budget import ModelSizes, MemoryPlan, parse_budget, plan_memory
+from .budget import ModelSizes, MemoryPlan, parse_budget, plan_with_selection
 from .cache import NeuronCache
 from .errors import MlxFlashError, one_line
 from .families import ACTIVATIONS, architecture_for
@@ -173,7 +173,6 @@ def load_flash_model(folder: str | Path, options: FlashOptions = FlashOptions())
     except (TypeError, ValueError, ZeroDivisionError) as e:
         raise layout.FlashFormatError(f"{folder / 'config.json'}: malformed attention settings ({e})") from None
     mode = options.mode
-    selection = options.selection or "exact"
     window = _positive_int("window", DEFAULT_WINDOW if options.window is None else options.window)
     if options.threads is not None:
         _positive_int("threads", options.threads)
@@ -189,9 +188,19 @@ def load_flash_model(folder: str | Path, options: FlashOptions = FlashOptions())
                 f"pass context <= {max_positions}"
             )
     budget = parse_budget(options.memory_budget, sizes.model_bytes(dtype_bytes))
-    plan = plan_memory(sizes, mode=mode, budget_bytes=budget, dtype_bytes=dtype_bytes, context=context, selection=selection)
-    if selection == "predictor" and not manifest.predictors_file:
-        raise MlxFlashError(f"{folder}: selection='predictor' but the folder has no predictors; train them or use selection='exact'")
+    if options.selection == "predictor" and not manifest.predictors_file:
+        raise MlxFlashError(
+            f"{folder}: selection='predictor' but the folder has no predictors; train them with "
+            f"python -m mlx_flash.predictors train --model {folder} --data TEXTFILE, or use selection='exact'"
+        )
+    if mode == "flash" and manifest.predictors_file and options.selection in (None, "predictor"):
+        from dataclasses import replace
+
+        from .predictors.store import predictor_elems
+
+        sizes = replace(sizes, predictor_elems=predictor_elems(folder, manifest))
+    plan, selection = plan_with_selection(sizes, mode=mode, budget_bytes=budget, dtype_bytes=dtype_bytes, context=context,
+                                          selection=options.selection, has_predictors=sizes.predictor_elems > 0)
 
     act = ACTIVATION_FUNCTIONS[ACTIVATIONS[manifest.activation]]
     if row_checksums is not None:
@@ -202,6 +211,12 @@ def load_flash_model(folder: str | Path, options: FlashOptions = FlashOptions())
         runtime = FlashRuntime(
             manifest, reader, mode=mode, selection=selection, window=window, plan=plan, act=act, compute_dtype=dtype
         )
+        if mode == "flash" and selection == "predictor":
+            from .predictors.store import Predictors
+
+            runtime.predictors = Predictors.load(folder, manifest, dtype)
+            # Not ReLU: a cached neuron not predicted for this token is zeroed (see ffn.py).
+            runtime.mask_inactive = ACTIVATIONS[manifest.activation] != "relu"
         weights = {n: a for n, a in mx.load(str(folder / manifest.dense_file)).items() if not n.startswith("__padding")}
         weights = {n: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a for n, a in weights.items()}
         biases = {key: weights.pop(name) for key, name in bias_names.items()}
