@@ -81,6 +81,11 @@ def load(
     memory_budget: bytes, "6GB", or "50%" of the model's in-memory size; None: no limit.
     window: tokens whose neurons stay cached (default 5). selection: "exact" (the resident
         gate / up projection computes the true active set) or "predictor".
+    verify: check every checksum of the folder at load (one read of all of it), then check
+        every neuron read afterwards against a crc32 of its row taken then, so that a file
+        changed or corrupted after load is an error (FlashChecksumError), not wrong text.
+        Without it, load checks what is cheap: the manifest, each shard's size and header, and
+        config.json against them.
     """
     from mlx_lm.utils import load_tokenizer
 
