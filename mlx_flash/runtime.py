@@ -39,8 +39,8 @@ class VerifyingReader(FlashReader):
         super().__init__(folder, manifest, **kwargs)
         self.row_checksums = row_checksums
 
-    def submit(self, layer: int, ids: np.ndarray) -> ReadFuture:
-        inner = super().submit(layer, ids)
+    def submit(self, layer: int, ids: np.ndarray, *args, **kwargs) -> ReadFuture:
+        inner = super().submit(layer, ids, *args, **kwargs)
         ids = np.asarray(ids).astype(np.int64, copy=False)
         checked = ReadFuture(self.stats, layer)
         checked.set_running_or_notify_cancel()

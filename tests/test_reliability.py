@@ -302,6 +302,7 @@ def test_read_fault_during_generation(tiny, kind, when):
     _, folder, tok, ref = tiny
     load(folder)[0].flash.close()  # warm-up: lazy imports open what they open once
     fds, threads = open_fds(), threading.enumerate()
+    readers = set(reader_threads())
     model, _ = load(folder)
     fault = Fault(model.flash.reader, kind)
     expected = KeyboardInterrupt if kind == "interrupt" else FlashReadError
@@ -322,7 +323,7 @@ def test_read_fault_during_generation(tiny, kind, when):
     assert lock_is_free(model), "the generation's lock was not released"
     assert tokens(model, tok) == ref
     model.flash.close()
-    assert not reader_threads() and open_fds() <= fds
+    assert set(reader_threads()) <= readers and open_fds() <= fds
     assert {t.ident for t in threading.enumerate()} <= {t.ident for t in threads}
     model, _ = load(folder)
     assert tokens(model, tok) == ref
@@ -353,7 +354,7 @@ def test_interrupt_in_the_cache_update_leaves_a_working_model(tiny, monkeypatch)
 def test_shard_truncated_under_a_loaded_model(tiny, tmp_path):
     _, folder, tok, ref = tiny
     f = copy_folder(folder, tmp_path / "f")
-    fds = open_fds()
+    fds, readers = open_fds(), set(reader_threads())
     model, _ = load(f)
     assert tokens(model, tok) == ref
     e = model.flash.manifest.layers[1]
@@ -363,7 +364,7 @@ def test_shard_truncated_under_a_loaded_model(tiny, tmp_path):
     msg = one_line(info.value)
     assert str(f / e.file) in msg and "changed since it was opened" in msg
     model.flash.close()
-    assert not reader_threads() and open_fds() <= fds
+    assert set(reader_threads()) <= readers and open_fds() <= fds
     with pytest.raises(FlashFormatError, match="truncated"):
         load(f)
 
@@ -410,12 +411,12 @@ def test_bad_arguments_are_clear_errors(tiny):
         (dict(memory_budget="lots"), BudgetError, "cannot read memory budget"),
         (dict(memory_budget=-1), BudgetError, "must be positive"),
     ]
-    fds = open_fds()
+    fds, readers = open_fds(), set(reader_threads())
     for kw, err, words in cases:
         with pytest.raises(err) as info:
             load(folder, **kw)
         assert words in one_line(info.value), (kw, str(info.value))
-    assert not reader_threads() and open_fds() <= fds
+    assert set(reader_threads()) <= readers and open_fds() <= fds
 
 
 def test_a_token_needing_more_neurons_than_the_cache_holds(tiny):
