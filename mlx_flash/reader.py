@@ -10,8 +10,11 @@ lengths and buffers; a bundle that is not a multiple of 4 KiB is read as part of
 range), neighbours whose gap on flash is at most `coalesce_gap` bytes are merged into one read
 (reading the gap and discarding it is cheaper than a second read), and no read grows past
 about `max_read` bytes (so that a dense range still spreads over the threads). The reads go to
-a pool of threads (``os.preadv`` releases the GIL); each thread reads into its own aligned
-scratch buffer and converts the rows it read to float32 straight into the output arrays.
+a pool of threads (``os.preadv`` releases the GIL). Where every part fills whole sectors
+(float32 with d a multiple of 1024: the paper's CPU setting), one vectored read puts each
+part of each row straight into its (aligned) output row: no copy at all. Otherwise a thread reads
+into its own aligned scratch buffer and converts the rows to float32 into the outputs (on
+Linux MLX cannot adopt a host buffer without a copy, so one copy is needed anyway).
 
 The defaults (`DEFAULT_THREADS`, `DEFAULT_COALESCE_GAP`, `DEFAULT_MAX_READ`) were chosen by
 the cost model measured with ``benchmarks/bench_io.py``; see the comment above them.
@@ -166,8 +169,13 @@ class _Request:
     """One submitted request: its plan, outputs, progress, and the future to resolve."""
 
     def __init__(self, layer: int, ids: np.ndarray, chunks: list[_Chunk], out: dict[str, np.ndarray],
-                 dest: np.ndarray | None, inverse: np.ndarray | None, future: ReadFuture):
-        self.layer, self.ids, self.out, self.dest, self.inverse = layer, ids, out, dest, inverse
+                 dest: np.ndarray | None, gather: tuple[np.ndarray, dict[str, np.ndarray]] | None,
+                 future: ReadFuture):
+        """dest: output row of each sorted id (None: the same row); gather: (inverse, final)
+        when ids repeat: the unique rows read into `out` are gathered into `final` at the end."""
+        self.layer, self.ids, self.out, self.dest, self.gather = layer, ids, out, dest, gather
+        # Rows go straight into the outputs only if these are sector-aligned.
+        self.aligned = all(a.ctypes.data % SECTOR == 0 for a in out.values())
         self.id_list = ids.tolist()
         self.dest_list = None if dest is None else dest.tolist()
         self.out_bytes = {k: memoryview(v).cast("B") for k, v in out.items()}  # flat, for preadv
@@ -205,11 +213,15 @@ class _Request:
         if not last:
             return
         self._stats.requests = 1
-        self._stats.neurons = len(self.ids) if self.inverse is None else len(self.inverse)
+        self._stats.neurons = len(self.ids) if self.gather is None else len(self.gather[0])
         self._stats.request_latency.add(time.perf_counter() - self.t_submit)
         stats.add(self.layer, self._stats)
-        out = self.out if self.inverse is None else {k: v[self.inverse] for k, v in self.out.items()}
-        self.future.set_result(out)
+        result = self.out
+        if self.gather is not None:
+            inverse, result = self.gather
+            for k, v in self.out.items():
+                np.take(v, inverse, axis=0, out=result[k])
+        self.future.set_result(result)
 
 
 class FlashReader:
@@ -320,9 +332,13 @@ class FlashReader:
 
     # -- requests ------------------------------------------------------------------------
 
-    def submit(self, layer: int, ids: np.ndarray) -> ReadFuture:
+    def submit(self, layer: int, ids: np.ndarray, out: dict[str, np.ndarray] | None = None) -> ReadFuture:
         """Start reading neurons `ids` of `layer`; the future resolves to {part: float32
-        [len(ids), elems]} with row j = neuron ids[j] (ids may be in any order, repeated)."""
+        [len(ids), elems]} with row j = neuron ids[j] (ids may be in any order, repeated).
+
+        out: optional arrays to fill and return (C-contiguous float32 of those shapes, best
+        4 KiB-aligned: see `empty_rows`); a caller that reuses them saves the page faults of
+        fresh memory, which cost as much as the reads on large requests."""
         if self._closed:
             raise ReaderClosedError("FlashReader is closed")
         entry = self._entry(layer)
@@ -334,26 +350,35 @@ class FlashReader:
             raise IndexError(f"layer {layer}: neuron ids must lie in [0, {entry.num_neurons})")
         future = ReadFuture(self.stats, layer)
         future.set_running_or_notify_cancel()
-        out = {name: _aligned_empty(len(ids) * n * 4).view(np.float32).reshape(len(ids), n) for name, n in self._elems.items()}
+        out = self._check_out(out, len(ids)) if out is not None else self.empty_rows(len(ids))
         if not ids.size:
             future.set_result(out)
             return future
-        dest = inverse = None
+        dest = gather = None
         if ids.size > 1 and not np.all(ids[1:] > ids[:-1]):
             ids, dest, inverse = np.unique(ids, return_index=True, return_inverse=True)
-            if len(ids) < len(inverse):  # repeats: fill unique rows, gather at the end
-                out = {k: v[: len(ids)] for k, v in out.items()}
+            if len(ids) < len(inverse):  # repeats: fill unique rows, gather into `out` at the end
+                gather, out = (inverse, out), self.empty_rows(len(ids))
                 dest = None
-            else:
-                inverse = None
         chunks = [c for s in entry.segments for c in self._plan(entry, s, ids)]
-        req = _Request(layer, ids, chunks, out, dest, inverse, future)
+        req = _Request(layer, ids, chunks, out, dest, gather, future)
         self._start(req)
         return future
 
-    def read(self, layer: int, ids: np.ndarray) -> dict[str, np.ndarray]:
-        """`submit(layer, ids).result()`."""
-        return self.submit(layer, ids).result()
+    def read(self, layer: int, ids: np.ndarray, out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """`submit(layer, ids, out).result()`."""
+        return self.submit(layer, ids, out).result()
+
+    def empty_rows(self, n: int) -> dict[str, np.ndarray]:
+        """Fresh 4 KiB-aligned float32 arrays [n, elems] per part, as `submit` fills them."""
+        return {name: _aligned_empty(n * e * 4).view(np.float32).reshape(n, e) for name, e in self._elems.items()}
+
+    def _check_out(self, out: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+        for name, e in self._elems.items():
+            a = out.get(name)
+            if a is None or a.shape != (n, e) or a.dtype != np.float32 or not a.flags.c_contiguous or not a.flags.writeable:
+                raise ValueError(f"out[{name!r}] must be a writable C-contiguous float32 array of shape {(n, e)}")
+        return out
 
     def submit_rows(self, layer: int, start: int, stop: int) -> ReadFuture:
         """Start reading the contiguous neurons [start, stop) of a layer: large sequential
@@ -413,7 +438,7 @@ class FlashReader:
                     break
                 chunk = chunks[i]
                 reads = chunk.reads
-                vectored = reads.vectored and (chunk.stop - chunk.first) * (len(reads.columns) + 1) <= _IOV_MAX
+                vectored = reads.vectored and req.aligned and (chunk.stop - chunk.first) * (len(reads.columns) + 1) <= _IOV_MAX
                 if vectored:
                     bufs = self._row_buffers(req, chunk, scratch_view)
                 else:

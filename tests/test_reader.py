@@ -112,6 +112,21 @@ def test_any_order_repeats_empty_and_rows(tmp_path):
             r.read(0, np.array([1.0]))
 
 
+@pytest.mark.parametrize("elems", [(1024, 2048, 1024), (40, 40, 40)])
+def test_caller_buffers_filled_aligned_or_not(tmp_path, elems):
+    m, raw = make_flash_folder(tmp_path, dtype="float32", bundled=False, elems=elems)
+    with FlashReader(tmp_path, m, threads=3) as r:
+        for ids in ([4, 9, 100, 101, 250], [9, 4, 9, 250]):
+            aligned = r.empty_rows(len(ids))
+            offset = {k: np.empty(v.size + 1, np.float32)[1:].reshape(v.shape) for k, v in aligned.items()}
+            for out in (aligned, offset):  # unaligned buffers take the scratch path
+                got = r.read(0, ids, out=out)
+                assert all(got[k] is out[k] for k in out)
+                check_rows(got, raw[0], ids, "float32")
+        with pytest.raises(ValueError, match="out"):
+            r.read(0, [1, 2], out=r.empty_rows(3))
+
+
 def test_plan_chunks_aligned_coalesced_and_bounded():
     starts = 16384 + np.array([0, 1, 2, 10, 11, 60, 200, 201, 202, 203]) * 3000
     for gap, max_read in [(-1, 4096), (0, 4096), (8192, 8192), (1 << 20, 12288), (1 << 20, 1 << 20)]:
