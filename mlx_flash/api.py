@@ -80,7 +80,10 @@ def load(
         (every token reads the whole FFN).
     memory_budget: bytes, "6GB", or "50%" of the model's in-memory size; None: no limit.
     window: tokens whose neurons stay cached (default 5). selection: "exact" (the resident
-        gate / up projection computes the true active set) or "predictor".
+        gate / up projection computes the true active set) or "predictor" (the folder's
+        low-rank predictors, trained with `python -m mlx_flash.predictors train`); default:
+        "exact", or "predictor" when the folder has predictors and the budget cannot hold the
+        exact selector.
     verify: check every checksum of the folder at load (one read of all of it), then check
         every neuron read afterwards against a crc32 of its row taken then, so that a file
         changed or corrupted after load is an error (FlashChecksumError), not wrong text.
