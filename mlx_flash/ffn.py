@@ -118,32 +118,45 @@ class FlashFFN(nn.Module):
         flash mode, also seed the window with the last prompt tokens' active sets."""
         rt, st = self._rt, self._state
         xc = x.astype(rt.compute_dtype)
-        y = mx.zeros(xc.shape, dtype=rt.compute_dtype)
         seed = rt.mode == "flash" and st.cache is not None
         if seed:
             mx.eval(xc)
             seed_sets = self._seed_sets(xc)
             wanted = np.unique(np.concatenate(seed_sets)) if seed_sets else np.zeros(0, np.int64)
             seed_rows: dict[str, list[np.ndarray]] = {}
-        for lo, hi, rows in rt.stream_layer(st.layer, start):
-            t0 = time.perf_counter()
-            block = {k: mx.array(v) for k, v in rows.items()}
-            y = y + ffn_block(xc, block, rt.act, _slice(st.up_bias, lo, hi))
-            mx.eval(y)
-            rt.add_time("streamed", time.perf_counter() - t0)
-            if seed:
-                pick = wanted[(wanted >= lo) & (wanted < hi)] - lo
-                for k, v in rows.items():
-                    seed_rows.setdefault(k, []).append(v[pick])
+        def blocks():
+            for ids, rows in rt.read_blocks(st.layer, np.arange(start, st.num_neurons, dtype=np.int64)):
+                if seed:
+                    lo, hi = ids[0], ids[-1] + 1
+                    pick = wanted[(wanted >= lo) & (wanted < hi)] - lo
+                    for k, v in rows.items():
+                        seed_rows.setdefault(k, []).append(v[pick])
+                yield ids, rows
+
+        y = self._computed_blocks(xc, blocks())
         if seed:
             t0 = time.perf_counter()
             rows_all = {k: np.concatenate(v) for k, v in seed_rows.items()}
             slot_of = {int(n): i for i, n in enumerate(wanted)}
             for ids in seed_sets:
+                if len(ids) > st.cache.capacity:
+                    continue  # such a token is computed without the cache when decoding too
                 missing = st.cache.begin_token(ids)
                 idx = [slot_of[int(n)] for n in missing]
                 st.cache.insert(missing, {k: v[idx] for k, v in rows_all.items()})
             rt.add_time("memory", time.perf_counter() - t0)
+        return y
+
+    def _computed_blocks(self, xc: mx.array, blocks) -> mx.array:
+        """The FFN of xc summed over (ids, rows) blocks of neurons as they arrive from flash."""
+        rt, st = self._rt, self._state
+        y = mx.zeros(xc.shape, dtype=rt.compute_dtype)
+        for ids, rows in blocks:
+            t0 = time.perf_counter()
+            bias = mx.take(st.up_bias, mx.array(ids)) if st.up_bias is not None else None
+            y = y + ffn_block(xc, {k: mx.array(v) for k, v in rows.items()}, rt.act, bias)
+            mx.eval(y)
+            rt.add_time("streamed", time.perf_counter() - t0)
         return y
 
     def _seed_sets(self, xc: mx.array) -> list[np.ndarray]:
@@ -162,6 +175,8 @@ class FlashFFN(nn.Module):
         ids = self._select(xc)
         t2 = time.perf_counter()
         rt.add_time("selection", t2 - t1)
+        if len(ids) > st.cache.capacity:
+            return self._decode_overflow(xc, ids).reshape(x.shape)
         missing = st.cache.begin_token(ids)
         t3 = time.perf_counter()
         rows = rt.reader.read(st.layer, missing) if len(missing) else {}
@@ -178,6 +193,15 @@ class FlashFFN(nn.Module):
         y = ffn_block(xc, views, rt.act, bias, mask)
         return y.reshape(x.shape)
 
+    def _decode_overflow(self, xc: mx.array, ids: np.ndarray) -> mx.array:
+        """A token whose active set is larger than the cache: its neurons are read in blocks
+        of the streaming buffer's size and computed block by block, the cache left as it is.
+        Slower (nothing is reused), never wrong, and within the memory plan."""
+        rt, st = self._rt, self._state
+        y = self._computed_blocks(xc, rt.read_blocks(st.layer, ids))
+        rt.count_token_layer(st.layer, active=len(ids), loaded=len(ids), used=0, overflow=True)
+        return y
+
     def _select(self, xc: mx.array) -> np.ndarray:
         """Ids of the neurons this token needs: exact (the resident selector) or predicted."""
         rt, st = self._rt, self._state
@@ -193,7 +217,3 @@ class FlashFFN(nn.Module):
 
 def _first(a: mx.array | None, n: int) -> mx.array | None:
     return None if a is None else a[:n]
-
-
-def _slice(a: mx.array | None, lo: int, hi: int) -> mx.array | None:
-    return None if a is None else a[lo:hi]

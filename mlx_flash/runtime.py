@@ -137,12 +137,13 @@ class FlashRuntime:
         if self._current is not None:
             setattr(self._current, f"{key}_ms", getattr(self._current, f"{key}_ms") + seconds * 1e3)
 
-    def count_token_layer(self, layer: int, *, active: int, loaded: int, used: int) -> None:
+    def count_token_layer(self, layer: int, *, active: int, loaded: int, used: int, overflow: bool = False) -> None:
         cur = self._current
         if cur is not None:
             cur.neurons_active += active
             cur.neurons_loaded += loaded
             cur.cache_used += used
+            cur.overflow_layers += int(overflow)
 
     def reset_stats(self) -> None:
         self.end_pass()
@@ -159,17 +160,22 @@ class FlashRuntime:
 
     # -- streaming ----------------------------------------------------------------------------
     def stream_layer(self, layer: int, start: int = 0) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
-        """Neurons [start, n) of a layer in blocks (lo, hi, rows), read with large sequential
-        reads; the next block's read runs while the caller computes on the current one."""
+        """Neurons [start, n) of a layer in blocks (lo, hi, rows), read with large sequential reads."""
         n = self.manifest.layers[layer].num_neurons
-        bounds = [(lo, min(n, lo + self.stream_block)) for lo in range(start, n, self.stream_block)]
-        pending = self.reader.submit_rows(layer, *bounds[0]) if bounds else None
-        for i, (lo, hi) in enumerate(bounds):
+        for ids, rows in self.read_blocks(layer, np.arange(start, n, dtype=np.int64)):
+            yield int(ids[0]), int(ids[-1]) + 1, rows
+
+    def read_blocks(self, layer: int, ids: np.ndarray) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """Neurons `ids` of a layer in blocks of the streaming buffer's size, as (block ids,
+        rows); the next block's read runs while the caller computes on the current one."""
+        blocks = [ids[i : i + self.stream_block] for i in range(0, len(ids), self.stream_block)]
+        pending = self.reader.submit(layer, blocks[0]) if blocks else None
+        for i, block in enumerate(blocks):
             t0 = time.perf_counter()
             rows = pending.result()
             self.add_time("io", time.perf_counter() - t0)
-            pending = self.reader.submit_rows(layer, *bounds[i + 1]) if i + 1 < len(bounds) else None
-            yield lo, hi, rows
+            pending = self.reader.submit(layer, blocks[i + 1]) if i + 1 < len(blocks) else None
+            yield block, rows
 
     def predict(self, layer: int, x: mx.array) -> np.ndarray:
         if self.predictors is None:

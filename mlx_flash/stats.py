@@ -26,6 +26,7 @@ class PassStats:
     neurons_loaded: int = 0  # summed over layers: read from flash this pass
     cache_used: int = 0  # summed over layers: cached rows the FFN computed on
     streamed_ms: float = 0.0  # compute of streamed blocks (part of compute)
+    overflow_layers: int = 0  # layers whose active set exceeded the cache (read and computed in blocks)
 
     @property
     def compute_ms(self) -> float:

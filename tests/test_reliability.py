@@ -420,9 +420,9 @@ def test_bad_arguments_are_clear_errors(tiny):
 
 
 def test_a_token_needing_more_neurons_than_the_cache_holds(tiny):
-    """A budget that loads but whose caches cannot hold one token's active neurons: a clear
-    error at the token, and the model stays usable (here: the same error again)."""
-    _, folder, tok, _ = tiny
+    """A budget whose caches cannot hold one token's active neurons: such a token is read and
+    computed in blocks without the cache, so the text is still exactly the dense model's."""
+    _, folder, tok, ref = tiny
     m, _ = load(folder, context=128)
     plan = m.flash.plan
     m.flash.close()
@@ -430,9 +430,8 @@ def test_a_token_needing_more_neurons_than_the_cache_holds(tiny):
     model, _ = load(folder, context=128, memory_budget=plan.total_bytes - (n - 4) * plan.neuron_bytes_all_layers)
     assert model.flash.plan.cache_capacity == 4
     for _ in range(2):
-        with pytest.raises(BudgetError) as info:
-            tokens(model, tok)
-        assert "do not fit in a cache of 4 rows" in one_line(info.value) and "memory budget" in str(info.value)
+        assert tokens(model, tok) == ref
+        assert sum(r.overflow_layers for r in model.flash.records) > 0
         check_cache_consistent(model)
     model.flash.close()
 
