@@ -39,13 +39,20 @@ import numpy as np
 from .io_stats import IOStats, LayerIOStats
 from .layout import SECTOR, FlashFormatError, LayerEntry, Manifest, Segment
 
-# Cost model, measured by `python benchmarks/bench_io.py --out DIR` on the project's Linux
-# machine (virtual disk, 2 cores; table in benchmarks/RESULTS.md). Fitting the reader's
-# random-read time per read as t(c) = a + b*c over chunk sizes c = 4 KiB..1 MiB:
-# see `DEFAULT_COALESCE_GAP` and `DEFAULT_THREADS` below for the numbers that chose each.
-DEFAULT_THREADS = 16
-DEFAULT_COALESCE_GAP = 16 * 1024
-DEFAULT_MAX_READ = 512 * 1024
+# Defaults chosen by the cost model that `python benchmarks/bench_io.py --out DIR --file-gb 8`
+# measured on the project's Linux machine (2 cores at load ~12, virtio disk, ext4, O_DIRECT;
+# table in benchmarks/RESULTS.md). The reader's aggregate time per random read of c bytes fits
+# t(c) = a + b*c with, at 1/4/8/16/32 threads, a = 78/29/24/21/18 us, b = 1.06/0.92/0.81/0.73/
+# 0.70 ns per byte:
+# - threads: the fewest reaching 95% of the best mean throughput over 16-64 KiB chunks (bundle
+#   sizes): 32 (16 threads reached 94.6%; an earlier run on a 4 GB file chose 16);
+# - coalesce_gap: merging two reads g bytes apart saves a and costs b*g, so gaps below a/b
+#   are read and discarded: a/b at 32 threads = 24.9 KiB, rounded down to sectors (the earlier
+#   run: 45-51 KiB at 16-32 threads);
+# - max_read: the smallest chunk reaching 95% of the best throughput at 32 threads: 1 MiB.
+DEFAULT_THREADS = 32
+DEFAULT_COALESCE_GAP = 24 * 1024
+DEFAULT_MAX_READ = 1024 * 1024
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 _RAW_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
@@ -209,18 +216,23 @@ class _Request:
         with self._lock:
             self._stats.merge(local)
             self._workers -= 1
-            last = self._workers == 0 and not self.failed and not self.future.done()
-        if not last:
-            return
+            if self._workers:
+                return
         self._stats.requests = 1
         self._stats.neurons = len(self.ids) if self.gather is None else len(self.gather[0])
         self._stats.request_latency.add(time.perf_counter() - self.t_submit)
-        stats.add(self.layer, self._stats)
-        result = self.out
-        if self.gather is not None:
-            inverse, result = self.gather
-            for k, v in self.out.items():
-                np.take(v, inverse, axis=0, out=result[k])
+        stats.add(self.layer, self._stats)  # failed requests count too: their reads happened
+        if self.failed or self.future.done():
+            return
+        try:
+            result = self.out
+            if self.gather is not None:
+                inverse, result = self.gather
+                for k, v in self.out.items():
+                    np.take(v, inverse, axis=0, out=result[k])
+        except BaseException as exc:  # the future must resolve, whatever happens
+            self.fail(exc)
+            return
         self.future.set_result(result)
 
 

@@ -180,10 +180,10 @@ def test_fault_raises_clear_error_and_pool_keeps_working(tmp_path, fault):
 @pytest.mark.parametrize("elems", [(1400, 1400, 1400), (1024, 2048, 1024)])
 def test_partial_read_is_continued(tmp_path, elems):
     m, raw = make_flash_folder(tmp_path, dtype="float32", elems=elems)
-    with FaultyReader(tmp_path, m, threads=2, fail_at=2, fault="partial") as r:
+    with FaultyReader(tmp_path, m, threads=2, max_read=65536, fail_at=2, fault="partial") as r:
         ids = np.arange(100, 140)
         check_rows(r.read(0, ids), raw[0], ids, "float32")
-        assert r.stats.total().reads > r.stats.total().requests
+        assert r.calls > 2  # the fault was injected, and the read continued
 
 
 def test_file_truncated_underneath(tmp_path):
