@@ -1,0 +1,150 @@
+"""tools/make_synthetic_model.py: the tiny presets' FFN statistics are a real ReLU model's, the
+folder is a Hugging Face model that mlx-lm and mlx_flash load, and the statistics the tool
+prints are those of the model it wrote, run by MLX."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("make_synthetic_model", ROOT / "tools" / "make_synthetic_model.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("make_synthetic_model", mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+msm = _tool()
+
+# The statistics a ReLU model like the paper's OPT-6.7B has (3% active; a predictor keeping
+# 10% of neurons; a window of 5 tokens holds about 24% of them, 2.4% new per token), with room
+# for a 4-layer model measured on 256 tokens.
+RANGES = {
+    "active": (0.02, 0.045),
+    "overlap_prev": (0.10, 0.70),
+    "window_union": (0.05, 0.16),
+    "new_per_token": (0.005, 0.025),
+    "predictor_recall": (0.85, 1.0),
+    "predicted_window_union": (0.15, 0.36),
+    "predicted_new_per_token": (0.01, 0.04),
+}
+
+
+@pytest.fixture(scope="module", params=["tiny", "tiny-llama"])
+def built(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic") / request.param
+    mp = pytest.MonkeyPatch()
+    mp.setattr(msm, "SHARD_BYTES", 1 << 20)  # several shards and an index, as a large model has
+    try:
+        card = msm.build(request.param, out, log=lambda *a: None)
+    finally:
+        mp.undo()
+    return request.param, out, card
+
+
+def test_statistics_in_range(built):
+    name, out, card = built
+    assert card == json.loads((out / "synthetic_model_card.json").read_text())
+    for key, (lo, hi) in RANGES.items():
+        assert lo <= card["mean"][key] <= hi, (key, card["mean"][key])
+    for layer in card["per_layer"]:
+        assert 0.015 <= layer["active"] <= 0.06, layer
+    assert card["mean"]["hot_share"] > 0.05  # heavy-tailed firing rates: some neurons fire often
+
+
+def test_hugging_face_folder(built):
+    name, out, card = built
+    config = json.loads((out / "config.json").read_text())
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and set(index["weight_map"].values()) == {s.name for s in shards}
+    from safetensors import safe_open
+
+    names = set()
+    for s in shards:
+        with safe_open(str(s), framework="numpy") as f:
+            for k in f.keys():
+                assert f.get_slice(k).get_dtype() == "F16"
+                names.add(k)
+    assert names == set(index["weight_map"]) and len(names) == len(msm.tensor_plan(msm.PRESETS[name]))
+    assert config["model_type"] == ("opt" if name == "tiny" else "llama")
+    assert (out / "tokenizer.json").is_file()
+
+
+def _mlx_activations(folder: Path, tokens: np.ndarray) -> list[np.ndarray]:
+    """Which FFN neurons fire, per layer, when mlx-lm runs the written model (float32)."""
+    import mlx.nn as nn
+
+    from mlx_flash.model import load_dense
+
+    model = load_dense(folder)
+    seen: list[np.ndarray] = []
+
+    class Recorder(nn.Module):
+        def __init__(self, mlp):
+            super().__init__()
+            self.inner = mlp
+
+        def __call__(self, x):
+            sel = self.inner.fc1 if hasattr(self.inner, "fc1") else self.inner.gate_proj
+            seen.append(np.array(sel(x) > 0))
+            return self.inner(x)
+
+    for layer in model.layers:
+        layer.mlp = Recorder(layer.mlp)
+    mx.eval(model(mx.array(tokens)))
+    return seen
+
+
+def test_printed_statistics_are_the_written_models(built):
+    """The tool measures with its own numpy forward while it builds; mlx-lm running the fp16
+    files it wrote must see the same active neurons (up to the few near the threshold)."""
+    name, out, card = built
+    p = msm.PRESETS[name]
+    _, ev_text = msm.text_split()
+    tokens = msm.token_batches(out, ev_text, p.eval_seqs, p.seq_len)
+    acts = _mlx_activations(out, tokens)
+    assert len(acts) == p.layers
+    for layer, a in enumerate(acts):
+        st = msm.activation_stats(a)
+        want = card["per_layer"][layer]
+        assert abs(st["active"] - want["active"]) < 0.002, (layer, st["active"], want["active"])
+        assert abs(st["new_per_token"] - want["new_per_token"]) < 0.002
+
+
+def test_deterministic_from_seed(tmp_path):
+    small = msm.Preset("opt", 64, 1, 2, 512, 512, 512, rank=8, calib_seqs=2, eval_seqs=1, seq_len=64)
+
+    def digest(folder: Path) -> str:
+        return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+
+    a = msm.build(small, tmp_path / "a", seed=7, log=lambda *x: None)
+    b = msm.build(small, tmp_path / "b", seed=7, log=lambda *x: None)
+    c = msm.build(small, tmp_path / "c", seed=8, log=lambda *x: None)
+    assert digest(tmp_path / "a") == digest(tmp_path / "b") != digest(tmp_path / "c")
+    assert a["mean"] == b["mean"]
+
+
+def test_cli_errors(tmp_path):
+    import subprocess
+
+    def run(*args):
+        return subprocess.run([sys.executable, str(ROOT / "tools" / "make_synthetic_model.py"), *args],
+                              capture_output=True, text=True)
+
+    r = run("--preset", "opt-175b", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "unknown preset" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "exists").mkdir()
+    r = run("--preset", "tiny", "--out", str(tmp_path / "exists"))
+    assert r.returncode == 2 and "already exists" in r.stderr
