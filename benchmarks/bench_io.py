@@ -75,6 +75,7 @@ def bench_manifest(path: Path, chunk: int, dtype: str = "float32") -> Manifest:
 # -- one point of the grid -----------------------------------------------------------------
 
 BUFFER_KINDS = ("small_pages", "huge_pages", "numpy")
+HUGE_PAGE = 2 << 20
 
 
 def host_buffer(reader: FlashReader, n: int, kind: str = "small_pages") -> dict[str, np.ndarray]:
@@ -88,11 +89,14 @@ def host_buffer(reader: FlashReader, n: int, kind: str = "small_pages") -> dict[
     else:
         out = {}
         for p in reader.manifest.parts:
-            mm = mmap.mmap(-1, max(n * p.elems * 4, 1))
+            nbytes = max(n * p.elems * 4, 1)
+            # private (a shared anonymous map is shmem, which takes no transparent huge pages)
+            mm = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            skip = -np.frombuffer(mm, dtype=np.uint8).ctypes.data % HUGE_PAGE
             advice = getattr(mmap, "MADV_HUGEPAGE" if kind == "huge_pages" else "MADV_NOHUGEPAGE", None)
             if advice is not None:
                 mm.madvise(advice)
-            out[p.name] = np.frombuffer(mm, dtype=np.float32, count=n * p.elems).reshape(n, p.elems)
+            out[p.name] = np.frombuffer(mm, dtype=np.float32, count=n * p.elems, offset=skip).reshape(n, p.elems)
     for a in out.values():
         a.fill(0)
     return out
@@ -286,6 +290,10 @@ def print_tables(points: list[dict], fp16: list[dict], placement: list[dict], mo
               f"{r['ratio_same_rows']:.2f} | {r['memcpy_contiguous_ms']:.3f} | {r['ratio_contiguous']:.2f} | {r['moved_per_token']:.1f} |")
 
 
+def _ints(text: str | None) -> list[int]:
+    return [int(x) for x in text.split(",")] if text else []
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, type=Path, help="folder for bench_io.json, bench_io.png and the data file")
@@ -295,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a small grid, short points")
     ap.add_argument("--keep-file", action="store_true", help="keep the data file for a later run")
     ap.add_argument("--skip-cache", action="store_true", help="only the I/O grid")
+    ap.add_argument("--chunks", type=str, default=None, help="comma-separated chunk sizes in KiB (default: the full grid)")
+    ap.add_argument("--threads", type=str, default=None, help="comma-separated thread counts (default: the full grid)")
     args = ap.parse_args(argv)
     if shutil.which("fio") is None:
         print("error: fio is not installed (apt-get install fio / brew install fio)", file=sys.stderr)
@@ -302,8 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     gb = args.file_gb or (1.0 if args.quick else 4.0)
     seconds = args.seconds or (0.4 if args.quick else 0.7)
-    chunks = [c * KIB for c in (QUICK_CHUNKS if args.quick else FULL_CHUNKS)]
-    threads = QUICK_THREADS if args.quick else FULL_THREADS
+    chunks = [c * KIB for c in (_ints(args.chunks) or (QUICK_CHUNKS if args.quick else FULL_CHUNKS))]
+    threads = _ints(args.threads) or (QUICK_THREADS if args.quick else FULL_THREADS)
     data = args.out / DATA_NAME
     rng = np.random.default_rng(0)
     print(f"writing {gb:g} GB of random data to {data} ...", flush=True)

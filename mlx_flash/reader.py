@@ -1,8 +1,12 @@
 """Reads FFN neuron bundles from a flash folder: aligned, page-cache-bypassing, parallel, async.
 
 `FlashReader.submit(layer, ids)` returns a future of ``{part: float32 [len(ids), elems]}``,
-row j holding neuron ``ids[j]``. Every byte offset comes from the manifest (`layout`): a
-neuron's bytes in a segment start at ``segment.row_offset(neuron)``.
+row j holding neuron ``ids[j]``. In a quantized folder (see `layout`), ``submit(..., raw=True)``
+returns the stored fields instead, ``{"gate.weight": uint32 [len(ids), packed], "gate.scales":
+float32 [len(ids), groups], "gate.biases": ..., ...}`` (what `Manifest.row_fields` lists), which
+the FFN computes on; without `raw` they are dequantized into float32 rows. Every byte offset
+comes from the manifest (`layout`): a neuron's bytes in a segment start at
+``segment.row_offset(neuron)``.
 
 How a request becomes reads: per segment (one when bundled, one per part otherwise), each
 wanted neuron's byte range is widened to 4 KiB sectors (O_DIRECT needs aligned offsets,
@@ -38,24 +42,25 @@ import numpy as np
 
 from .io_stats import IOStats, LayerIOStats
 from .layout import SECTOR, FlashFormatError, LayerEntry, Manifest, Segment
+from .quantize import dequantize
 
 # Defaults chosen by the cost model that `python benchmarks/bench_io.py --out DIR --file-gb 8`
-# measured on the project's Linux machine (2 cores at load ~12, virtio disk, ext4, O_DIRECT;
-# table in benchmarks/RESULTS.md). The reader's aggregate time per random read of c bytes fits
-# t(c) = a + b*c with, at 1/4/8/16/32 threads, a = 78/29/24/21/18 us, b = 1.06/0.92/0.81/0.73/
-# 0.70 ns per byte:
+# measured on the project's Linux machine (2 cores shared at load 10-16, virtio disk, ext4,
+# O_DIRECT), in two runs of the full grid (tables in benchmarks/RESULTS.md; the disk's speed
+# drifts, so each run alone picks differently). The reader's aggregate time per random read of
+# c bytes fits t(c) = a + b*c; at 32 threads a = 17.8 / 19.4 us, b = 0.70 / 0.52 ns per byte.
 # - threads: the fewest reaching 95% of the best mean throughput over 16-64 KiB chunks (bundle
-#   sizes): 32 (16 threads reached 94.6%; an earlier run on a 4 GB file chose 16);
-# - coalesce_gap: merging two reads g bytes apart saves a and costs b*g, so gaps below a/b
-#   are read and discarded: a/b at 32 threads = 24.9 KiB, rounded down to sectors (the earlier
-#   run: 45-51 KiB at 16-32 threads);
-# - max_read: the smallest chunk reaching 95% of the best throughput at 32 threads: 1 MiB.
+#   sizes), both runs pooled: 8 / 16 / 32 threads gave 637 / 680 / 721 MB/s: 32 (the paper's).
+# - coalesce_gap: merging two reads g bytes apart saves a and costs b*g, so a gap below a/b is
+#   read and discarded: a/b at 32 threads was 24.9 and 36.2 KiB; their mean, in whole sectors.
+# - max_read: the smallest chunk reaching 95% of the best throughput at 32 threads: 1 MiB in
+#   both runs.
 DEFAULT_THREADS = 32
-DEFAULT_COALESCE_GAP = 24 * 1024
+DEFAULT_COALESCE_GAP = 28 * 1024
 DEFAULT_MAX_READ = 1024 * 1024
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
-_RAW_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
+_RAW_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 
 
 class FlashReadError(OSError):
@@ -90,7 +95,7 @@ class _SegmentReads:
 
     segment: Segment
     file: _File
-    columns: tuple[tuple[str, int, int], ...]  # (part, first element, end element) in a row
+    columns: tuple[tuple[str, int, int, str], ...]  # (output, first byte, end byte, stored dtype) in a row
     vectored: bool
 
 
@@ -267,8 +272,7 @@ class FlashReader:
         if self.threads < 1 or self.max_read < SECTOR:
             raise ValueError(f"threads must be >= 1 and max_read >= {SECTOR}")
         self.stats = IOStats()
-        self._raw_dtype = _RAW_DTYPES[manifest.dtype]
-        self._elems = {p.name: p.elems for p in manifest.parts}
+        self._fields = {k: (e, np.dtype(t)) for k, (e, t) in manifest.row_fields().items()}  # what a raw read returns
         self._closed = False
         self._files: dict[str, _File] = {}
         self._requests: set[_Request] = set()
@@ -344,13 +348,22 @@ class FlashReader:
 
     # -- requests ------------------------------------------------------------------------
 
-    def submit(self, layer: int, ids: np.ndarray, out: dict[str, np.ndarray] | None = None) -> ReadFuture:
+    def submit(self, layer: int, ids: np.ndarray, out: dict[str, np.ndarray] | None = None, *,
+               raw: bool = False) -> ReadFuture:
         """Start reading neurons `ids` of `layer`; the future resolves to {part: float32
         [len(ids), elems]} with row j = neuron ids[j] (ids may be in any order, repeated).
 
-        out: optional arrays to fill and return (C-contiguous float32 of those shapes, best
-        4 KiB-aligned: see `empty_rows`); a caller that reuses them saves the page faults of
-        fresh memory, which cost as much as the reads on large requests."""
+        out: optional arrays to fill and return (C-contiguous, of the shapes and dtypes of
+        `empty_rows`, best 4 KiB-aligned); a caller that reuses them saves the page faults of
+        fresh memory, which cost as much as the reads on large requests.
+        raw: in a quantized folder, the stored fields ({"part.weight": uint32, "part.scales",
+        "part.biases": float32}) instead of dequantized float32 rows (no effect otherwise)."""
+        if self.manifest.quantized and not raw:
+            return self._dequantized(layer, ids, out)
+        return self._submit(layer, ids, out)
+
+    def _submit(self, layer: int, ids: np.ndarray, out: dict[str, np.ndarray] | None) -> ReadFuture:
+        """`submit` of the stored fields (`row_fields`): the one path every read takes."""
         if self._closed:
             raise ReaderClosedError("FlashReader is closed")
         entry = self._entry(layer)
@@ -362,7 +375,7 @@ class FlashReader:
             raise IndexError(f"layer {layer}: neuron ids must lie in [0, {entry.num_neurons})")
         future = ReadFuture(self.stats, layer)
         future.set_running_or_notify_cancel()
-        out = self._check_out(out, len(ids)) if out is not None else self.empty_rows(len(ids))
+        out = self._check_out(out, len(ids)) if out is not None else self.empty_rows(len(ids), raw=True)
         if not ids.size:
             future.set_result(out)
             return future
@@ -370,39 +383,69 @@ class FlashReader:
         if ids.size > 1 and not np.all(ids[1:] > ids[:-1]):
             ids, dest, inverse = np.unique(ids, return_index=True, return_inverse=True)
             if len(ids) < len(inverse):  # repeats: fill unique rows, gather into `out` at the end
-                gather, out = (inverse, out), self.empty_rows(len(ids))
+                gather, out = (inverse, out), self.empty_rows(len(ids), raw=True)
                 dest = None
         chunks = [c for s in entry.segments for c in self._plan(entry, s, ids)]
         req = _Request(layer, ids, chunks, out, dest, gather, future)
         self._start(req)
         return future
 
-    def read(self, layer: int, ids: np.ndarray, out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        """`submit(layer, ids, out).result()`."""
-        return self.submit(layer, ids, out).result()
+    def read(self, layer: int, ids: np.ndarray, out: dict[str, np.ndarray] | None = None, *,
+             raw: bool = False) -> dict[str, np.ndarray]:
+        """`submit(layer, ids, out, raw=raw).result()`."""
+        return self.submit(layer, ids, out, raw=raw).result()
 
-    def empty_rows(self, n: int) -> dict[str, np.ndarray]:
-        """Fresh 4 KiB-aligned float32 arrays [n, elems] per part, as `submit` fills them."""
-        return {name: _aligned_empty(n * e * 4).view(np.float32).reshape(n, e) for name, e in self._elems.items()}
+    def empty_rows(self, n: int, *, raw: bool = False) -> dict[str, np.ndarray]:
+        """Fresh 4 KiB-aligned arrays per output, as `submit` (with `raw`) fills them."""
+        return {name: _aligned_empty(n * e * t.itemsize).view(t).reshape(n, e) for name, (e, t) in self._outputs(raw).items()}
 
-    def _check_out(self, out: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
-        for name, e in self._elems.items():
+    def _outputs(self, raw: bool) -> dict[str, tuple[int, np.dtype]]:
+        if raw or not self.manifest.quantized:
+            return self._fields
+        return {p.name: (p.elems, np.dtype(np.float32)) for p in self.manifest.parts}
+
+    def _check_out(self, out: dict[str, np.ndarray], n: int, raw: bool = True) -> dict[str, np.ndarray]:
+        for name, (e, t) in self._outputs(raw).items():
             a = out.get(name)
-            if a is None or a.shape != (n, e) or a.dtype != np.float32 or not a.flags.c_contiguous or not a.flags.writeable:
-                raise ValueError(f"out[{name!r}] must be a writable C-contiguous float32 array of shape {(n, e)}")
+            if a is None or a.shape != (n, e) or a.dtype != t or not a.flags.c_contiguous or not a.flags.writeable:
+                raise ValueError(f"out[{name!r}] must be a writable C-contiguous {t} array of shape {(n, e)}")
         return out
 
-    def submit_rows(self, layer: int, start: int, stop: int) -> ReadFuture:
+    def _dequantized(self, layer: int, ids: np.ndarray, out: dict[str, np.ndarray] | None) -> ReadFuture:
+        """A read of a quantized folder's fields, dequantized into float32 rows per part."""
+        n = len(np.asarray(ids))
+        out = self._check_out(out, n, raw=False) if out is not None else self.empty_rows(n)
+        inner = self._submit(layer, ids, None)
+        future = ReadFuture(self.stats, layer)
+        future.set_running_or_notify_cancel()
+        q = self.manifest.quantization
+
+        def done(f: Future) -> None:
+            try:
+                fields = Future.result(f, 0)
+                for p in self.manifest.parts:
+                    k = p.name
+                    dequantize(fields[f"{k}.weight"], fields[f"{k}.scales"], fields[f"{k}.biases"], q.bits, q.group_size,
+                               out=out[k])
+            except BaseException as exc:  # the future must resolve, whatever happens
+                future.set_exception(exc)
+            else:
+                future.set_result(out)
+
+        inner.add_done_callback(done)
+        return future
+
+    def submit_rows(self, layer: int, start: int, stop: int, *, raw: bool = False) -> ReadFuture:
         """Start reading the contiguous neurons [start, stop) of a layer: large sequential
         reads of `max_read` bytes spread over the threads (for streaming a whole layer)."""
         entry = self._entry(layer)
         if not 0 <= start <= stop <= entry.num_neurons:
             raise IndexError(f"layer {layer}: rows [{start}, {stop}) outside [0, {entry.num_neurons})")
-        return self.submit(layer, np.arange(start, stop, dtype=np.int64))
+        return self.submit(layer, np.arange(start, stop, dtype=np.int64), raw=raw)
 
-    def read_rows(self, layer: int, start: int, stop: int) -> dict[str, np.ndarray]:
-        """`submit_rows(layer, start, stop).result()`."""
-        return self.submit_rows(layer, start, stop).result()
+    def read_rows(self, layer: int, start: int, stop: int, *, raw: bool = False) -> dict[str, np.ndarray]:
+        """`submit_rows(layer, start, stop, raw=raw).result()`."""
+        return self.submit_rows(layer, start, stop, raw=raw).result()
 
     def _entry(self, layer: int) -> LayerEntry:
         if not 0 <= layer < len(self.manifest.layers):
@@ -410,11 +453,10 @@ class FlashReader:
         return self.manifest.layers[layer]
 
     def _plan(self, entry: LayerEntry, seg: Segment, ids: np.ndarray) -> list[_Chunk]:
-        cols, c = [], 0
-        for name in seg.parts:
-            cols.append((name, c, c + self._elems[name]))
-            c += self._elems[name]
-        vectored = self.manifest.dtype == "float32" and all(self._elems[n] * 4 % SECTOR == 0 for n in seg.parts)
+        cols = [(c.key, c.start, c.stop, c.dtype) for c in self.manifest.columns(seg)]
+        vectored = not self.manifest.quantized and self.manifest.dtype == "float32" and all(
+            (c1 - c0) % SECTOR == 0 for _, c0, c1, _ in cols
+        )
         reads = _SegmentReads(seg, self._files[entry.file], tuple(cols), vectored)
         starts = seg.data_offset + ids * seg.row_bytes
         planned = plan_chunks(starts, seg.row_bytes, self.coalesce_gap, self.max_read)
@@ -485,7 +527,7 @@ class FlashReader:
         bytes between wanted rows into scratch (discarded). All are whole sectors."""
         seg, ids, dest = chunk.reads.segment, req.id_list, req.dest_list
         base, row_bytes = seg.data_offset, seg.row_bytes
-        parts = [(req.out_bytes[name], (c1 - c0) * 4) for name, c0, c1 in chunk.reads.columns]
+        parts = [(req.out_bytes[name], c1 - c0) for name, c0, c1, _ in chunk.reads.columns]
         bufs, pos = [], chunk.offset
         for k in range(chunk.first, chunk.stop):
             start = base + ids[k] * row_bytes
@@ -535,12 +577,15 @@ class FlashReader:
         seg, lo = chunk.reads.segment, int(ids[0])
         span = int(ids[-1]) - lo + 1  # the rows from the first to the last wanted one
         begin = seg.row_offset(lo) - chunk.offset
-        rows = scratch[begin : begin + span * seg.row_bytes].view(self._raw_dtype).reshape(span, -1)
+        rows = scratch[begin : begin + span * seg.row_bytes].reshape(span, seg.row_bytes)
         if span != chunk.stop - chunk.first:  # a coalesced read also holds unwanted rows: pick ours
             rows = rows[ids - lo]
         where = req.where(chunk.first, chunk.stop)
-        for name, c0, c1 in chunk.reads.columns:
-            _convert_into(req.out[name], where, rows[:, c0:c1], self.manifest.dtype)
+        for name, c0, c1, dtype in chunk.reads.columns:
+            if dtype == "uint32":  # packed quantized weights: the bytes as they are
+                req.out[name].view(np.uint8)[where] = rows[:, c0:c1]
+            else:
+                _convert_into(req.out[name], where, rows[:, c0:c1].view(_RAW_DTYPES[dtype]), dtype)
 
     @staticmethod
     def _changed(f: _File) -> str:
