@@ -75,6 +75,10 @@ class ModelSizes:
     num_parts: int  # neuron-indexed parts per neuron (3 gated, 2 two-matrix)
     kv_elems_per_token: int  # keys + values of all layers for one token
     predictor_elems: int = 0  # all layers' predictors
+    # Quantized models give their sizes in bytes (0: elements times the compute dtype's size):
+    dense_bytes: int = 0  # the dense weights in memory (packed weights, scales, ...)
+    neuron_bytes: int = 0  # one neuron of one layer, all parts, as the cache holds it
+    selector_neuron_bytes: int = 0  # one neuron's row of the exact selector
 
     @property
     def neuron_elems(self) -> int:
@@ -84,8 +88,14 @@ class ModelSizes:
     def ffn_elems(self) -> int:
         return self.num_layers * self.num_neurons * self.neuron_elems
 
+    def dense_bytes_for(self, dtype_bytes: int) -> int:
+        return self.dense_bytes or self.dense_elems * dtype_bytes
+
+    def neuron_bytes_for(self, dtype_bytes: int) -> int:
+        return self.neuron_bytes or self.neuron_elems * dtype_bytes
+
     def model_bytes(self, dtype_bytes: int) -> int:
-        return (self.dense_elems + self.ffn_elems) * dtype_bytes
+        return self.dense_bytes_for(dtype_bytes) + self.num_layers * self.num_neurons * self.neuron_bytes_for(dtype_bytes)
 
 
 @dataclass(frozen=True)
@@ -154,17 +164,17 @@ def plan_memory(
     if selection not in SELECTIONS:
         raise BudgetError(f"unknown selection {selection!r} (choose one of {', '.join(SELECTIONS)})")
     b = dtype_bytes
-    per_neuron_layer = sizes.neuron_elems * b  # one neuron, one layer
+    per_neuron_layer = sizes.neuron_bytes_for(b)  # one neuron, one layer
     per_neuron_all = per_neuron_layer * sizes.num_layers
     fixed = {
-        "dense": sizes.dense_elems * b,
+        "dense": sizes.dense_bytes_for(b),
         "kv": sizes.kv_elems_per_token * context * b,
         "stream": stream_block_neurons(sizes.num_neurons) * per_neuron_layer,
         "selector": 0,
         "predictor": 0,
     }
     if mode == "flash" and selection == "exact":
-        fixed["selector"] = sizes.num_layers * sizes.num_neurons * sizes.hidden_size * b
+        fixed["selector"] = sizes.num_layers * sizes.num_neurons * (sizes.selector_neuron_bytes or sizes.hidden_size * b)
     if mode == "flash" and selection == "predictor":
         fixed["predictor"] = sizes.predictor_elems * b
     fixed_total = sum(fixed.values())

@@ -4,7 +4,10 @@ One `NeuronCache` per FFN layer holds, per part (gate, up, down), a preallocated
 float32 MLX buffer ``[capacity, elems]`` (down stored transposed: row i is neuron i's down
 column), so the FFN runs on the first `used` rows of each:
 ``(act(x @ gate[:used].T) * (x @ up[:used].T)) @ down[:used]`` (row order does not change the
-result). Per token:
+result). A quantized folder's cache holds, per part, the stored fields instead: a uint32
+buffer ``[capacity, packed]`` of packed weights and float32 buffers ``[capacity, groups]`` of
+scales and biases (keys "gate.weight", "gate.scales", ...: what the reader returns with
+``raw=True``), all written the same way. Per token:
 
     missing = cache.begin_token(active_ids)   # evicts what left the window, reserves slots
     cache.insert(missing, reader.read(layer, missing))
@@ -66,7 +69,9 @@ class CacheStats:
 class NeuronCache:
     """The cached FFN rows of one layer. See the module docstring for the per-token protocol.
 
-    part_elems: elements of one neuron's row per part, e.g. {"gate": d, "up": d, "down": d}.
+    part_elems: elements of one neuron's row per part, e.g. {"gate": d, "up": d, "down": d}
+        (float32 buffers), or (elements, numpy dtype) per buffer, e.g. {"gate.weight": (d // 8,
+        np.uint32), "gate.scales": (d // 64, np.float32), ...} for quantized rows.
     capacity: rows per buffer (from the memory budget).
     window: tokens whose active neurons stay resident (the paper's k), at most.
     num_neurons: the layer's neuron count, to size the maps at once (they grow when omitted).
@@ -75,15 +80,16 @@ class NeuronCache:
     def __init__(self, part_elems: dict[str, int], capacity: int, window: int, *, num_neurons: int | None = None):
         if capacity < 1 or window < 1 or not part_elems:
             raise ValueError("NeuronCache needs capacity >= 1, window >= 1 and at least one part")
-        self.part_elems = dict(part_elems)
+        specs = {k: v if isinstance(v, tuple) else (v, np.float32) for k, v in part_elems.items()}
+        self.part_elems = {k: int(e) for k, (e, _) in specs.items()}
         self.capacity = capacity
         self.window = window
         self.used = 0
         self.stats = CacheStats()
         self._buffers: dict[str, mx.array] = {}
         self._host: dict[str, np.ndarray] = {}  # writable numpy views of the same memory
-        for name, elems in self.part_elems.items():
-            buf = mx.zeros((capacity, elems), dtype=mx.float32)
+        for name, (elems, dtype) in specs.items():
+            buf = mx.zeros((capacity, elems), dtype=_MX_DTYPES[np.dtype(dtype)])
             mx.eval(buf)
             self._buffers[name], self._host[name] = buf, _shared_host_view(buf)
         self._neuron_of = np.full(capacity, -1, dtype=np.int64)  # slot -> neuron
@@ -268,6 +274,9 @@ class NeuronCache:
     def _check_complete(self) -> None:
         if self._n_pending:
             raise RuntimeError(f"{self._n_pending} missing neurons not inserted yet: call insert() first")
+
+
+_MX_DTYPES = {np.dtype(np.float32): mx.float32, np.dtype(np.uint32): mx.uint32}
 
 
 def sorted_unique(a: np.ndarray) -> np.ndarray:

@@ -5,6 +5,14 @@ pread and writes as it goes, so a model larger than memory converts; peak memory
 multiple of the largest tensor (a layer's down projection, held once as read and once
 transposed). It writes into a temporary folder beside the destination and renames it at the
 end, so an interrupted conversion never leaves a folder that looks complete.
+
+Quantized folders (``--quantize 4|8``, see `layout`): from a float source, every neuron row is
+quantized along hidden with ``mx.quantize`` and the dense part is quantized as mlx-lm quantizes
+a model (config.json gains its `quantization`). From an MLX-quantized source (an mlx-community
+folder), the gate and up rows, already quantized along hidden, are copied as they are (when
+the bits and group size asked for are the source's), the down projection, quantized along the
+neurons, is dequantized and quantized again per neuron along hidden, and the dense part stays
+as the source has it. The manifest's `quantization.origin` says which was done.
 """
 
 from __future__ import annotations
@@ -25,10 +33,12 @@ import numpy as np
 from tqdm import tqdm
 
 from . import layout
+from . import quantize as q
 from .dtypes import FLOAT_ST_DTYPES, convert_raw
 from .errors import MlxFlashError, run_cli
-from .families import Architecture, architecture_for
-from .layout import DATA_ALIGNMENT, DTYPE_TO_ST, ST_TO_DTYPE, LayerEntry, Manifest, Part, Segment
+from .families import Architecture, architecture_for, mlx_quantization
+from .layout import (DATA_ALIGNMENT, DTYPE_TO_ST, ST_TO_DTYPE, LayerEntry, Manifest, Part, Quantization, Segment,
+                     quantized_fields)
 from .safetensors_file import PlannedTensor, SafetensorsWriter, TensorInfo, read_header, read_tensor
 
 # Files copied as they are from the source folder (config, tokenizer, chat template).
@@ -49,6 +59,7 @@ class SourceModel:
     config: dict
     arch: Architecture
     tensors: dict[str, tuple[Path, TensorInfo]]
+    quantization: dict | None = None  # config.json's MLX `quantization` (mlx-community folders)
 
     def info(self, name: str) -> TensorInfo:
         return self.tensors[name][1]
@@ -86,6 +97,7 @@ def open_source(path: Path) -> SourceModel:
     if not isinstance(config, dict):
         raise ConvertError(f"{config_path}: config is not a JSON object")
     arch = architecture_for(config)
+    quantization = mlx_quantization(config)
     files = sorted(path.glob("*.safetensors"))
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -103,7 +115,7 @@ def open_source(path: Path) -> SourceModel:
         header, _ = read_header(f)
         for name, info in header.items():
             tensors[name] = (f, info)
-    return SourceModel(path, config, arch, tensors)
+    return SourceModel(path, config, arch, tensors, quantization)
 
 
 @dataclass
@@ -112,6 +124,14 @@ class FFNLayout:
 
     part_names: dict[str, str]  # part -> source tensor name
     bias_names: dict[str, str]  # role -> source tensor name (kept in dense.safetensors)
+    # part -> (scales, biases) source tensor names, for parts quantized in the source
+    quant_names: dict[str, tuple[str, str]] = None  # type: ignore[assignment]
+    # part -> (bits, group_size) of the parts quantized in the source (from the shapes)
+    source_quant: dict[str, tuple[int, int]] = None  # type: ignore[assignment]
+
+    def names(self) -> set[str]:
+        """Every source tensor that holds this layer's neurons."""
+        return set(self.part_names.values()) | {n for pair in (self.quant_names or {}).values() for n in pair}
 
 
 def find_ffn(src: SourceModel) -> list[FFNLayout]:
@@ -128,12 +148,18 @@ def find_ffn(src: SourceModel) -> list[FFNLayout]:
                     f"(is this a {arch.model_type} checkpoint?)"
                 )
             parts[p.name] = name
+        quant = {}
+        for part, name in parts.items():
+            if src.info(name).dtype not in FLOAT_ST_DTYPES and name.endswith(".weight"):
+                pair = (name[: -len("weight")] + "scales", name[: -len("weight")] + "biases")
+                if all(n in src.tensors for n in pair):
+                    quant[part] = pair
         biases = {}
         for role, suffix in arch.family.biases.items():
             name = _find_tensor(src, arch, i, suffix)
             if name is not None:
                 biases[role] = name
-        layers.append(FFNLayout(parts, biases))
+        layers.append(FFNLayout(parts, biases, quant, {}))
     return layers
 
 
@@ -146,15 +172,41 @@ def _find_tensor(src: SourceModel, arch: Architecture, layer: int, suffix: str) 
 
 
 def check_shapes(src: SourceModel, ffn: list[FFNLayout], hidden: int, neurons: int) -> None:
+    """Each FFN weight has the shape config.json implies; a weight quantized in the source
+    (packed uint32, with scales and biases) has a shape that the bits and group size inferred
+    from it explain. Fills `layer.source_quant`."""
     for i, layer in enumerate(ffn):
         for part, name in layer.part_names.items():
             info = src.info(name)
             orient = next(p.orientation for p in src.arch.family.parts if p.name == part)
             want = (neurons, hidden) if orient == "row" else (hidden, neurons)
+            if part in layer.quant_names:
+                layer.source_quant[part] = _source_quant(src, name, layer.quant_names[part], want)
+                continue
+            if info.dtype not in FLOAT_ST_DTYPES:
+                raise ConvertError(
+                    f"{name}: dtype {info.dtype} is neither a float dtype nor MLX-quantized (uint32 with .scales and .biases)"
+                )
             if info.shape != want:
                 raise ConvertError(f"{name}: shape {info.shape}, expected {want} from config.json")
-            if info.dtype not in FLOAT_ST_DTYPES:
-                raise ConvertError(f"{name}: dtype {info.dtype} is not a float dtype (quantized checkpoints are not supported yet)")
+
+
+def _source_quant(src: SourceModel, name: str, pair: tuple[str, str], want: tuple[int, int]) -> tuple[int, int]:
+    """(bits, group_size) of an MLX-quantized source weight whose float shape is `want`."""
+    w, s, b = src.info(name), src.info(pair[0]), src.info(pair[1])
+    rows, elems = want
+    if src.quantization is None:
+        raise ConvertError(f"{name}: quantized (uint32 with .scales) but config.json has no `quantization`")
+    ok = w.dtype == "U32" and len(w.shape) == 2 and w.shape[0] == rows and s.shape == b.shape
+    ok = ok and len(s.shape) == 2 and s.shape[0] == rows and s.shape[1] > 0 and elems % s.shape[1] == 0
+    ok = ok and s.dtype in FLOAT_ST_DTYPES and b.dtype == s.dtype
+    bits = w.shape[1] * 32 // elems if ok else 0
+    if not ok or bits not in (2, 3, 4, 5, 6, 8) or w.shape[1] * 32 != bits * elems:
+        raise ConvertError(
+            f"{name}: quantized shape {w.dtype} {list(w.shape)} with scales {s.dtype} {list(s.shape)} does not fit "
+            f"{list(want)} from config.json"
+        )
+    return bits, elems // s.shape[1]
 
 
 def convert(
@@ -165,8 +217,17 @@ def convert(
     bundle: bool = True,
     overwrite: bool = False,
     progress: bool = True,
+    quantize: int | None = None,
+    group_size: int | None = None,
 ) -> Manifest:
-    """Convert the model at `source` into a flash folder at `out`; returns its manifest."""
+    """Convert the model at `source` into a flash folder at `out`; returns its manifest.
+
+    quantize: 4 or 8: neuron bundles quantized with that many bits (MLX affine, in groups of
+        `group_size` elements along hidden, default 64), the dense part too (see the module
+        docstring). An MLX-quantized source is always converted to a quantized folder, with the
+        source's bits and group size unless these are given.
+    dtype: the float dtype on flash (of the rows; of the scales and biases when quantized);
+        default: the source's."""
     src = open_source(resolve_source(str(source)))
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
@@ -177,27 +238,42 @@ def convert(
     activation = arch.activation(config)
     ffn = find_ffn(src)
     check_shapes(src, ffn, hidden, neurons)
-    src_dtype = src.info(ffn[0].part_names[arch.family.parts[0].name]).dtype
+    first = ffn[0].part_names[arch.family.parts[0].name]
+    src_dtype = src.info(first).dtype
+    if src_dtype not in FLOAT_ST_DTYPES:  # MLX-quantized: the float dtype is the scales'
+        src_dtype = next(src.info(l.quant_names[p][0]).dtype for l in ffn for p in l.quant_names)
     dtype = dtype or ST_TO_DTYPE[src_dtype]
     if dtype not in DTYPE_TO_ST:
         raise ConvertError(f"dtype {dtype!r} not supported (float16, bfloat16, float32)")
     st_dtype = DTYPE_TO_ST[dtype]
+    quant = _quantization(src, quantize, group_size, hidden)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     old = out.parent / f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}"  # a folder being replaced
     try:
         (tmp / layout.FFN_DIR).mkdir()
-        ffn_names = {n for layer in ffn for n in layer.part_names.values()}
+        ffn_names = {n for layer in ffn for n in layer.names()}
         dense_names = [n for n in src.tensors if n not in ffn_names]
         total = sum(src.info(n).nbytes for n in src.tensors)
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress, file=sys.stderr)
-        dense_checksum = _write_dense(src, dense_names, tmp / layout.DENSE_NAME, st_dtype, bar)
-        parts = tuple(Part(p.name, hidden) for p in arch.family.parts)
+        dense_quantized = set()
+        if quant is not None and src.quantization is None:
+            dense_quantized = _dense_to_quantize(src, dense_names, quant)
+        dense_checksum = _write_dense(src, dense_names, tmp / layout.DENSE_NAME, st_dtype, bar, dense_quantized, quant)
+        fields = (lambda: quantized_fields(hidden, quant.bits, quant.group_size, dtype)) if quant else tuple
+        parts = tuple(Part(p.name, hidden, fields()) for p in arch.family.parts)
+        origins: dict[str, set[str]] = {}
         entries = [
-            _write_layer(src, i, layer, parts, tmp, st_dtype, bundle, bar) for i, layer in enumerate(ffn)
+            _write_layer(src, i, layer, parts, tmp, st_dtype, bundle, bar, quant, origins) for i, layer in enumerate(ffn)
         ]
         bar.close()
+        if quant is not None:
+            origin = {p: "+".join(sorted(o)) for p, o in origins.items()}
+            origin["dense"] = "copied" if src.quantization is not None else "quantized"
+            if src.quantization is not None:
+                origin["source"] = dict(src.quantization)
+            quant = Quantization(quant.bits, quant.group_size, quant.mode, origin)
         manifest = Manifest(
             source_model=str(source),
             model_type=arch.model_type,
@@ -211,8 +287,15 @@ def convert(
             layers=entries,
             dense_checksum=dense_checksum,
             extra={"intermediate_size": neurons, "source_dtype": ST_TO_DTYPE.get(src_dtype, src_dtype)},
+            quantization=quant,
+            format_version=layout.QUANTIZED_FORMAT_VERSION if quant else layout.FLOAT_FORMAT_VERSION,
         )
         _copy_side_files(src.path, tmp)
+        if quant is not None and src.quantization is None:  # the dense part loads as mlx-lm loads it
+            cfg = dict(config)
+            cfg["quantization"] = {"group_size": quant.group_size, "bits": quant.bits, "mode": quant.mode}
+            cfg["quantization_config"] = cfg["quantization"]
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=4))
         layout.write_manifest(tmp, manifest)
         if out.exists():  # renamed away, not deleted, until the new folder is in its place
             os.replace(out, old)
@@ -226,51 +309,135 @@ def convert(
     return manifest
 
 
-def _write_dense(src: SourceModel, names: list[str], path: Path, st_dtype: str, bar: tqdm) -> str:
+def _quantization(src: SourceModel, bits: int | None, group_size: int | None, hidden: int) -> Quantization | None:
+    """The bundles' quantization asked for (or the source's), checked; None for float bundles."""
+    sq = src.quantization
+    if bits is None and group_size is None and sq is None:
+        return None
+    if bits is None:
+        if sq is None:
+            raise ConvertError("--group-size needs --quantize 4 or 8")
+        bits = sq["bits"]
+    group_size = group_size or (sq["group_size"] if sq is not None else layout.DEFAULT_GROUP_SIZE)
+    if bits not in layout.QUANT_BITS:
+        raise ConvertError(f"cannot quantize to {bits} bits: choose --quantize {' or '.join(map(str, layout.QUANT_BITS))}")
+    if group_size not in layout.QUANT_GROUP_SIZES:
+        raise ConvertError(f"group size {group_size} not supported: choose --group-size {', '.join(map(str, layout.QUANT_GROUP_SIZES))}")
+    if hidden % group_size:
+        fits = [g for g in layout.QUANT_GROUP_SIZES if hidden % g == 0]
+        raise ConvertError(
+            f"group size {group_size} does not divide hidden_size {hidden}"
+            + (f": choose --group-size {' or '.join(map(str, fits))}" if fits else ": this model cannot be quantized")
+        )
+    return Quantization(bits, group_size)
+
+
+def _dense_to_quantize(src: SourceModel, names: list[str], quant: Quantization) -> set[str]:
+    """The dense `*.weight` tensors mlx-lm would quantize (those of Linear and Embedding modules
+    whose input dimension the group size divides), found on the architecture's model built
+    without weights; each source name is mapped to the model's through its `sanitize`."""
+    import mlx.core as mx
+
+    from .models import get_model_classes
+
+    try:
+        model_cls, args_cls = get_model_classes(src.config)
+        model = model_cls(args_cls.from_dict(src.config))
+    except Exception as e:  # a config mlx-lm cannot build: the load would fail as well
+        raise ConvertError(f"cannot build a {src.arch.model_type!r} model from config.json ({type(e).__name__}: {e})") from None
+    paths = q.quantized_paths(model, quant.bits, quant.group_size)
+    chosen = set()
+    for name in names:
+        info = src.info(name)
+        if not name.endswith(".weight") or len(info.shape) != 2 or info.dtype not in FLOAT_ST_DTYPES:
+            continue
+        mapped = model.sanitize({name: mx.zeros((1,))}) if hasattr(model, "sanitize") else {name: None}
+        if len(mapped) == 1 and next(iter(mapped)).removesuffix(".weight") in paths:
+            chosen.add(name)
+    return chosen
+
+
+def _write_dense(src: SourceModel, names: list[str], path: Path, st_dtype: str, bar: tqdm,
+                 quantized: set[str] = frozenset(), quant: Quantization | None = None) -> str:
+    """dense.safetensors: every non-FFN tensor in the flash dtype (integer tensors, and a
+    quantized source's packed weights, as they are); the `quantized` ones as mlx-lm quantizes
+    them (name.weight packed uint32, name.scales, name.biases)."""
     planned = []
     for n in names:
         info = src.info(n)
         dt = st_dtype if info.dtype in FLOAT_ST_DTYPES else info.dtype
-        planned.append(PlannedTensor(n, dt, info.shape))
+        if n in quantized:
+            rows, cols = info.shape
+            groups = cols // quant.group_size
+            stem = n[: -len("weight")]
+            planned += [PlannedTensor(n, "U32", (rows, cols * quant.bits // 32)),
+                        PlannedTensor(stem + "scales", st_dtype, (rows, groups)),
+                        PlannedTensor(stem + "biases", st_dtype, (rows, groups))]
+        else:
+            planned.append(PlannedTensor(n, dt, info.shape))
     with SafetensorsWriter(path, planned) as w:
         for t in planned:
+            if t.name not in src.tensors:
+                continue  # scales and biases: written with their weight
             info = src.info(t.name)
-            w.write(t.name, convert_raw(src.read(t.name), info.dtype, t.dtype))
+            raw = convert_raw(src.read(t.name), info.dtype, st_dtype if t.name in quantized else t.dtype)
+            if t.name in quantized:
+                stem = t.name[: -len("weight")]
+                qw, qs, qb = q.quantize_rows(raw, st_dtype, quant.bits, quant.group_size)
+                w.write(t.name, qw)
+                w.write(stem + "scales", qs)
+                w.write(stem + "biases", qb)
+            else:
+                w.write(t.name, raw)
             bar.update(info.nbytes)
     return layout.file_digest(path)
 
 
 def _write_layer(
-    src: SourceModel, i: int, layer: FFNLayout, parts: tuple[Part, ...], folder: Path, st_dtype: str, bundle: bool, bar: tqdm
+    src: SourceModel, i: int, layer: FFNLayout, parts: tuple[Part, ...], folder: Path, st_dtype: str, bundle: bool, bar: tqdm,
+    quant: Quantization | None = None, origins: dict[str, set[str]] | None = None,
 ) -> LayerEntry:
     """Write layer i's neuron tensors: bundled rows (gate | up | down column) or one tensor per
     part, each with its data 16 KiB-aligned. Streams gate/up in row blocks; the down projection
-    (a column per neuron) is read whole once and transposed."""
-    n = src.info(layer.part_names[parts[0].name]).shape[0]
-    esize = layout.DTYPE_BYTES[ST_TO_DTYPE[st_dtype]]
+    (a column per neuron) is read whole once and transposed. Quantized: each part's rows as
+    packed weights, scales and biases side by side (bytes), per `layout.quantized_fields`."""
+    n = src.arch.num_neurons(src.config)  # check_shapes made sure every part has as many
+    esize = 1 if quant else layout.DTYPE_BYTES[ST_TO_DTYPE[st_dtype]]
     groups = [tuple(p.name for p in parts)] if bundle else [(p.name,) for p in parts]
-    elems = {p.name: p.elems for p in parts}
+    width = {p.name: (p.nbytes_quantized if quant else p.elems) for p in parts}  # stored elements of a row
     planned = [
         PlannedTensor(
             layout.bundle_tensor_name(i) if bundle else layout.part_tensor_name(i, g[0]),
-            st_dtype,
-            (n, sum(elems[p] for p in g)),
+            "U8" if quant else st_dtype,
+            (n, sum(width[p] for p in g)),
             align=DATA_ALIGNMENT,
         )
         for g in groups
     ]
-    orientation = {p.name: p.orientation for p in src.arch.family.parts}
     columns = {}  # parts stored as columns in the source, transposed once (neuron-major)
-    for name in elems:
-        if orientation[name] == "col":
-            info = src.info(layer.part_names[name])
-            columns[name] = np.ascontiguousarray(convert_raw(src.read(layer.part_names[name]), info.dtype, st_dtype).T)
+    for name in width:
+        if _orientation(src, name) == "col":
+            columns[name] = np.ascontiguousarray(_float_source(src, layer, name, st_dtype).T)
 
-    def rows(name: str, start: int, stop: int) -> np.ndarray:
+    def float_rows(name: str, start: int, stop: int) -> np.ndarray:
         if name in columns:
             return columns[name][start:stop]
-        info = src.info(layer.part_names[name])
-        return convert_raw(src.read(layer.part_names[name], slice(start, stop)), info.dtype, st_dtype)
+        return _float_source(src, layer, name, st_dtype, slice(start, stop))
+
+    def rows(name: str, start: int, stop: int) -> np.ndarray:
+        if quant is None:
+            return float_rows(name, start, stop)
+        if name in layer.quant_names and name not in columns and layer.source_quant[name] == (quant.bits, quant.group_size):
+            s_name, b_name = layer.quant_names[name]
+            qw = src.read(layer.part_names[name], slice(start, stop))
+            qs, qb = (convert_raw(src.read(x, slice(start, stop)), src.info(x).dtype, st_dtype) for x in (s_name, b_name))
+            origin = "copied"
+        else:
+            qw, qs, qb = q.quantize_rows(float_rows(name, start, stop), st_dtype, quant.bits, quant.group_size)
+            origin = "requantized" if name in layer.quant_names else "quantized"
+        if origins is not None:
+            origins.setdefault(name, set()).add(origin)
+        return np.concatenate([np.ascontiguousarray(a).view(np.uint8).reshape(stop - start, -1) for a in (qw, qs, qb)], axis=1)
 
     rel = layout.layer_file(i)
     h = hashlib.new(layout.CHECKSUM)
@@ -283,11 +450,33 @@ def _write_layer(
                 chunk = np.ascontiguousarray(chunk)
                 w.write(t.name, chunk)
                 h.update(memoryview(chunk).cast("B"))
-                bar.update(sum(src.info(layer.part_names[p]).nbytes * (stop - start) // n for p in g))
+                bar.update(sum(_source_bytes(src, layer, p) * (stop - start) // n for p in g))
     segments = tuple(
         Segment(t.name, g, w.offsets[t.name], t.shape[1] * esize) for t, g in zip(planned, groups)
     )
     return LayerEntry(i, rel, n, sum(s.row_bytes for s in segments), h.hexdigest(), segments)
+
+
+def _orientation(src: SourceModel, part: str) -> str:
+    return next(p.orientation for p in src.arch.family.parts if p.name == part)
+
+
+def _float_source(src: SourceModel, layer: FFNLayout, part: str, st_dtype: str, rows: slice | None = None) -> np.ndarray:
+    """A part's source weight (or rows of it) as raw `st_dtype` floats; a quantized source
+    weight is dequantized (``mx.dequantize``) first."""
+    name = layer.part_names[part]
+    if part not in layer.quant_names:
+        return convert_raw(src.read(name, rows), src.info(name).dtype, st_dtype)
+    s_name, b_name = layer.quant_names[part]
+    bits, group_size = layer.source_quant[part]
+    scale_st = src.info(s_name).dtype
+    return q.dequantize_raw(src.read(name, rows), src.read(s_name, rows), src.read(b_name, rows), scale_st, bits,
+                            group_size, st_dtype)
+
+
+def _source_bytes(src: SourceModel, layer: FFNLayout, part: str) -> int:
+    names = [layer.part_names[part], *layer.quant_names.get(part, ())]
+    return sum(src.info(x).nbytes for x in names)
 
 
 def _copy_side_files(src: Path, dst: Path) -> None:
@@ -322,6 +511,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="source model folder, or a Hugging Face repo id")
     p.add_argument("--out", help="destination flash folder")
     p.add_argument("--dtype", choices=sorted(DTYPE_TO_ST), help="dtype on flash (default: the source's)")
+    p.add_argument("--quantize", type=int, choices=layout.QUANT_BITS, metavar="BITS",
+                   help="quantize neuron bundles (and the dense part) to 4 or 8 bits, MLX affine along hidden "
+                        "(default: float; an MLX-quantized source keeps its bits)")
+    p.add_argument("--group-size", type=int, choices=layout.QUANT_GROUP_SIZES, metavar="N",
+                   help=f"elements per quantization group: 32, 64 or 128 (default {layout.DEFAULT_GROUP_SIZE}, or the source's)")
     p.add_argument("--no-bundle", action="store_true", help="store each FFN part as its own tensor (the paper's unbundled baseline)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--verify", metavar="DIR", help="re-read a flash folder and check every checksum, then exit")
@@ -334,11 +528,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model or not args.out:
         p.error("--model and --out are required (or --verify DIR)")
     t0 = time.perf_counter()
-    m = convert(args.model, args.out, dtype=args.dtype, bundle=not args.no_bundle, overwrite=args.overwrite, progress=not args.quiet)
+    m = convert(args.model, args.out, dtype=args.dtype, bundle=not args.no_bundle, overwrite=args.overwrite,
+                progress=not args.quiet, quantize=args.quantize, group_size=args.group_size)
     dt = time.perf_counter() - t0
+    kind = m.dtype if m.quantization is None else f"{m.quantization.bits}-bit, groups of {m.quantization.group_size}, {m.dtype} scales"
     print(
         f"wrote {args.out}: {m.num_layers} layers x {m.layers[0].num_neurons} neurons, "
-        f"{m.layers[0].bundle_bytes} B per neuron ({'bundled' if m.bundled else 'unbundled'}, {m.dtype}), "
+        f"{m.layers[0].bundle_bytes} B per neuron ({'bundled' if m.bundled else 'unbundled'}, {kind}), "
         f"{m.ffn_bytes() / 1e6:.1f} MB of FFN on flash; {dt:.1f} s; peak memory {peak_rss_bytes() / 1e6:.0f} MB"
     )
     return 0

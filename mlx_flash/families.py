@@ -122,8 +122,27 @@ def architecture_for(config: dict) -> Architecture:
             f"unsupported architecture {model_type!r} "
             f"(supported: {', '.join(sorted(ARCHITECTURES))})"
         )
-    if config.get("quantization") or config.get("quantization_config"):
-        raise UnsupportedModelError(
-            "quantized source models are not supported yet: convert from a float16/bfloat16/float32 checkpoint"
-        )
+    mlx_quantization(config)
     return ARCHITECTURES[model_type]
+
+
+def mlx_quantization(config: dict) -> dict | None:
+    """config.json's MLX quantization (mlx-community folders: `quantization` with group_size,
+    bits and mode "affine"), or None for a float model. Any other quantization (GPTQ, AWQ,
+    bitsandbytes, MLX's fp4/fp8 modes) is a one-line UnsupportedModelError."""
+    q = config.get("quantization")
+    if q is None:
+        if config.get("quantization_config"):
+            method = config["quantization_config"].get("quant_method") if isinstance(config["quantization_config"], dict) else None
+            raise UnsupportedModelError(
+                f"quantization {method or 'quantization_config'!r} is not supported: convert from a float16/bfloat16/"
+                "float32 checkpoint or an MLX (mlx-community) affine-quantized one"
+            )
+        return None
+    if not isinstance(q, dict) or not isinstance(q.get("group_size"), int) or not isinstance(q.get("bits"), int):
+        raise UnsupportedModelError("config.json: malformed `quantization` (needs integer group_size and bits)")
+    if q.get("mode", "affine") != "affine":
+        raise UnsupportedModelError(
+            f"MLX quantization mode {q.get('mode')!r} is not supported (only affine): convert from a float checkpoint"
+        )
+    return q

@@ -18,6 +18,11 @@ predicted for this token are zeroed (`NeuronCache.active_mask`), so that a token
 depends only on its own predicted set, not on what earlier tokens left in the window: the model
 is then the same sparse model at every token, the one `python -m mlx_flash.predictors eval`
 measures against sparsity.
+
+Quantized folders: every path reads the stored fields (`FlashReader.submit(raw=True)`), the
+cache and the resident rows hold them as they are, and `ffn_block` computes with
+``mx.quantized_matmul`` (float32 activations on a CPU, where it is fast), the exact selector
+included.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from .budget import BudgetError
 from .cache import CacheCapacityError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .layout import Quantization
     from .runtime import FlashRuntime
 
 ACTIVATION_FUNCTIONS: dict[str, Callable[[mx.array], mx.array]] = {
@@ -45,21 +51,34 @@ ACTIVATION_FUNCTIONS: dict[str, Callable[[mx.array], mx.array]] = {
 
 
 def ffn_block(x: mx.array, parts: dict[str, mx.array], act: Callable, up_bias: mx.array | None = None,
-              mask: mx.array | None = None) -> mx.array:
+              mask: mx.array | None = None, quant: "Quantization | None" = None) -> mx.array:
     """The FFN over a block of neurons whose rows are in `parts` (each [k, d]; "down" holds the
     down projection's columns as rows). Gated: down(act(gate x) * up x); two-matrix:
     down(act(up x + b1)). No output bias: the caller adds it once. `mask` ([k], 0 or 1) zeroes
-    the neurons it marks 0."""
-    if "gate" in parts:
-        h = act(x @ parts["gate"].T) * (x @ parts["up"].T)
+    the neurons it marks 0. With `quant`, `parts` holds each part's quantized fields
+    ("gate.weight", "gate.scales", "gate.biases", ...), rows quantized along d."""
+    if quant is not None and parts["up.weight"].shape[0] == 0:  # quantized_matmul cannot take 0 rows
+        return mx.zeros(x.shape, dtype=x.dtype)
+    if "gate" in parts or "gate.weight" in parts:
+        h = act(project(x, parts, "gate", quant)) * project(x, parts, "up", quant)
     else:
-        h = x @ parts["up"].T
+        h = project(x, parts, "up", quant)
         if up_bias is not None:
             h = h + up_bias
         h = act(h)
     if mask is not None:
         h = h * mask
-    return h @ parts["down"]
+    return project(h, parts, "down", quant, transpose=False)
+
+
+def project(x: mx.array, parts: dict[str, mx.array], name: str, quant: "Quantization | None" = None,
+            transpose: bool = True) -> mx.array:
+    """x @ part.T (transpose) or x @ part, the part's rows float or quantized (`quant`)."""
+    if quant is None:
+        w = parts[name]
+        return x @ (w.T if transpose else w)
+    return mx.quantized_matmul(x, parts[f"{name}.weight"], parts[f"{name}.scales"], parts[f"{name}.biases"],
+                               transpose=transpose, group_size=quant.group_size, bits=quant.bits)
 
 
 @dataclass
@@ -70,7 +89,8 @@ class LayerState:
     num_neurons: int
     resident: dict[str, mx.array] = field(default_factory=dict)  # hybrid: rows [:resident]
     num_resident: int = 0
-    selector: mx.array | None = None  # flash + exact: gate (or up) rows of all neurons
+    # flash + exact: gate (or up) rows of all neurons; quantized: {"weight", "scales", "biases"}
+    selector: mx.array | dict[str, mx.array] | None = None
     up_bias: mx.array | None = None  # two-matrix: per-neuron bias, all neurons
     down_bias: mx.array | None = None
     cache: object | None = None  # NeuronCache in flash mode
@@ -99,7 +119,8 @@ class FlashFFN(nn.Module):
                 else:
                     y = self._stream(x, start=st.num_resident)
                     if st.num_resident:
-                        y = y + ffn_block(x, st.resident, rt.act, _first(st.up_bias, st.num_resident))
+                        y = y + ffn_block(x, st.resident, rt.act, _first(st.up_bias, st.num_resident),
+                                          quant=rt.manifest.quantization)
                 if st.down_bias is not None:
                     y = y + st.down_bias
                 y = y.astype(x.dtype)
@@ -125,7 +146,7 @@ class FlashFFN(nn.Module):
             wanted = np.unique(np.concatenate(seed_sets)) if seed_sets else np.zeros(0, np.int64)
             seed_rows: dict[str, list[np.ndarray]] = {}
         def blocks():
-            for ids, rows in rt.read_blocks(st.layer, np.arange(start, st.num_neurons, dtype=np.int64)):
+            for ids, rows in rt.read_blocks(st.layer, np.arange(start, st.num_neurons, dtype=np.int64), raw=True):
                 if seed:
                     lo, hi = ids[0], ids[-1] + 1
                     pick = wanted[(wanted >= lo) & (wanted < hi)] - lo
@@ -154,7 +175,7 @@ class FlashFFN(nn.Module):
         for ids, rows in blocks:
             t0 = time.perf_counter()
             bias = mx.take(st.up_bias, mx.array(ids)) if st.up_bias is not None else None
-            y = y + ffn_block(xc, {k: mx.array(v) for k, v in rows.items()}, rt.act, bias)
+            y = y + ffn_block(xc, {k: mx.array(v) for k, v in rows.items()}, rt.act, bias, quant=rt.manifest.quantization)
             mx.eval(y)
             rt.add_time("streamed", time.perf_counter() - t0)
         return y
@@ -179,7 +200,7 @@ class FlashFFN(nn.Module):
             return self._decode_overflow(xc, ids).reshape(x.shape)
         missing = st.cache.begin_token(ids)
         t3 = time.perf_counter()
-        rows = rt.reader.read(st.layer, missing) if len(missing) else {}
+        rows = rt.reader.read(st.layer, missing, raw=True) if len(missing) else {}
         t4 = time.perf_counter()
         if len(missing):
             st.cache.insert(missing, rows)
@@ -190,7 +211,7 @@ class FlashFFN(nn.Module):
         rt.add_time("io", t4 - t3)
         rt.count_token_layer(st.layer, active=len(ids), loaded=len(missing), used=st.cache.used)
         mask = st.cache.active_mask() if rt.mask_inactive else None
-        y = ffn_block(xc, views, rt.act, bias, mask)
+        y = ffn_block(xc, views, rt.act, bias, mask, quant=rt.manifest.quantization)
         return y.reshape(x.shape)
 
     def _decode_overflow(self, xc: mx.array, ids: np.ndarray) -> mx.array:
@@ -198,7 +219,7 @@ class FlashFFN(nn.Module):
         of the streaming buffer's size and computed block by block, the cache left as it is.
         Slower (nothing is reused), never wrong, and within the memory plan."""
         rt, st = self._rt, self._state
-        y = self._computed_blocks(xc, rt.read_blocks(st.layer, ids))
+        y = self._computed_blocks(xc, rt.read_blocks(st.layer, ids, raw=True))
         rt.count_token_layer(st.layer, active=len(ids), loaded=len(ids), used=0, overflow=True)
         return y
 
@@ -207,7 +228,11 @@ class FlashFFN(nn.Module):
         rt, st = self._rt, self._state
         if rt.selection == "predictor":
             return rt.predict(st.layer, xc)
-        pre = xc @ st.selector.T
+        q = rt.manifest.quantization
+        if q is not None:
+            pre = project(xc, {f"sel.{k}": v for k, v in st.selector.items()}, "sel", q)
+        else:
+            pre = xc @ st.selector.T
         if st.up_bias is not None:
             pre = pre + st.up_bias
         a = rt.act(pre)

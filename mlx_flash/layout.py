@@ -9,6 +9,22 @@ A flash folder holds:
   the paper's baseline): one ``[num_neurons, elems]`` tensor per part. Every such tensor's data
   starts at a file offset that is a multiple of ``DATA_ALIGNMENT`` (16 KiB);
 - ``flash_manifest.json``: described by `Manifest`; a reader takes every offset from it.
+
+Quantized bundles (``convert --quantize 4|8``): each part of a neuron's row is stored as MLX's
+affine quantization of that row along the hidden dimension (``mx.quantize(row, group_size,
+bits)``): the packed ``uint32`` weights, then the ``scales``, then the ``biases`` (one each per
+group of `group_size` elements, in the manifest's float `dtype`), parts one after the other in
+the manifest's part order, no padding. Such a bundle tensor is stored as bytes (``U8``,
+``[num_neurons, bundle_bytes]``) and the manifest records `quantization` (bits, group size,
+mode, what was done to each part) and, per part, its `fields` (name, dtype, elements and byte
+offset inside the part), so a reader takes every byte position from the manifest. The down
+projection's column of neuron i is quantized as a row too (along hidden), which is what lets a
+neuron's bundle be read alone.
+
+Versions: a float folder is written with ``format_version`` 1, as before (a reader of version
+1 reads it right). A quantized folder is written with version 2: a version-1 reader would
+take its packed bytes for float rows, and it refuses a version above 1 ("newer than this
+mlx_flash reads"). This module reads both.
 """
 
 from __future__ import annotations
@@ -24,7 +40,9 @@ import numpy as np
 
 from .errors import MlxFlashError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this module reads
+FLOAT_FORMAT_VERSION = 1  # written for float folders (unchanged since version 1)
+QUANTIZED_FORMAT_VERSION = 2  # written for quantized folders; version-1 readers refuse them
 MANIFEST_NAME = "flash_manifest.json"
 DENSE_NAME = "dense.safetensors"
 FFN_DIR = "ffn"
@@ -38,15 +56,81 @@ DTYPE_TO_ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 ST_TO_DTYPE = {v: k for k, v in DTYPE_TO_ST.items()}
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
+# Quantized bundles: MLX's affine scheme, the bit widths and group sizes convert writes.
+QUANT_MODE = "affine"
+QUANT_BITS = (4, 8)
+QUANT_GROUP_SIZES = (32, 64, 128)
+DEFAULT_GROUP_SIZE = 64
+QUANT_FIELDS = ("weight", "scales", "biases")  # in this order inside a part
+
 
 class FlashFormatError(MlxFlashError):
     """A flash folder that is missing, malformed or does not match its manifest."""
 
 
 @dataclass(frozen=True)
+class Field:
+    """One stored field of a quantized part: the packed weights, the scales or the biases."""
+
+    name: str  # weight | scales | biases
+    dtype: str  # uint32 for weight; the manifest's float dtype for scales and biases
+    elems: int  # elements of this field in one neuron's row
+    offset: int  # bytes from the start of the part inside a row
+
+    @property
+    def nbytes(self) -> int:
+        return self.elems * FIELD_DTYPE_BYTES[self.dtype]
+
+
+FIELD_DTYPE_BYTES = {"uint32": 4, **DTYPE_BYTES}
+
+
+@dataclass(frozen=True)
 class Part:
     name: str  # gate | up | down
-    elems: int  # elements of this part in one neuron's row
+    elems: int  # elements of this part in one neuron's row (the hidden size), before quantization
+    fields: tuple[Field, ...] = ()  # quantized folders: how the part's bytes are laid out
+
+    @property
+    def nbytes_quantized(self) -> int:
+        return sum(f.nbytes for f in self.fields)
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How a quantized folder's bundles were made (MLX affine quantization along hidden)."""
+
+    bits: int
+    group_size: int
+    mode: str = QUANT_MODE
+    # What was done, for people and tools: per part "quantized" (from float weights),
+    # "copied" (the source's packed rows, scales and biases taken as they are) or
+    # "requantized" (the source's quantization dequantized and quantized again per neuron,
+    # along hidden); "dense": "quantized" | "copied" (as in the source); "source": the
+    # source's quantization config, if it had one.
+    origin: dict = field(default_factory=dict)
+
+
+def quantized_fields(elems: int, bits: int, group_size: int, dtype: str) -> tuple[Field, ...]:
+    """The byte layout of one part of `elems` elements quantized with (bits, group_size):
+    packed uint32 weights, then scales, then biases (MLX's mx.quantize output, per row)."""
+    packed = elems * bits // 32
+    groups = elems // group_size
+    w = Field("weight", "uint32", packed, 0)
+    s = Field("scales", dtype, groups, w.nbytes)
+    b = Field("biases", dtype, groups, s.offset + s.nbytes)
+    return (w, s, b)
+
+
+@dataclass(frozen=True)
+class Column:
+    """Where one output array of a reader comes from in a segment's rows: bytes [start, stop)
+    of each row, stored as `dtype` (uint32 or a float dtype)."""
+
+    key: str  # the part ("gate") in float folders, "part.field" ("gate.scales") in quantized ones
+    start: int
+    stop: int
+    dtype: str
 
 
 @dataclass(frozen=True)
@@ -102,10 +186,55 @@ class Manifest:
     dense_checksum: str = ""
     predictors_file: str | None = None
     extra: dict = field(default_factory=dict)
+    quantization: Quantization | None = None
 
     @property
     def dtype_bytes(self) -> int:
+        """Bytes of one float element (of the rows; of the scales and biases when quantized)."""
         return DTYPE_BYTES[self.dtype]
+
+    @property
+    def quantized(self) -> bool:
+        return self.quantization is not None
+
+    @property
+    def storage_st_dtype(self) -> str:
+        """The safetensors dtype of the neuron tensors: bytes (U8) when quantized."""
+        return "U8" if self.quantized else DTYPE_TO_ST[self.dtype]
+
+    @property
+    def storage_elem_bytes(self) -> int:
+        return 1 if self.quantized else self.dtype_bytes
+
+    def part_bytes(self, name: str) -> int:
+        """Bytes of one neuron's part `name` on flash."""
+        p = next(p for p in self.parts if p.name == name)
+        return p.nbytes_quantized if self.quantized else p.elems * self.dtype_bytes
+
+    def columns(self, seg: Segment) -> list[Column]:
+        """The reader's outputs held by each row of `seg`, with their byte ranges in a row."""
+        cols, pos = [], 0
+        by_name = {p.name: p for p in self.parts}
+        for name in seg.parts:
+            p = by_name[name]
+            if self.quantized:
+                cols += [Column(f"{name}.{f.name}", pos + f.offset, pos + f.offset + f.nbytes, f.dtype) for f in p.fields]
+            else:
+                cols.append(Column(name, pos, pos + p.elems * self.dtype_bytes, self.dtype))
+            pos += self.part_bytes(name)
+        return cols
+
+    def row_fields(self) -> dict[str, tuple[int, str]]:
+        """What a reader returns per neuron: {key: (elements, numpy dtype name)}. Float folders:
+        {part: (elems, "float32")}; quantized: {"part.weight": (packed, "uint32"),
+        "part.scales": (groups, "float32"), "part.biases": (groups, "float32")} per part."""
+        if not self.quantized:
+            return {p.name: (p.elems, "float32") for p in self.parts}
+        return {
+            f"{p.name}.{f.name}": (f.elems, "uint32" if f.dtype == "uint32" else "float32")
+            for p in self.parts
+            for f in p.fields
+        }
 
     @property
     def part_names(self) -> tuple[str, ...]:
@@ -127,6 +256,10 @@ class Manifest:
         return sum(e.data_bytes for e in self.layers)
 
     def to_json(self) -> dict:
+        parts = [{"name": p.name, "elems": p.elems} for p in self.parts]
+        if self.quantized:
+            for j, p in zip(parts, self.parts):
+                j["fields"] = [asdict(f) for f in p.fields]
         d = {
             "format_version": self.format_version,
             "source_model": self.source_model,
@@ -137,7 +270,7 @@ class Manifest:
             "hidden_size": self.hidden_size,
             "num_layers": self.num_layers,
             "bundled": self.bundled,
-            "parts": [asdict(p) for p in self.parts],
+            "parts": parts,
             "dense_file": self.dense_file,
             "dense_checksum": self.dense_checksum,
             "predictors_file": self.predictors_file,
@@ -145,6 +278,8 @@ class Manifest:
             "layers": [],
             "extra": self.extra,
         }
+        if self.quantized:
+            d["quantization"] = asdict(self.quantization)
         for e in self.layers:
             entry = {
                 "layer": e.layer,
@@ -176,7 +311,20 @@ class Manifest:
                 f"{where}: format_version {version} is newer than this mlx_flash reads ({FORMAT_VERSION}); upgrade mlx_flash"
             )
         try:
-            parts = tuple(Part(str(p["name"]), _pos_int(p["elems"])) for p in d["parts"])
+            parts = tuple(
+                Part(str(p["name"]), _pos_int(p["elems"]), tuple(
+                    Field(str(f["name"]), str(f["dtype"]), _pos_int(f["elems"]), _nonneg_int(f["offset"]))
+                    for f in p.get("fields") or ()
+                ))
+                for p in d["parts"]
+            )
+            q = d.get("quantization")
+            quantization = None
+            if q is not None:
+                if version < QUANTIZED_FORMAT_VERSION:
+                    raise ValueError(f"quantization needs format_version {QUANTIZED_FORMAT_VERSION}")
+                quantization = Quantization(_pos_int(q["bits"]), _pos_int(q["group_size"]), str(q.get("mode", QUANT_MODE)),
+                                            dict(q.get("origin") or {}))
             layers = []
             for e in d["layers"]:
                 segs = tuple(
@@ -206,8 +354,9 @@ class Manifest:
                 dense_checksum=str(d.get("dense_checksum", "")),
                 predictors_file=_rel_path(d["predictors_file"]) if d.get("predictors_file") else None,
                 extra=dict(d.get("extra") or {}),
+                quantization=quantization,
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise FlashFormatError(f"{where}: malformed manifest ({_describe(exc)}); re-run mlx_flash.convert") from None
         if m.checksum_algorithm != CHECKSUM:
             raise FlashFormatError(f"{where}: checksum_algorithm {m.checksum_algorithm!r} is not {CHECKSUM!r}; re-run mlx_flash.convert")
@@ -223,7 +372,7 @@ class Manifest:
         names = self.part_names
         if len(set(names)) != len(names) or not names:
             raise FlashFormatError(f"{where}: parts {names} malformed")
-        elems = {p.name: p.elems for p in self.parts}
+        self._validate_quantization(where)
         for e in self.layers:
             seg_parts = [p for s in e.segments for p in s.parts]
             if tuple(seg_parts) != names:
@@ -231,12 +380,32 @@ class Manifest:
             if self.bundled and len(e.segments) != 1:
                 raise FlashFormatError(f"{where}: bundled layer {e.layer} has {len(e.segments)} tensors")
             for s in e.segments:
-                if s.row_bytes != sum(elems[p] for p in s.parts) * self.dtype_bytes:
+                if s.row_bytes != sum(self.part_bytes(p) for p in s.parts):
                     raise FlashFormatError(f"{where}: layer {e.layer} tensor {s.tensor}: row_bytes does not match its parts")
                 if s.data_offset % DATA_ALIGNMENT:
                     raise FlashFormatError(f"{where}: layer {e.layer} tensor {s.tensor}: data_offset not {DATA_ALIGNMENT}-aligned")
             if e.bundle_bytes != sum(s.row_bytes for s in e.segments):
                 raise FlashFormatError(f"{where}: layer {e.layer}: bundle_bytes does not match its parts")
+
+    def _validate_quantization(self, where: str) -> None:
+        """A quantized folder's parts must hold exactly the fields MLX's scheme makes."""
+        q = self.quantization
+        if q is None:
+            if any(p.fields for p in self.parts):
+                raise FlashFormatError(f"{where}: parts have quantized fields but there is no quantization")
+            return
+        if self.format_version < QUANTIZED_FORMAT_VERSION:
+            raise FlashFormatError(f"{where}: a quantized folder needs format_version {QUANTIZED_FORMAT_VERSION}")
+        if q.mode != QUANT_MODE or q.bits not in QUANT_BITS or q.group_size not in QUANT_GROUP_SIZES:
+            raise FlashFormatError(
+                f"{where}: quantization {q.mode} {q.bits}-bit group {q.group_size} is not one this mlx_flash reads "
+                f"({QUANT_MODE}, bits {QUANT_BITS}, group sizes {QUANT_GROUP_SIZES})"
+            )
+        for p in self.parts:
+            if p.elems % q.group_size:
+                raise FlashFormatError(f"{where}: part {p.name!r} has {p.elems} elements, not a multiple of group size {q.group_size}")
+            if p.fields != quantized_fields(p.elems, q.bits, q.group_size, self.dtype):
+                raise FlashFormatError(f"{where}: part {p.name!r}: fields do not match {q.bits}-bit quantization in groups of {q.group_size}")
 
 
 def _pos_int(x) -> int:
@@ -332,7 +501,7 @@ def check_files(folder: str | os.PathLike, manifest: Manifest) -> None:
             headers[e.file] = read_header(path)[0]
         for s in e.segments:
             t = headers[e.file].get(s.tensor)
-            want = (DTYPE_TO_ST[manifest.dtype], (e.num_neurons, s.row_bytes // manifest.dtype_bytes), s.data_offset)
+            want = (manifest.storage_st_dtype, (e.num_neurons, s.row_bytes // manifest.storage_elem_bytes), s.data_offset)
             if t is None or (t.dtype, t.shape, t.offset) != want:
                 got = "missing" if t is None else f"{t.dtype} {list(t.shape)} at byte {t.offset}"
                 raise FlashFormatError(

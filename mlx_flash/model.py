@@ -4,6 +4,10 @@ The model class comes from mlx-lm (or from `mlx_flash.models` for OPT); its MLPs
 for FlashFFNs right after construction, so no FFN neuron weight is ever loaded: the dense
 weights come from `dense.safetensors` alone, and the FFN's per-neuron and output biases are
 taken out of them and kept by the FlashFFN.
+
+A quantized folder's dense part is made quantized as mlx-lm makes an mlx-community model
+(`quantize.quantize_loaded`, from config.json's `quantization`), and its FFN rows stay quantized
+wherever they are held: the neuron caches, the hybrid's resident rows, the exact selector.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
 from . import layout
@@ -24,6 +29,7 @@ from .errors import MlxFlashError, one_line
 from .families import ACTIVATIONS, architecture_for
 from .ffn import ACTIVATION_FUNCTIONS, FlashFFN, LayerState
 from .models import get_model_classes
+from .quantize import quantize_loaded
 from .reader import FlashReader
 from .runtime import FlashRuntime, VerifyingReader
 from .safetensors_file import read_header
@@ -108,7 +114,7 @@ def model_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
-def model_sizes(manifest: layout.Manifest, config: dict, dense_elems: int, model: nn.Module) -> ModelSizes:
+def model_sizes(manifest: layout.Manifest, config: dict, dense_elems: int, model: nn.Module, dense_bytes: int = 0) -> ModelSizes:
     args = getattr(model, "args", None)
     heads = _config_int(config, "num_attention_heads")
     kv_heads = _config_int(config, "num_key_value_heads", heads)
@@ -120,6 +126,19 @@ def model_sizes(manifest: layout.Manifest, config: dict, dense_elems: int, model
         hidden_size=manifest.hidden_size,
         num_parts=len(manifest.parts),
         kv_elems_per_token=manifest.num_layers * 2 * kv_heads * head_dim,
+        **(_quantized_sizes(manifest, dense_bytes) if manifest.quantized else {}),
+    )
+
+
+def _quantized_sizes(manifest: layout.Manifest, dense_bytes: int) -> dict:
+    """Byte sizes of a quantized folder in memory: packed uint32 and float32 scales and
+    biases in the caches and the selector (4 bytes an element, as the reader returns them)."""
+    fields = manifest.row_fields()
+    selector = "gate" if "gate" in manifest.part_names else "up"
+    return dict(
+        dense_bytes=dense_bytes,
+        neuron_bytes=sum(e * 4 for e, _ in fields.values()),
+        selector_neuron_bytes=sum(e * 4 for k, (e, _) in fields.items() if k.startswith(selector + ".")),
     )
 
 
@@ -168,8 +187,12 @@ def load_flash_model(folder: str | Path, options: FlashOptions = FlashOptions())
                 f"{list(bias_shapes[role])}; re-run mlx_flash.convert"
             )
     dense_elems = sum(t.numel for n, t in dense_header.items() if not n.startswith("__padding"))
+    dense_bytes = sum(  # in memory: integer tensors as stored, floats in the compute dtype
+        t.numel * (dtype_bytes if t.dtype in ("F32", "F16", "BF16") else t.nbytes // max(t.numel, 1))
+        for n, t in dense_header.items() if not n.startswith("__padding")
+    )
     try:
-        sizes = model_sizes(manifest, config, dense_elems, model)
+        sizes = model_sizes(manifest, config, dense_elems, model, dense_bytes)
     except (TypeError, ValueError, ZeroDivisionError) as e:
         raise layout.FlashFormatError(f"{folder / 'config.json'}: malformed attention settings ({e})") from None
     mode = options.mode
@@ -220,28 +243,38 @@ def load_flash_model(folder: str | Path, options: FlashOptions = FlashOptions())
         weights = {n: a for n, a in mx.load(str(folder / manifest.dense_file)).items() if not n.startswith("__padding")}
         weights = {n: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a for n, a in weights.items()}
         biases = {key: weights.pop(name) for key, name in bias_names.items()}
-        part_elems = {p.name: p.elems for p in manifest.parts}
-        selector_part = "gate" if "gate" in part_elems else "up"
+        quantized = manifest.quantized
+        part_elems = {k: (e, np.dtype(t)) for k, (e, t) in manifest.row_fields().items()}
+        selector_part = "gate" if "gate" in manifest.part_names else "up"
+
+        def as_mx(v: np.ndarray) -> mx.array:  # floats in the compute dtype, packed weights as they are
+            a = mx.array(v)
+            return a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a
+
         for i, layer in enumerate(layers):
             st = LayerState(layer=i, num_neurons=manifest.layers[i].num_neurons)
             st.up_bias = biases.get((i, "up_bias"))
             st.down_bias = biases.get((i, "down_bias"))
             if plan.resident_neurons:
-                rows = reader.read_rows(i, 0, plan.resident_neurons)
-                st.resident = {k: mx.array(v).astype(dtype) for k, v in rows.items()}
+                rows = reader.read_rows(i, 0, plan.resident_neurons, raw=True)
+                st.resident = {k: as_mx(v) for k, v in rows.items()}
                 st.num_resident = plan.resident_neurons
             if mode == "flash":
                 if selection == "exact":
-                    rows = reader.read_rows(i, 0, st.num_neurons)
-                    st.selector = mx.array(rows[selector_part]).astype(dtype)
+                    rows = reader.read_rows(i, 0, st.num_neurons, raw=True)
+                    if quantized:
+                        st.selector = {f: as_mx(rows[f"{selector_part}.{f}"]) for f in layout.QUANT_FIELDS}
+                    else:
+                        st.selector = as_mx(rows[selector_part])
                     del rows
                 st.cache = NeuronCache(part_elems, capacity=plan.cache_capacity, window=window, num_neurons=st.num_neurons)
             layer.mlp = FlashFFN(st, runtime)
         if hasattr(model, "sanitize"):
             weights = model.sanitize(weights)
         try:
+            quantize_loaded(model, config, weights)
             model.load_weights(list(weights.items()), strict=True)
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             raise layout.FlashFormatError(f"{folder / manifest.dense_file}: weights do not match config.json ({one_line(e)}); re-run mlx_flash.convert") from None
         mx.eval(model.parameters())
         mx.eval([st for l in layers for st in _state_arrays(l.mlp._state)])
@@ -264,7 +297,8 @@ def _positive_int(what: str, value) -> int:
 
 def _state_arrays(st: LayerState) -> list[mx.array]:
     arrays = list(st.resident.values())
-    arrays += [a for a in (st.selector, st.up_bias, st.down_bias) if a is not None]
+    arrays += list(st.selector.values()) if isinstance(st.selector, dict) else [st.selector] if st.selector is not None else []
+    arrays += [a for a in (st.up_bias, st.down_bias) if a is not None]
     return arrays
 
 
@@ -281,10 +315,41 @@ class DenseActMLP(nn.Module):
         return self.down_proj(self._act(self.gate_proj(x)) * self.up_proj(x))
 
 
-def load_dense(source: str | Path, dtype: mx.Dtype | None = mx.float32) -> nn.Module:
+class RowQuantizedDown(nn.Module):
+    """A down projection (`nn.Linear` [d, n]) whose columns are quantized one by one along d, as
+    a quantized flash folder stores them: ``x @ W.T`` computed as ``quantized_matmul(x, Q,
+    transpose=False)`` with Q = mx.quantize(W.T). The reference for quantized flash folders."""
+
+    def __init__(self, weight: mx.array, bias: mx.array | None, bits: int, group_size: int):
+        super().__init__()
+        self.weight, self.scales, self.biases = mx.quantize(weight.T, group_size=group_size, bits=bits)
+        if bias is not None:
+            self.bias = bias
+        self.bits, self.group_size = bits, group_size
+        self.freeze()
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = mx.quantized_matmul(x, self.weight, self.scales, self.biases, transpose=False,
+                                group_size=self.group_size, bits=self.bits)
+        return y + self.bias if "bias" in self else y
+
+
+def load_dense(source: str | Path, dtype: mx.Dtype | None = mx.float32, *, quantize: int | None = None,
+               group_size: int | None = None) -> nn.Module:
     """A source model folder loaded whole in memory through mlx-lm (the `dense` baseline),
-    honouring `hidden_act`, cast to `dtype` (fp32: the same compute dtype as the flash path)."""
+    honouring `hidden_act`, cast to `dtype` (fp32: the same compute dtype as the flash path).
+
+    An MLX-quantized source (mlx-community) loads quantized, as mlx-lm loads it. With
+    `quantize` (bits; `group_size` default 64, or the source's), the model holds the weights of
+    ``convert(source, quantize=bits, group_size=group_size)``'s flash folder: quantized as
+    mlx-lm quantizes a model (`nn.quantize`, mlx-lm's predicate), except the down projection,
+    quantized per neuron along hidden as the folder stores it (`RowQuantizedDown`); the
+    reference a quantized flash folder's naive, hybrid and exact modes equal."""
     from mlx_lm.utils import load_model
+
+    from .families import mlx_quantization
+    from .layout import DEFAULT_GROUP_SIZE
+    from .quantize import dense_predicate
 
     source = Path(source)
     model, config = load_model(source, get_model_classes=get_model_classes)
@@ -293,6 +358,21 @@ def load_dense(source: str | Path, dtype: mx.Dtype | None = mx.float32) -> nn.Mo
     if arch.family.name == "gated":
         for layer in model_layers(model):
             layer.mlp = DenseActMLP(layer.mlp, act)
+    if quantize is not None:
+        source_q = mlx_quantization(config)
+        group_size = group_size or (source_q["group_size"] if source_q else DEFAULT_GROUP_SIZE)
+        downs = []
+        for layer in model_layers(model):
+            name = "down_proj" if hasattr(layer.mlp, "down_proj") else "fc2"
+            down = getattr(layer.mlp, name)
+            w = down.weight
+            if isinstance(down, nn.QuantizedLinear):
+                w = mx.dequantize(w, down.scales, down.biases, group_size=down.group_size, bits=down.bits)
+            downs.append((layer.mlp, name, RowQuantizedDown(w, down.get("bias"), quantize, group_size)))
+        if source_q is None:  # a float model: quantized as convert --quantize does
+            nn.quantize(model, group_size=group_size, bits=quantize, class_predicate=dense_predicate(model, group_size))
+        for mlp, name, module in downs:
+            setattr(mlp, name, module)
     if dtype is not None:
         model.update(
             {k: v for k, v in _tree_cast(model.parameters(), dtype).items()}

@@ -33,14 +33,16 @@ class VerifyingReader(FlashReader):
     (`layout.verify_layer`): a file changed or corrupted after load is caught at the read.
 
     The check runs on the float32 rows the reader returns, converted back to the stored dtype
-    (exact for float32, float16 and bfloat16), one crc32 per row."""
+    (exact for float32, float16 and bfloat16), one crc32 per row; in a quantized folder, on the
+    stored fields (packed weights as they are, scales and biases converted back), before any
+    dequantization."""
 
     def __init__(self, folder, manifest: Manifest, row_checksums: list[list[np.ndarray]], **kwargs):
         super().__init__(folder, manifest, **kwargs)
         self.row_checksums = row_checksums
 
-    def submit(self, layer: int, ids: np.ndarray, *args, **kwargs) -> ReadFuture:
-        inner = super().submit(layer, ids, *args, **kwargs)
+    def _submit(self, layer: int, ids: np.ndarray, *args, **kwargs) -> ReadFuture:
+        inner = super()._submit(layer, ids, *args, **kwargs)
         ids = np.asarray(ids).astype(np.int64, copy=False)
         checked = ReadFuture(self.stats, layer)
         checked.set_running_or_notify_cancel()
@@ -60,7 +62,8 @@ class VerifyingReader(FlashReader):
     def _check(self, layer: int, ids: np.ndarray, rows: dict[str, np.ndarray]) -> None:
         entry = self.manifest.layers[layer]
         for seg, crc in zip(entry.segments, self.row_checksums[layer]):
-            stored = np.ascontiguousarray(np.concatenate([_stored(rows[p], self.manifest.dtype) for p in seg.parts], axis=1))
+            stored = np.ascontiguousarray(np.concatenate(
+                [_stored(rows[c.key], c.dtype).view(np.uint8) for c in self.manifest.columns(seg)], axis=1))
             want = crc[ids]
             for j in range(len(ids)):
                 if zlib.crc32(stored[j]) != want[j]:
@@ -165,16 +168,17 @@ class FlashRuntime:
         for ids, rows in self.read_blocks(layer, np.arange(start, n, dtype=np.int64)):
             yield int(ids[0]), int(ids[-1]) + 1, rows
 
-    def read_blocks(self, layer: int, ids: np.ndarray) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    def read_blocks(self, layer: int, ids: np.ndarray, raw: bool = False) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
         """Neurons `ids` of a layer in blocks of the streaming buffer's size, as (block ids,
-        rows); the next block's read runs while the caller computes on the current one."""
+        rows); the next block's read runs while the caller computes on the current one. raw: a
+        quantized folder's stored fields (see `FlashReader.submit`), not float32 rows."""
         blocks = [ids[i : i + self.stream_block] for i in range(0, len(ids), self.stream_block)]
-        pending = self.reader.submit(layer, blocks[0]) if blocks else None
+        pending = self.reader.submit(layer, blocks[0], raw=raw) if blocks else None
         for i, block in enumerate(blocks):
             t0 = time.perf_counter()
             rows = pending.result()
             self.add_time("io", time.perf_counter() - t0)
-            pending = self.reader.submit(layer, blocks[i + 1]) if i + 1 < len(blocks) else None
+            pending = self.reader.submit(layer, blocks[i + 1], raw=raw) if i + 1 < len(blocks) else None
             yield block, rows
 
     def predict(self, layer: int, x: mx.array) -> np.ndarray:

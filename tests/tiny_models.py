@@ -150,3 +150,28 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
     tok.train_from_iterator([TOKENIZER_TEXT], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
     fast.save_pretrained(str(folder))
+
+
+def make_mlx_quantized_model(folder: Path, model_type: str = "llama", *, bits: int = 4, group_size: int = 64,
+                             seed: int = 0, **config_over) -> Path:
+    """An mlx-community-style quantized folder: a tiny float model quantized by mlx-lm itself
+    (`mlx_lm.utils.quantize_model`), saved as mlx_lm.convert saves one: packed `*.weight`
+    (uint32), `*.scales`, `*.biases`, and `quantization` in config.json."""
+    import shutil
+
+    from mlx_lm.utils import load_model, quantize_model, save_config
+
+    from mlx_flash.models import get_model_classes
+
+    folder = Path(folder)
+    float_src = make_tiny_model(folder.parent / f".{folder.name}-float", model_type, seed=seed, **config_over)
+    model, config = load_model(float_src, get_model_classes=get_model_classes)
+    model, config = quantize_model(model, config, group_size, bits)
+    folder.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())), metadata={"format": "mlx"})
+    save_config(config, folder / "config.json")
+    for f in float_src.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            shutil.copy2(f, folder / f.name)
+    shutil.rmtree(float_src)
+    return folder
