@@ -248,6 +248,32 @@ def test_close_leaks_nothing_and_is_idempotent(tmp_path):
         r.submit(0, [1])
 
 
+class SlowReader(FlashReader):
+    """Every read waits until the test lets it go."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.gate, self.started = threading.Event(), threading.Event()
+
+    def _pread_into(self, fd, bufs, offset):
+        self.started.set()
+        self.gate.wait(5)
+        return super()._pread_into(fd, bufs, offset)
+
+
+def test_close_while_reading_fails_the_request_not_hangs(tmp_path):
+    m, _ = make_flash_folder(tmp_path)
+    threads = threading.active_count()
+    r = SlowReader(tmp_path, m, threads=2, coalesce_gap=-1)
+    future = r.submit(0, np.arange(0, 300, 20))
+    assert r.started.wait(5)
+    threading.Timer(0.05, r.gate.set).start()  # let the reads in flight finish during close()
+    r.close()
+    with pytest.raises(ReaderClosedError):
+        future.result(timeout=5)
+    assert threading.active_count() <= threads + 1  # + the Timer, which is ending
+
+
 def test_stats_count_reads_bytes_and_take_resets(tmp_path):
     m, _ = make_flash_folder(tmp_path, dtype="float32", elems=(384, 384, 256))  # 4 KiB bundles
     with FlashReader(tmp_path, m, threads=2, coalesce_gap=0) as r:
