@@ -3,8 +3,9 @@
 The plan adds up, in the dtype weights are computed in:
 - the dense part (embeddings, attention, norms, lm_head, FFN biases): always resident;
 - the KV cache for the context the user asks for;
-- a streaming buffer: the block of neurons read at once when a layer is streamed (naive and
-  hybrid decoding, and prefill);
+- a streaming buffer: when a layer is streamed (naive and hybrid decoding, prefill, a token
+  whose active set overflows the cache) three blocks of neurons are alive at once: the block
+  computed on, its copy in MLX, and the next block being read;
 - per mode: `naive` nothing more; `hybrid` the first neurons of every layer that fit;
   `flash` the exact selector (gate or up projection) when selection is "exact", the predictors,
   and a neuron cache per layer with the capacity that is left.
@@ -21,12 +22,13 @@ from .errors import MlxFlashError
 MODES = ("naive", "hybrid", "flash")
 SELECTIONS = ("exact", "predictor")
 STREAM_BLOCK_NEURONS = 4096  # at most this many neurons per block when a layer is streamed
+STREAM_BUFFERS = 3  # blocks alive at once while streaming (see the module docstring)
 
 
 def stream_block_neurons(num_neurons: int) -> int:
-    """Neurons per streamed block: at least 4 blocks a layer (so reading the next overlaps
+    """Neurons per streamed block: at least 8 blocks a layer (so reading the next overlaps
     computing this one), at most STREAM_BLOCK_NEURONS (so the buffer stays small)."""
-    return max(1, min(STREAM_BLOCK_NEURONS, -(-num_neurons // 4)))
+    return max(1, min(STREAM_BLOCK_NEURONS, -(-num_neurons // 8)))
 
 
 class BudgetError(MlxFlashError):
@@ -169,7 +171,7 @@ def plan_memory(
     fixed = {
         "dense": sizes.dense_bytes_for(b),
         "kv": sizes.kv_elems_per_token * context * b,
-        "stream": stream_block_neurons(sizes.num_neurons) * per_neuron_layer,
+        "stream": STREAM_BUFFERS * stream_block_neurons(sizes.num_neurons) * per_neuron_layer,
         "selector": 0,
         "predictor": 0,
     }

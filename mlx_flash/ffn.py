@@ -200,7 +200,7 @@ class FlashFFN(nn.Module):
             return self._decode_overflow(xc, ids).reshape(x.shape)
         missing = st.cache.begin_token(ids)
         t3 = time.perf_counter()
-        rows = rt.reader.read(st.layer, missing, raw=True) if len(missing) else {}
+        rows = rt.read_missing(st.layer, missing) if len(missing) else {}
         t4 = time.perf_counter()
         if len(missing):
             st.cache.insert(missing, rows)

@@ -113,6 +113,7 @@ class FlashRuntime:
         self._layers_seen = 0
         self.predictors = None  # set when predictor selection is loaded
         self.mask_inactive = False  # zero cached neurons not selected for this token (non-ReLU predictors)
+        self._scratch: dict[str, np.ndarray] | None = None  # reused by read_missing
         self.lock = threading.RLock()  # one generation at a time per model
 
     # -- statistics ---------------------------------------------------------------------------
@@ -167,6 +168,16 @@ class FlashRuntime:
         n = self.manifest.layers[layer].num_neurons
         for ids, rows in self.read_blocks(layer, np.arange(start, n, dtype=np.int64)):
             yield int(ids[0]), int(ids[-1]) + 1, rows
+
+    def read_missing(self, layer: int, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """A decoded token's missing neurons, read into one buffer reused from token to token
+        (fresh outputs cost page faults); the rows are valid until the next call."""
+        n = len(ids)
+        if n > self.stream_block:
+            return self.reader.read(layer, ids, raw=True)
+        if self._scratch is None:
+            self._scratch = self.reader.empty_rows(self.stream_block, raw=True)
+        return self.reader.read(layer, ids, out={k: v[:n] for k, v in self._scratch.items()}, raw=True)
 
     def read_blocks(self, layer: int, ids: np.ndarray, raw: bool = False) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
         """Neurons `ids` of a layer in blocks of the streaming buffer's size, as (block ids,

@@ -115,13 +115,14 @@ def test_budget_planner_arithmetic():
     for bad in ("lots", "-5", "0", "5 parsecs"):
         with pytest.raises(BudgetError):
             parse_budget(bad, 100)
-    # fixed: dense 4000 B, kv 40*10*4 = 1600 B, stream 25 neurons*30*4 = 3000 B, selector 2*100*10*4 = 8000 B
-    plan = plan_memory(sizes, mode="flash", budget_bytes=4000 + 1600 + 3000 + 8000 + 50 * 240, dtype_bytes=4, context=10)
-    assert (plan.dense_bytes, plan.kv_bytes, plan.stream_bytes, plan.selector_bytes) == (4000, 1600, 3000, 8000)
+    # fixed: dense 4000 B, kv 40*10*4 = 1600 B, stream 3 blocks of 13 neurons*30*4 = 4680 B,
+    # selector 2*100*10*4 = 8000 B
+    plan = plan_memory(sizes, mode="flash", budget_bytes=4000 + 1600 + 4680 + 8000 + 50 * 240, dtype_bytes=4, context=10)
+    assert (plan.dense_bytes, plan.kv_bytes, plan.stream_bytes, plan.selector_bytes) == (4000, 1600, 4680, 8000)
     assert plan.cache_capacity == 50 and plan.total_bytes == plan.budget_bytes
-    hybrid = plan_memory(sizes, mode="hybrid", budget_bytes=4000 + 1600 + 3000 + 30 * 240, dtype_bytes=4, context=10)
+    hybrid = plan_memory(sizes, mode="hybrid", budget_bytes=4000 + 1600 + 4680 + 30 * 240, dtype_bytes=4, context=10)
     assert hybrid.resident_neurons == 30 and hybrid.cache_capacity == 0
-    with pytest.raises(BudgetError, match="at least 16.8 KB"):
+    with pytest.raises(BudgetError, match="at least 18.5 KB"):
         plan_memory(sizes, mode="flash", budget_bytes=1000, dtype_bytes=4, context=10)
 
 
