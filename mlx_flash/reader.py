@@ -468,8 +468,10 @@ class FlashReader:
                 raise ReaderClosedError("FlashReader is closed")
             self._requests.add(req)
             req.future.add_done_callback(lambda _f: self._forget(req))
-            for _ in range(min(self.threads, len(req.chunks))):
-                req.worker_started()
+            workers = min(self.threads, len(req.chunks))
+            for _ in range(workers):  # all counted first: else the first one could finish the request alone,
+                req.worker_started()  # and a later one finish it again (its stats counted twice)
+            for _ in range(workers):
                 self._pool.submit(self._drain, req)
 
     def _forget(self, req: _Request) -> None:
