@@ -335,16 +335,18 @@ class RowQuantizedDown(nn.Module):
 
 
 def load_dense(source: str | Path, dtype: mx.Dtype | None = mx.float32, *, quantize: int | None = None,
-               group_size: int | None = None) -> nn.Module:
+               group_size: int | None = None, dense_bits: int | None = 8) -> nn.Module:
     """A source model folder loaded whole in memory through mlx-lm (the `dense` baseline),
     honouring `hidden_act`, cast to `dtype` (fp32: the same compute dtype as the flash path).
 
     An MLX-quantized source (mlx-community) loads quantized, as mlx-lm loads it. With
     `quantize` (bits; `group_size` default 64, or the source's), the model holds the weights of
-    ``convert(source, quantize=bits, group_size=group_size)``'s flash folder: quantized as
-    mlx-lm quantizes a model (`nn.quantize`, mlx-lm's predicate), except the down projection,
+    ``convert(source, quantize=bits, group_size=group_size, dense_bits=dense_bits)``'s flash
+    folder: quantized as mlx-lm quantizes a model (`nn.quantize`, mlx-lm's predicate; the FFN
+    with `quantize` bits, the rest with `dense_bits`, None: float), except the down projection,
     quantized per neuron along hidden as the folder stores it (`RowQuantizedDown`); the
-    reference a quantized flash folder's naive, hybrid and exact modes equal."""
+    reference a quantized flash folder's naive, hybrid and exact modes equal. (For an
+    MLX-quantized source, when `quantize` is the source's bits: its gate and up are kept.)"""
     from mlx_lm.utils import load_model
 
     from .families import mlx_quantization
@@ -370,7 +372,16 @@ def load_dense(source: str | Path, dtype: mx.Dtype | None = mx.float32, *, quant
                 w = mx.dequantize(w, down.scales, down.biases, group_size=down.group_size, bits=down.bits)
             downs.append((layer.mlp, name, RowQuantizedDown(w, down.get("bias"), quantize, group_size)))
         if source_q is None:  # a float model: quantized as convert --quantize does
-            nn.quantize(model, group_size=group_size, bits=quantize, class_predicate=dense_predicate(model, group_size))
+            predicate = dense_predicate(model, group_size)
+            ffn_ids = {id(m) for layer in model_layers(model) for _, m in layer.mlp.named_modules()}
+
+            def bits_for(path: str, module: nn.Module):
+                if not predicate(path, module):
+                    return False
+                bits = quantize if id(module) in ffn_ids else dense_bits
+                return {"group_size": group_size, "bits": bits, "mode": "affine"} if bits else False
+
+            nn.quantize(model, group_size=group_size, bits=quantize, class_predicate=bits_for)
         for mlp, name, module in downs:
             setattr(mlp, name, module)
     if dtype is not None:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import mlx.core as mx
+import mlx.nn
 import mlx_lm
 import numpy as np
 import pytest
@@ -60,15 +61,17 @@ def as_np(a: mx.array) -> np.ndarray:
 
 
 @pytest.mark.parametrize("bundle", [True, False], ids=["bundled", "unbundled"])
-@pytest.mark.parametrize("src_dtype,bits,group_size", [("float32", 4, 64), ("bfloat16", 8, 32), ("float16", 4, 128)])
-def test_round_trip_against_mx_quantize(tmp_path, src_dtype, bits, group_size, bundle):
+@pytest.mark.parametrize("src_dtype,bits,group_size,dense_bits", [
+    ("float32", 4, 64, 8), ("bfloat16", 8, 32, 4), ("float16", 4, 128, None)])
+def test_round_trip_against_mx_quantize(tmp_path, src_dtype, bits, group_size, dense_bits, bundle):
     d = 128 if group_size == 128 else 64
     src = make_tiny_model(tmp_path / "src", "llama", dtype=src_dtype, tokenizer=False, hidden_size=d)
     out = tmp_path / "flash"
-    m = convert(src, out, quantize=bits, group_size=group_size, bundle=bundle, progress=False)
+    m = convert(src, out, quantize=bits, group_size=group_size, bundle=bundle, dense_bits=dense_bits, progress=False)
     assert m == layout.read_manifest(out) and m.format_version == layout.QUANTIZED_FORMAT_VERSION
     assert (m.quantization.bits, m.quantization.group_size, m.dtype) == (bits, group_size, src_dtype)
-    assert m.quantization.origin == {"gate": "quantized", "up": "quantized", "down": "quantized", "dense": "quantized"}
+    dense = f"quantized ({dense_bits}-bit)" if dense_bits else src_dtype
+    assert m.quantization.origin == {"gate": "quantized", "up": "quantized", "down": "quantized", "dense": dense}
     assert m.layers[0].bundle_bytes == 3 * (d * bits // 8 + 2 * (d // group_size) * layout.DTYPE_BYTES[src_dtype])
     raw = source_tensors(src)
     rng = np.random.default_rng(0)
@@ -88,15 +91,18 @@ def test_round_trip_against_mx_quantize(tmp_path, src_dtype, bits, group_size, b
                     assert np.array_equal(fields[f"{part}.{field}"], np.array(a.astype(mx.float32) if field != "weight" else a))
                 deq = mx.dequantize(*(x.astype(mx.float32) if x.dtype != mx.uint32 else x for x in want), group_size=group_size, bits=bits)
                 np.testing.assert_allclose(rows[part], np.array(deq), rtol=1e-6, atol=1e-6)
-    # the dense part, quantized as mlx-lm quantizes it; config.json says so
+    # the dense part, quantized as mlx-lm quantizes it (with dense_bits); config.json says so
     dense_header, _ = read_header(out / m.dense_file)
     q = dense_header["model.layers.1.self_attn.q_proj.weight"]
-    assert q.dtype == "U32" and q.shape == (d, d * bits // 32)
-    want = mx.quantize(to_mx(raw["model.layers.1.self_attn.q_proj.weight"]), group_size=group_size, bits=bits)
-    assert np.array_equal(read_tensor(out / m.dense_file, dense_header["model.layers.1.self_attn.q_proj.scales"]), as_np(want[1]))
-    assert dense_header["model.norm.weight"].shape == (d,)
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["quantization"] == {"group_size": group_size, "bits": bits, "mode": "affine"}
+    assert dense_header["model.norm.weight"].shape == (d,)
+    if dense_bits is None:
+        assert q.shape == (d, d) and "quantization" not in cfg
+    else:
+        assert q.dtype == "U32" and q.shape == (d, d * dense_bits // 32)
+        want = mx.quantize(to_mx(raw["model.layers.1.self_attn.q_proj.weight"]), group_size=group_size, bits=dense_bits)
+        assert np.array_equal(read_tensor(out / m.dense_file, dense_header["model.layers.1.self_attn.q_proj.scales"]), as_np(want[1]))
+        assert cfg["quantization"] == {"group_size": group_size, "bits": dense_bits, "mode": "affine"}
     verify(out, progress=False)
 
 
@@ -122,11 +128,11 @@ def test_format_versions(tmp_path, monkeypatch):
             layout.Manifest.from_json(bad)
 
 
-REFERENCE_CASES = [
-    ("llama", 4, 64, {"hidden_act": "relu"}),
-    ("qwen3", 8, 32, {"hidden_act": "silu"}),
-    ("phi", 4, 32, {}),
-    ("opt", 8, 64, {}),
+REFERENCE_CASES = [  # (model_type, bits, group size, dense bits, config)
+    ("llama", 4, 64, 8, {"hidden_act": "relu"}),
+    ("qwen3", 8, 32, 8, {"hidden_act": "silu"}),
+    ("phi", 4, 32, 4, {}),
+    ("opt", 8, 64, None, {}),
 ]
 
 
@@ -152,13 +158,17 @@ def assert_modes_equal(folder, tok, ref):
             model.flash.close()
 
 
-@pytest.mark.parametrize("model_type,bits,group_size,over", REFERENCE_CASES, ids=[f"{c[0]}-{c[1]}bit" for c in REFERENCE_CASES])
-def test_modes_equal_mlx_lm_on_the_same_quantized_weights(tmp_path, model_type, bits, group_size, over):
+@pytest.mark.parametrize("model_type,bits,group_size,dense_bits,over", REFERENCE_CASES,
+                         ids=[f"{c[0]}-{c[1]}bit-dense{c[3]}" for c in REFERENCE_CASES])
+def test_modes_equal_mlx_lm_on_the_same_quantized_weights(tmp_path, model_type, bits, group_size, dense_bits, over):
     src = make_tiny_model(tmp_path / "src", model_type, **over)
     folder = tmp_path / "flash"
-    convert(src, folder, quantize=bits, group_size=group_size, progress=False)
+    convert(src, folder, quantize=bits, group_size=group_size, dense_bits=dense_bits, progress=False)
     tok = mlx_lm.utils.load_tokenizer(src)
-    ref = greedy(load_dense(src, quantize=bits, group_size=group_size), tok)
+    ref_model = load_dense(src, quantize=bits, group_size=group_size, dense_bits=dense_bits)
+    assert isinstance(ref_model.layers[0].mlp.up_proj if model_type not in ("phi", "opt") else ref_model.layers[0].mlp.fc1,
+                      mlx.nn.QuantizedLinear)
+    ref = greedy(ref_model, tok)
     assert_modes_equal(folder, tok, ref)
 
 
@@ -234,9 +244,11 @@ def one_line_error(r):
 
 def test_cli_quantize_and_its_errors(tmp_path):
     src = make_tiny_model(tmp_path / "src", "llama", tokenizer=False)  # hidden 64
-    r = run_cli("--model", str(src), "--out", str(tmp_path / "q"), "--quantize", "8", "--group-size", "32", "--quiet")
+    r = run_cli("--model", str(src), "--out", str(tmp_path / "q"), "--quantize", "8", "--group-size", "32", "--dense-bits", "4",
+                "--quiet")
     assert r.returncode == 0, r.stderr
     assert "8-bit, groups of 32" in r.stdout
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]["bits"] == 4
     line = one_line_error(run_cli("--model", str(src), "--out", str(tmp_path / "o"), "--quantize", "4", "--group-size", "128"))
     assert "group size 128 does not divide hidden_size 64" in line and "32 or 64" in line
     r = run_cli("--model", str(src), "--out", str(tmp_path / "o"), "--quantize", "3")  # argparse: usage + the error
