@@ -20,7 +20,7 @@ from .budget import MemoryPlan, stream_block_neurons
 from .errors import MlxFlashError
 from .layout import Manifest
 from .reader import FlashReader, FlashReadError, ReadFuture
-from .stats import PassStats, StatsSummary, summarize
+from .stats import PassStats, StatsSummary, peak_rss_bytes, summarize
 
 
 class FlashChecksumError(FlashReadError, MlxFlashError):
@@ -156,7 +156,8 @@ class FlashRuntime:
 
     def stats(self) -> StatsSummary:
         self.end_pass()
-        s = summarize(self.records, resident_bytes=self.plan.total_bytes, peak_memory_bytes=mx.get_peak_memory())
+        s = summarize(self.records, resident_bytes=self.plan.total_bytes, peak_memory_bytes=mx.get_peak_memory(),
+                      peak_rss_bytes=peak_rss_bytes())
         s.extra["mode"] = self.mode
         s.extra["selection"] = self.selection
         s.extra["window"] = self.window

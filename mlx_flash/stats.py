@@ -8,9 +8,17 @@ for I/O and cache management, i.e. the attention, the FFN matmuls and the sampli
 
 from __future__ import annotations
 
+import resource
+import sys
 from dataclasses import asdict, dataclass, field
 
 TIME_KEYS = ("selection", "io", "memory", "compute")
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident memory in bytes (getrusage gives kB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
 
 
 @dataclass
@@ -66,7 +74,8 @@ class StatsSummary:
     prefill_ms: float
     prefill_bytes: int
     resident_bytes: int = 0
-    peak_memory_bytes: int = 0
+    peak_memory_bytes: int = 0  # MLX's allocations
+    peak_rss_bytes: int = 0  # the whole process (Python, libraries, reader buffers)
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -94,12 +103,13 @@ class StatsSummary:
                 f"prefill: {self.prefill_tokens} tokens in {self.prefill_ms:.0f} ms, {self.prefill_bytes / 1e6:.1f} MB read"
             )
         lines.append(
-            f"memory: plan {self.resident_bytes / 1e6:.1f} MB, peak {self.peak_memory_bytes / 1e6:.1f} MB (MLX allocations)"
+            f"memory: plan {self.resident_bytes / 1e6:.1f} MB, peak {self.peak_memory_bytes / 1e6:.1f} MB of MLX "
+            f"allocations, process peak RSS {self.peak_rss_bytes / 1e6:.0f} MB"
         )
         return "\n".join(lines)
 
 
-def summarize(records: list[PassStats], resident_bytes: int = 0, peak_memory_bytes: int = 0) -> StatsSummary:
+def summarize(records: list[PassStats], resident_bytes: int = 0, peak_memory_bytes: int = 0, peak_rss_bytes: int = 0) -> StatsSummary:
     dec = [r for r in records if not r.is_prefill]
     pre = [r for r in records if r.is_prefill]
     n = len(dec) or 1
@@ -125,4 +135,5 @@ def summarize(records: list[PassStats], resident_bytes: int = 0, peak_memory_byt
         prefill_bytes=sum(r.bytes_read for r in pre),
         resident_bytes=resident_bytes,
         peak_memory_bytes=peak_memory_bytes,
+        peak_rss_bytes=peak_rss_bytes,
     )
