@@ -39,7 +39,7 @@ from . import layout
 from . import quantize as q
 from .dtypes import FLOAT_ST_DTYPES, convert_raw
 from .errors import MlxFlashError, run_cli
-from .families import Architecture, architecture_for, mlx_quantization
+from .families import ACTIVATIONS, Architecture, architecture_for, mlx_quantization
 from .layout import (DATA_ALIGNMENT, DTYPE_TO_ST, ST_TO_DTYPE, LayerEntry, Manifest, Part, Quantization, Segment,
                      quantized_fields)
 from .safetensors_file import PlannedTensor, SafetensorsWriter, TensorInfo, read_header, read_tensor
@@ -224,6 +224,7 @@ def convert(
     quantize: int | None = None,
     group_size: int | None = None,
     dense_bits: int | None = DEFAULT_DENSE_BITS,
+    activation: str | None = None,
 ) -> Manifest:
     """Convert the model at `source` into a flash folder at `out`; returns its manifest.
 
@@ -234,7 +235,9 @@ def convert(
     dense_bits: with `quantize`, the bits of the dense part (attention, embeddings, lm_head),
         4 or 8 (default 8), or None to keep it in `dtype`.
     dtype: the float dtype on flash (of the rows; of the scales and biases when quantized);
-        default: the source's."""
+        default: the source's.
+    activation: the FFN's activation when config.json does not say it right (e.g. "drelu" for
+        TurboSparse's relu on gate and up); written into the flash folder's config.json."""
     src = open_source(resolve_source(str(source)))
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
@@ -242,6 +245,10 @@ def convert(
     config, arch = src.config, src.arch
     hidden = int(config["hidden_size"])
     neurons = arch.num_neurons(config)
+    if activation is not None:
+        if activation not in ACTIVATIONS:
+            raise ConvertError(f"unknown activation {activation!r} (supported: {', '.join(sorted(ACTIVATIONS))})")
+        config = {**config, arch.activation_key: activation}
     activation = arch.activation(config)
     ffn = find_ffn(src)
     check_shapes(src, ffn, hidden, neurons)
@@ -304,10 +311,11 @@ def convert(
             format_version=layout.QUANTIZED_FORMAT_VERSION if quant else layout.FLOAT_FORMAT_VERSION,
         )
         _copy_side_files(src.path, tmp)
-        if dense_quant is not None:  # the dense part loads as mlx-lm loads it
+        if dense_quant is not None or config is not src.config:
             cfg = dict(config)
-            cfg["quantization"] = {"group_size": dense_quant.group_size, "bits": dense_quant.bits, "mode": dense_quant.mode}
-            cfg["quantization_config"] = cfg["quantization"]
+            if dense_quant is not None:  # the dense part loads as mlx-lm loads it
+                cfg["quantization"] = {"group_size": dense_quant.group_size, "bits": dense_quant.bits, "mode": dense_quant.mode}
+                cfg["quantization_config"] = cfg["quantization"]
             (tmp / "config.json").write_text(json.dumps(cfg, indent=4))
         layout.write_manifest(tmp, manifest)
         if out.exists():  # renamed away, not deleted, until the new folder is in its place
@@ -531,6 +539,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"elements per quantization group: 32, 64 or 128 (default {layout.DEFAULT_GROUP_SIZE}, or the source's)")
     p.add_argument("--dense-bits", default=str(DEFAULT_DENSE_BITS), choices=("4", "8", "float"),
                    help=f"with --quantize: bits of the dense part (attention, embeddings), or float (default {DEFAULT_DENSE_BITS})")
+    p.add_argument("--activation", choices=sorted(ACTIVATIONS),
+                   help="the FFN's activation, when config.json does not say it right (drelu: relu on gate and up, TurboSparse)")
     p.add_argument("--no-bundle", action="store_true", help="store each FFN part as its own tensor (the paper's unbundled baseline)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--verify", metavar="DIR", help="re-read a flash folder and check every checksum, then exit")
@@ -545,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     m = convert(args.model, args.out, dtype=args.dtype, bundle=not args.no_bundle, overwrite=args.overwrite,
                 progress=not args.quiet, quantize=args.quantize, group_size=args.group_size,
-                dense_bits=None if args.dense_bits == "float" else int(args.dense_bits))
+                dense_bits=None if args.dense_bits == "float" else int(args.dense_bits), activation=args.activation)
     dt = time.perf_counter() - t0
     kind = m.dtype if m.quantization is None else f"{m.quantization.bits}-bit, groups of {m.quantization.group_size}, {m.dtype} scales"
     print(

@@ -100,6 +100,9 @@ ACTIVATIONS = {
     "gelu_new": "gelu_approx",
     "gelu_pytorch_tanh": "gelu_approx",
     "gelu_fast": "gelu_approx",
+    # dReLU (TurboSparse): relu on both the gate and the up projection of a gated FFN. Its
+    # checkpoints run custom code, so convert --activation drelu says so where config.json cannot.
+    "drelu": "drelu",
 }
 
 _GATED_LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")

@@ -42,25 +42,40 @@ if TYPE_CHECKING:  # pragma: no cover
     from .layout import Quantization
     from .runtime import FlashRuntime
 
+def drelu(x: mx.array) -> mx.array:
+    """dReLU's activation: relu, applied to the up projection too (see `applies_to_up`)."""
+    return nn.relu(x)
+
+
+drelu.applies_to_up = True
+
 ACTIVATION_FUNCTIONS: dict[str, Callable[[mx.array], mx.array]] = {
     "relu": nn.relu,
     "silu": nn.silu,
     "gelu": nn.gelu,
     "gelu_approx": nn.gelu_approx,
+    "drelu": drelu,
 }
+
+
+def applies_to_up(act: Callable) -> bool:
+    """Whether a gated FFN applies `act` to its up projection as well (dReLU)."""
+    return getattr(act, "applies_to_up", False)
 
 
 def ffn_block(x: mx.array, parts: dict[str, mx.array], act: Callable, up_bias: mx.array | None = None,
               mask: mx.array | None = None, quant: "Quantization | None" = None) -> mx.array:
     """The FFN over a block of neurons whose rows are in `parts` (each [k, d]; "down" holds the
-    down projection's columns as rows). Gated: down(act(gate x) * up x); two-matrix:
+    down projection's columns as rows). Gated: down(act(gate x) * up x) (dReLU: act(up x));
+    two-matrix:
     down(act(up x + b1)). No output bias: the caller adds it once. `mask` ([k], 0 or 1) zeroes
     the neurons it marks 0. With `quant`, `parts` holds each part's quantized fields
     ("gate.weight", "gate.scales", "gate.biases", ...), rows quantized along d."""
     if quant is not None and parts["up.weight"].shape[0] == 0:  # quantized_matmul cannot take 0 rows
         return mx.zeros(x.shape, dtype=x.dtype)
     if "gate" in parts or "gate.weight" in parts:
-        h = act(project(x, parts, "gate", quant)) * project(x, parts, "up", quant)
+        up = project(x, parts, "up", quant)
+        h = act(project(x, parts, "gate", quant)) * (act(up) if applies_to_up(act) else up)
     else:
         h = project(x, parts, "up", quant)
         if up_bias is not None:

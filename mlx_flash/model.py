@@ -27,7 +27,7 @@ from .budget import ModelSizes, MemoryPlan, parse_budget, plan_with_selection
 from .cache import NeuronCache
 from .errors import MlxFlashError, one_line
 from .families import ACTIVATIONS, architecture_for
-from .ffn import ACTIVATION_FUNCTIONS, FlashFFN, LayerState
+from .ffn import ACTIVATION_FUNCTIONS, FlashFFN, LayerState, applies_to_up
 from .models import get_model_classes
 from .quantize import quantize_loaded
 from .reader import FlashReader
@@ -312,7 +312,8 @@ class DenseActMLP(nn.Module):
         self._act = act
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(self._act(self.gate_proj(x)) * self.up_proj(x))
+        up = self.up_proj(x)
+        return self.down_proj(self._act(self.gate_proj(x)) * (self._act(up) if applies_to_up(self._act) else up))
 
 
 class RowQuantizedDown(nn.Module):

@@ -17,6 +17,7 @@ from tiny_models import TOKENIZER_TEXT, make_tiny_model
 
 FAMILIES = [
     ("llama", {"hidden_act": "relu"}),  # ReluLLaMA-style, GQA
+    ("llama", {"hidden_act": "drelu"}),  # dReLU (TurboSparse): relu on gate and up
     ("llama", {"hidden_act": "silu", "tie_word_embeddings": True, "num_key_value_heads": 4}),
     ("qwen2", {"hidden_act": "silu"}),
     ("qwen3", {"hidden_act": "relu"}),
@@ -161,3 +162,24 @@ def test_chat_cli(family):
     )
     assert r.returncode == 0, r.stderr
     assert "decode:" in r.stdout and "(conversation cleared)" in r.stdout and "commands:" in r.stdout
+
+
+def test_convert_activation_override_writes_config(tmp_path):
+    """convert --activation drelu: the manifest and the flash folder's config.json say drelu, and
+    the flash model computes relu on gate and up: it differs from the relu model it came from."""
+    src = make_tiny_model(tmp_path / "src", "llama", hidden_act="relu", seed=5)
+    r = subprocess.run([sys.executable, "-m", "mlx_flash.convert", "--model", str(src), "--out", str(tmp_path / "f"),
+                        "--activation", "drelu", "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    import json
+
+    assert json.loads((tmp_path / "f" / "config.json").read_text())["hidden_act"] == "drelu"
+    from mlx_flash.layout import read_manifest
+
+    assert read_manifest(tmp_path / "f").activation == "drelu"
+    tok = mlx_lm.utils.load_tokenizer(src)
+    model, _ = mlx_flash.load(tmp_path / "f", context=128)
+    drelu_tokens = greedy_tokens(model, tok)
+    model.flash.close()
+    (src / "config.json").write_text((src / "config.json").read_text().replace('"relu"', '"drelu"'))
+    assert drelu_tokens == greedy_tokens(load_dense(src), tok)
