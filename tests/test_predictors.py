@@ -207,6 +207,25 @@ def test_selection_predictor_without_predictors_is_one_line_error(relu_flash):
     assert "no predictors" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_missing_or_mismatched_predictors_file_is_one_line_error(relu_trained, tmp_path):
+    import shutil
+
+    from mlx_flash.predictors.store import save_predictors
+
+    _, folder, _ = relu_trained
+    copy = tmp_path / "flash"
+    shutil.copytree(folder, copy)
+    p = Predictors.load(copy)
+    layers = [LayerPredictor(np.array(a)[:, :-1], np.array(b), np.array(c), t)  # A one column short
+              for a, b, c, t in zip(p._A, p._B, p._bias, p.thresholds)]
+    save_predictors(copy / layout.PREDICTORS_NAME, layers, p.info, np.dtype(np.float32))
+    for broken in ("mismatched", "missing"):
+        with pytest.raises(MlxFlashError) as e:
+            mlx_flash.load(copy, selection="predictor")
+        assert "\n" not in str(e.value) and ("does not match" in str(e.value) if broken == "mismatched" else "missing" in str(e.value))
+        (copy / layout.PREDICTORS_NAME).unlink(missing_ok=True)
+
+
 def test_predictor_selection_generates_and_is_planned(relu_trained):
     _, folder, _ = relu_trained
     model, tok = mlx_flash.load(folder, selection="predictor", context=128)
@@ -288,3 +307,20 @@ def test_swiglu_predictor_output_does_not_depend_on_window(silu_trained):
         model.flash.close()
     assert [t for t, _ in outs[0]] == [t for t, _ in outs[1]]
     assert np.allclose([lp for _, lp in outs[0]], [lp for _, lp in outs[1]], atol=1e-4)  # unmasked: ~0.5 apart
+
+
+@pytest.mark.parametrize("model_type", ["opt", "phi"])
+def test_two_matrix_families_train_and_generate(model_type, tmp_path):
+    """OPT (ReLU, FFN biases) learns activation > 0; Phi (GELU) thresholded active sets."""
+    src = make_tiny_model(tmp_path / "src", model_type)
+    folder = tmp_path / "flash"
+    convert(src, folder, progress=False)
+    text = tmp_path / "text.txt"
+    text.write_text(TOKENIZER_TEXT)
+    assert cli(["train", "--model", str(folder), "--data", str(text), "--tokens", "512", "--rank", "8", "--epochs", "1", "--quiet"]) == 0
+    info = Predictors.load(folder).info
+    assert info["rule"] == ("relu" if model_type == "opt" else "threshold")
+    model, tok = mlx_flash.load(folder, selection="predictor", context=128)
+    assert model.flash.mask_inactive == (model_type == "phi")
+    assert len(list(mlx_lm.stream_generate(model, tok, TOKENIZER_TEXT[:40], max_tokens=4))) == 4
+    model.flash.close()
