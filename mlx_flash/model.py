@@ -20,7 +20,6 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 
 from . import layout
 from .budget import ModelSizes, MemoryPlan, parse_budget, plan_with_selection
@@ -386,9 +385,7 @@ def load_dense(source: str | Path, dtype: mx.Dtype | None = mx.float32, *, quant
         for mlp, name, module in downs:
             setattr(mlp, name, module)
     if dtype is not None:
-        model.update(
-            {k: v for k, v in _tree_cast(model.parameters(), dtype).items()}
-        )
+        model.update(_tree_cast(model.parameters(), dtype))
     mx.eval(model.parameters())
     model.eval()
     return model
