@@ -143,14 +143,15 @@ def evaluate(
     dense = _Scorer(token_ids)
     n_rows = sum(hi - lo for lo, hi in spans)
     with tempfile.TemporaryDirectory(prefix="mlx_flash_eval_") as tmp:
-        xs = [np.lib.format.open_memmap(Path(tmp) / f"x{i}.npy", mode="w+", dtype=np.float32, shape=(n_rows, manifest.hidden_size))
+        x_dtype = np.float32 if manifest.dtype == "float32" else np.float16  # as training keeps them
+        xs = [np.lib.format.open_memmap(Path(tmp) / f"x{i}.npy", mode="w+", dtype=x_dtype, shape=(n_rows, manifest.hidden_size))
               for i in range(manifest.num_layers)]
         row = [0]
 
         def keep(batch, logits, layer_x):
             k = layer_x[0].shape[0]
             for buf, xl in zip(xs, layer_x):
-                buf[row[0] : row[0] + k] = np.array(xl)
+                buf[row[0] : row[0] + k] = np.array(xl.astype(mx.float32))
             row[0] += k
             for b, (lo, hi) in enumerate(batch):
                 dense.add(_positions(lo, hi), logits[b, : hi - lo - 1])
@@ -166,7 +167,7 @@ def evaluate(
                 x = xs[i]
                 counts = np.zeros(4, np.int64)
                 for lo in range(0, n_rows, 4096):
-                    xb = np.asarray(x[lo : lo + 4096])
+                    xb = np.asarray(x[lo : lo + 4096], dtype=np.float32)
                     counts += mask_counts(predictors.predict_mask(i, xb), cal.active_sets(ffns[i], xb, rule))
                 c = set_counts(hit=int(counts[0]), predicted=int(counts[1]), active=int(counts[2]), total=int(counts[3]))
                 layers.append({"layer": i, "rank": predictors.ranks()[i], **{k: round(v, 6) for k, v in c.items()}})
