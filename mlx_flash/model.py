@@ -238,7 +238,7 @@ def load_flash_model(folder: str | Path, options: FlashOptions = FlashOptions())
 
             runtime.predictors = Predictors.load(folder, manifest, dtype)
             # Not ReLU: a cached neuron not predicted for this token is zeroed (see ffn.py).
-            runtime.mask_inactive = ACTIVATIONS[manifest.activation] != "relu"
+            runtime.mask_inactive = ACTIVATIONS[manifest.activation] not in ("relu", "drelu")
         weights = {n: a for n, a in mx.load(str(folder / manifest.dense_file)).items() if not n.startswith("__padding")}
         weights = {n: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a for n, a in weights.items()}
         biases = {key: weights.pop(name) for key, name in bias_names.items()}

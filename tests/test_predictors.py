@@ -309,18 +309,22 @@ def test_swiglu_predictor_output_does_not_depend_on_window(silu_trained):
     assert np.allclose([lp for _, lp in outs[0]], [lp for _, lp in outs[1]], atol=1e-4)  # unmasked: ~0.5 apart
 
 
-@pytest.mark.parametrize("model_type", ["opt", "phi"])
-def test_two_matrix_families_train_and_generate(model_type, tmp_path):
-    """OPT (ReLU, FFN biases) learns activation > 0; Phi (GELU) thresholded active sets."""
-    src = make_tiny_model(tmp_path / "src", model_type)
+@pytest.mark.parametrize("model_type,over,rule", [("opt", {}, "relu"), ("phi", {}, "threshold"),
+                                                  ("llama", {"hidden_act": "drelu"}, "relu")])
+def test_other_families_train_and_generate(model_type, over, rule, tmp_path):
+    """OPT (ReLU, FFN biases) learns activation > 0; Phi (GELU) thresholded active sets; dReLU
+    (relu on gate and up) the neurons where both fire, fewer than where the gate alone does."""
+    src = make_tiny_model(tmp_path / "src", model_type, **over)
     folder = tmp_path / "flash"
     convert(src, folder, progress=False)
     text = tmp_path / "text.txt"
     text.write_text(TOKENIZER_TEXT)
     assert cli(["train", "--model", str(folder), "--data", str(text), "--tokens", "512", "--rank", "8", "--epochs", "1", "--quiet"]) == 0
     info = Predictors.load(folder).info
-    assert info["rule"] == ("relu" if model_type == "opt" else "threshold")
+    assert info["rule"] == rule
+    if over.get("hidden_act") == "drelu":  # random weights: half the gates fire, a quarter of both
+        assert all(0.1 < r["calibration_active_fraction"] < 0.4 for r in info["layers"])
     model, tok = mlx_flash.load(folder, selection="predictor", context=128)
-    assert model.flash.mask_inactive == (model_type == "phi")
+    assert model.flash.mask_inactive == (rule == "threshold")
     assert len(list(mlx_lm.stream_generate(model, tok, TOKENIZER_TEXT[:40], max_tokens=4))) == 4
     model.flash.close()

@@ -6,7 +6,8 @@ flash in blocks), so a model larger than memory can be calibrated; a recorder in
 FlashFFN keeps its input. A neuron's activation is the FFN's activation function applied to
 its pre-activation: act(gate_i . x) in a gated FFN, act(up_i . x + b_i) in a two-matrix one.
 What counts as *active* (an `ActiveRule`):
-- ``relu``: activation > 0, the exact set ReLU leaves (ReLU models: nothing else fires);
+- ``relu``: activation > 0, the exact set ReLU leaves (ReLU models: nothing else fires; dReLU,
+  which applies relu to the up projection too: the activation is relu(gate x) relu(up x));
 - ``threshold``: |activation| > the layer's threshold, calibrated so that a target fraction of
   activations fall under it (CATS, TEAL): for SwiGLU / GELU models, which are not sparse.
 """
@@ -24,7 +25,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import MlxFlashError
-from ..ffn import FlashFFN
+from ..ffn import FlashFFN, applies_to_up
 
 TEXT_CHUNK_CHARS = 1 << 16
 
@@ -152,8 +153,10 @@ class ActiveRule:
 
 
 def rule_kind_for(activation: str) -> str:
-    """``relu`` for ReLU FFNs (exactly sparse), ``threshold`` for every other activation."""
-    return "relu" if activation == "relu" else "threshold"
+    """``relu`` for ReLU and dReLU FFNs (exactly sparse), ``threshold`` for every other activation."""
+    from ..families import ACTIVATIONS
+
+    return "relu" if ACTIVATIONS.get(activation, activation) in ("relu", "drelu") else "threshold"
 
 
 def activation_blocks(ffn: FlashFFN, x: np.ndarray, token_chunk: int = 4096) -> Iterator[tuple[int, int, np.ndarray]]:
@@ -161,15 +164,20 @@ def activation_blocks(ffn: FlashFFN, x: np.ndarray, token_chunk: int = 4096) -> 
     yields (lo, hi, act [N, hi - lo] float32), the block's rows streamed from flash."""
     st, rt = ffn._state, ffn._rt
     sel = "gate" if "gate" in rt.manifest.part_names else "up"
+    both = sel == "gate" and applies_to_up(rt.act)  # dReLU: relu(gate x) * relu(up x)
     for lo, hi, rows in rt.stream_layer(st.layer):
         w = mx.array(rows[sel])
+        w_up = mx.array(rows["up"]) if both else None
         bias = st.up_bias[lo:hi].astype(mx.float32) if st.up_bias is not None else None
         out = np.empty((len(x), hi - lo), np.float32)
         for t in range(0, len(x), token_chunk):
-            pre = mx.array(np.asarray(x[t : t + token_chunk], np.float32)) @ w.T
+            xb = mx.array(np.asarray(x[t : t + token_chunk], np.float32))
+            pre = xb @ w.T
             if bias is not None:
                 pre = pre + bias
             a = rt.act(pre)
+            if both:
+                a = a * rt.act(xb @ w_up.T)
             mx.eval(a)
             out[t : t + token_chunk] = np.array(a)
         yield lo, hi, out
