@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--max-ratio", type=float, default=d.max_ratio,
                    help="rank search: the smallest rank whose predicted set is at most this many times the true one (default: %(default)s)")
     t.add_argument("--max-size", type=float, default=d.max_size,
-                   help="all predictors at most this fraction of the model's weights (default: %(default)s)")
+                   help="all predictors at most this fraction of the model's bytes (default: %(default)s)")
     t.add_argument("--sparsity", type=float, default=d.sparsity,
                    help="non-ReLU models: fraction of activations counted as inactive (default: %(default)s)")
     t.add_argument("--epochs", type=int, default=d.epochs, help="training epochs per rank tried (default: %(default)s)")
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                      fresh=args.fresh, keep_work=args.keep_work, progress=not args.quiet)
         print(f"wrote {args.model / 'predictors.safetensors'}: {len(info['layers'])} layers, ranks "
               f"{[r['rank'] for r in info['layers']]}, {info['elems']} weights "
-              f"({100 * info['fraction_of_model']:.2f}% of the model's {info['model_elems']})")
+              f"({100 * info['fraction_of_model']:.2f}% of the model's {info['model_bytes']} bytes)")
         for r in info["layers"]:
             v = r["validation"]
             print(f"  layer {r['layer']}: rank {r['rank']}, threshold p >= {r['threshold_probability']:.4f}, "

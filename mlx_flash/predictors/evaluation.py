@@ -127,7 +127,8 @@ def evaluate(
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
     folder = Path(folder)
     manifest = layout.read_manifest(folder)
-    _, info = read_predictors_header(folder, manifest)
+    header, info = read_predictors_header(folder, manifest)
+    predictor_bytes = sum(t.nbytes for t in header.values())
     config = read_config(folder)
     seq_len = seq_len or info.get("calibration", {}).get("seq_len") or default_seq_len(config)
     tokenizer = load_tokenizer(folder)
@@ -229,8 +230,9 @@ def evaluate(
         "perplexity_change": ppl_flash / ppl_dense - 1,
         "greedy_agreement": agreement([dense.argmax[p] for p in pos], [flash.argmax[p] for p in pos]),
         "predictor_elems": predictors.num_elems,
-        "model_elems": info.get("model_elems"),
-        "predictor_fraction_of_model": predictors.num_elems / info["model_elems"] if info.get("model_elems") else None,
+        "predictor_bytes": predictor_bytes,
+        "model_bytes": info.get("model_bytes"),
+        "predictor_fraction_of_model": predictor_bytes / info["model_bytes"] if info.get("model_bytes") else None,
         "decode": {
             "ms_per_token": stats.ms_per_token,
             "neurons_loaded_per_token": stats.neurons_loaded_per_token,
@@ -256,7 +258,8 @@ def format_result(r: dict) -> str:
                  f"({100 * r['perplexity_change']:+.2f}%), window {r['window']}")
     lines.append(f"greedy-token agreement: {100 * r['greedy_agreement']:.2f}% of {r['predicted_positions']} positions")
     if r.get("predictor_fraction_of_model") is not None:
-        lines.append(f"predictors: {r['predictor_elems']} weights, {100 * r['predictor_fraction_of_model']:.2f}% of the model's {r['model_elems']}")
+        lines.append(f"predictors: {r['predictor_bytes']} bytes ({r['predictor_elems']} weights), "
+                     f"{100 * r['predictor_fraction_of_model']:.2f}% of the model's {r['model_bytes']} bytes")
     dec = r["decode"]
     lines.append(f"decode: {dec['ms_per_token']:.1f} ms/token, {dec['neurons_loaded_per_token']:.0f} neurons "
                  f"({dec['bytes_per_token'] / 1e3:.1f} KB) read per token")

@@ -48,7 +48,7 @@ class TrainOptions:
     recall: float = 0.95  # target recall of truly active neurons, per layer, on validation tokens
     max_ratio: float = 3.0  # predicted / truly active the chosen rank must reach at that recall
     rank: int | None = None  # a fixed rank for every layer (else chosen per layer)
-    max_size: float = 0.05  # all predictors at most this fraction of the model's weights
+    max_size: float = 0.05  # all predictors at most this fraction of the model's bytes (as stored)
     sparsity: float = 0.5  # threshold rule only: fraction of activations counted as inactive
     epochs: int = 8
     batch: int = 256
@@ -241,13 +241,14 @@ def train_layer(x: np.ndarray, y: np.ndarray, opts: TrainOptions, max_rank: int,
 # -- the whole model -----------------------------------------------------------------------------
 
 
-def model_elems(folder: Path, manifest: layout.Manifest) -> int:
-    """Elements of every weight of the model: dense part plus FFN neurons."""
+def model_bytes(folder: Path, manifest: layout.Manifest) -> int:
+    """Bytes of every weight of the model as the flash folder stores them (dense part plus FFN
+    neurons; quantized folders: their packed weights, scales and biases)."""
     from ..safetensors_file import PADDING_PREFIX, read_header
 
     header, _ = read_header(folder / manifest.dense_file)
-    dense = sum(t.numel for name, t in header.items() if not name.startswith(PADDING_PREFIX))
-    return dense + sum(e.num_neurons * manifest.bundle_elems for e in manifest.layers)
+    dense = sum(t.nbytes for name, t in header.items() if not name.startswith(PADDING_PREFIX))
+    return dense + manifest.ffn_bytes()
 
 
 def _file_sha(path: Path) -> str:
@@ -325,8 +326,9 @@ def train(
             meta["rows"] = n_rows
             _write_meta(work, meta)
 
-        total_budget = int(opts.max_size * model_elems(folder, manifest))
         st_dtype = storage_dtype(manifest.dtype)
+        m_bytes = model_bytes(folder, manifest)
+        total_budget = int(opts.max_size * m_bytes / st_dtype.itemsize)  # in predictor elements
         predictors: list[LayerPredictor] = []
         records: list[dict] = []
         layer_bar = tqdm(range(manifest.num_layers), desc="predictors", unit="layer", disable=not progress)
@@ -368,7 +370,6 @@ def train(
         layer_bar.close()
 
         elems = sum(p.num_elems for p in predictors)
-        m_elems = model_elems(folder, manifest)
         info = {
             "rule": kind,
             "sparsity": opts.sparsity if kind == "threshold" else None,
@@ -377,8 +378,9 @@ def train(
             "options": train_opts,
             "calibration": {"data": Path(data).name, "tokens": int(n_tok), "seq_len": seq_len},
             "elems": elems,
-            "model_elems": m_elems,
-            "fraction_of_model": round(elems / m_elems, 6),
+            "bytes": elems * st_dtype.itemsize,
+            "model_bytes": m_bytes,
+            "fraction_of_model": round(elems * st_dtype.itemsize / m_bytes, 6),
             "layers": records,
         }
         summary = {
