@@ -22,7 +22,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=MODES, default="flash", help="flash (the paper's method, default), hybrid or naive")
     p.add_argument("--memory-budget", help="memory for the model: bytes, a size like 6GB, or a percentage like 50%% (default: no limit)")
     p.add_argument("--window", type=int, help="tokens whose neurons stay cached (default 5)")
-    p.add_argument("--selection", choices=SELECTIONS, help="how active neurons are chosen (default exact)")
+    p.add_argument("--selection", choices=SELECTIONS, help="how active neurons are chosen (default: exact, or predictor when the folder has predictors and the budget cannot hold the exact selector)")
     p.add_argument("--threads", type=int, help="flash reader threads")
     p.add_argument("--verify", action="store_true", help="check every checksum of the flash folder before loading")
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
