@@ -160,6 +160,66 @@ def train_predictors(folder: Path, work: Path, tokens: int, log) -> None:
     log(f"trained predictors in {time.perf_counter() - t0:.0f} s")
 
 
+def svd_predictors(folder: Path, x_dir: Path, rank: int, recall: float, log) -> None:
+    """Install in `folder` low-rank predictors made from each layer's selector (the up rows of a
+    two-matrix FFN, the gate rows of a gated one) by its truncated SVD: z = B (A x) + b with
+    A = V_r^T, B = U_r S_r, and b the selector's bias plus the least-squares constant of what
+    the truncation drops (its mean over the calibration inputs). Each layer's threshold is the
+    highest logit that keeps `recall` of the truly active neurons of the calibration inputs
+    `x_dir/x_layer_NNN.npy` (each layer's FFN inputs on calibration text, as
+    `python -m mlx_flash.predictors train ... --keep-work` leaves them in predictors.work).
+    The trained predictors' format; no training, so what a predictor of that rank can reach on
+    a model whose selector is low-rank (the synthetic models' is, by construction)."""
+    import mlx.core as mx
+    import numpy as np
+
+    from mlx_flash import layout
+    from mlx_flash.families import ACTIVATIONS, architecture_for
+    from mlx_flash.model import read_config
+    from mlx_flash.predictors.store import LayerPredictor, install_predictors
+    from mlx_flash.reader import FlashReader
+
+    m = layout.read_manifest(folder)
+    if ACTIVATIONS.get(m.activation) != "relu":
+        raise BenchError("--svd-predictors needs a ReLU model (active = pre-activation > 0)")
+    arch = architecture_for(read_config(folder))
+    part = "gate" if "gate" in m.part_names else "up"
+    dense = mx.load(str(folder / m.dense_file))
+    rng = np.random.default_rng(0)
+    layers, records = [], []
+    with FlashReader(folder, m) as reader:
+        for e in m.layers:
+            W = reader.read_rows(e.layer, 0, e.num_neurons)[part]
+            bname = arch.source_name(e.layer, arch.family.biases["up_bias"]) if "up_bias" in arch.family.biases else None
+            b = np.zeros(e.num_neurons, np.float32)
+            for cand in ([bname, bname.removeprefix("model.")] if bname else []):
+                if cand in dense:
+                    b = np.array(dense[cand].astype(mx.float32))
+            x = np.load(x_dir / f"x_layer_{e.layer:03d}.npy").astype(np.float32)
+            y = (x @ W.T + b) > 0
+            k = min(rank + 16, min(W.shape))
+            Q, _ = np.linalg.qr(W @ rng.standard_normal((W.shape[1], k), dtype=np.float32))
+            for _ in range(2):  # power iterations
+                Q, _ = np.linalg.qr(W @ (W.T @ Q))
+            Ub, S, Vt = np.linalg.svd(Q.T @ W, full_matrices=False)
+            r = min(rank, len(S))
+            A, B = Vt[:r].astype(np.float32), ((Q @ Ub[:, :r]) * S[:r]).astype(np.float32)
+            bias = b + x.mean(0) @ W.T - (x.mean(0) @ A.T) @ B.T
+            z = (x @ A.T) @ B.T + bias
+            pos = np.sort(z[y])
+            t = float(pos[int((1 - recall) * len(pos))]) if len(pos) else float(np.finfo(np.float32).max)
+            pred = z >= t
+            layers.append(LayerPredictor(A, B, bias.astype(np.float32), t))
+            records.append({"layer": e.layer, "rank": r, "threshold": t, "recall": float((pred & y).sum() / max(1, y.sum())),
+                            "ratio": float(pred.sum() / max(1, y.sum()))})
+            log(f"  svd predictor layer {e.layer}: rank {r}, predicted/active {records[-1]['ratio']:.2f} at recall {records[-1]['recall']:.3f}")
+    elems = sum(p.A.size + p.B.size + p.bias.size + 1 for p in layers)
+    summary = {"file": layout.PREDICTORS_NAME, "rule": "relu", "kind": f"svd-{rank}", "recall_target": recall,
+               "calibration": {"inputs": str(x_dir), "tokens": int(len(x))},
+               "fraction_of_model": None, "layers": records}
+    install_predictors(folder, layers, {"rule": "relu", "kind": f"svd-{rank}", "elems": int(elems), "layers": records}, summary)
+
+
 def predictor_summary(folder: Path) -> dict | None:
     from mlx_flash import layout
 
@@ -168,7 +228,7 @@ def predictor_summary(folder: Path) -> dict | None:
     if not p:
         return None
     layers = p.get("layers", [])
-    return {"fraction_of_model": p.get("fraction_of_model"), "recall_target": p.get("recall_target"),
+    return {"kind": p.get("kind", "trained"), "fraction_of_model": p.get("fraction_of_model"), "recall_target": p.get("recall_target"),
             "ranks": [l.get("rank") for l in layers],
             "mean_ratio_predicted_to_active": sum(l.get("ratio", 0) for l in layers) / max(1, len(layers)),
             "mean_validation_recall": sum(l.get("recall", 0) for l in layers) / max(1, len(layers))}
@@ -277,8 +337,8 @@ def share_predictors(src: Path, dst: Path, log) -> None:
     ms, md = layout.read_manifest(src), layout.read_manifest(dst)
     if not ms.predictors_file:
         return
-    stamp = (src / ms.predictors_file).stat()
-    if md.predictors_file and (dst / md.predictors_file).is_file() and (dst / md.predictors_file).stat().st_size == stamp.st_size:
+    if (md.predictors_file and (dst / md.predictors_file).is_file()
+            and layout.file_digest(dst / md.predictors_file) == layout.file_digest(src / ms.predictors_file)):
         return
     log(f"sharing the predictors of {src} with {dst}")
     shutil.copy2(src / ms.predictors_file, dst / ms.predictors_file)
@@ -605,6 +665,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text", type=Path, default=None, help="UTF-8 text file for prompt and continuation (default: Python's docs)")
     ap.add_argument("--train-predictors", type=int, default=0, metavar="TOKENS",
                     help="train the bundled folder's predictors on TOKENS tokens of calibration text first, when it has none")
+    ap.add_argument("--svd-predictors", metavar="RANK:XDIR", default=None,
+                    help="install rank-RANK SVD predictors of the selector (thresholds for 95%% recall on the calibration "
+                         "inputs XDIR/x_layer_NNN.npy) in the flash folders, replacing trained ones")
     ap.add_argument("--prepare-only", action="store_true", help="convert (and train predictors), then stop")
     ap.add_argument("--drop-system-cache", action="store_true", help="also drop the kernel's whole page cache before each row (root)")
     ap.add_argument("--in-process", action="store_true", help="run rows in this process (faster, for tests; peak memory is then shared)")
@@ -650,6 +713,14 @@ def run(args, rows: list[str]) -> int:
     if args.train_predictors and "bundled" in folders:
         train_predictors(folders["bundled"], work, args.train_predictors, log)
         if "unbundled" in folders:
+            share_predictors(folders["bundled"], folders["unbundled"], log)
+    if args.svd_predictors:
+        rank, _, xdir = args.svd_predictors.partition(":")
+        first = folders.get("bundled") or folders.get("unbundled")
+        if (predictor_summary(first) or {}).get("kind") != f"svd-{rank}":
+            log(f"installing rank-{rank} SVD predictors in {first} (calibration inputs {xdir})")
+            svd_predictors(first, Path(xdir), int(rank), 0.95, log)
+        if len(folders) == 2:
             share_predictors(folders["bundled"], folders["unbundled"], log)
     if args.prepare_only:
         log(f"flash folders ready: {', '.join(str(f) for f in folders.values())}")

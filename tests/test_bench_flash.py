@@ -97,3 +97,31 @@ def test_errors_are_one_line(tiny, tmp_path):
     assert r.returncode == 0, r.stderr
     rows = json.loads((tmp_path / "small" / "bench_flash.json").read_text())["rows"]
     assert "too small" in rows[0]["error"] and "error" not in rows[1]
+
+
+def test_svd_predictors_installed_and_used(tiny, tmp_path):
+    """--svd-predictors RANK:XDIR writes predictors in the trained ones' format (thresholds for
+    95% recall on the given calibration inputs) into both folders; the flash rows then select
+    with them."""
+    import numpy as np
+
+    bench = _load("bench_flash", BENCH)
+    xdir = tmp_path / "x"
+    xdir.mkdir()
+    rng = np.random.default_rng(0)
+    for layer in range(4):  # stand-in calibration inputs (the trainer's --keep-work leaves real ones)
+        np.save(xdir / f"x_layer_{layer:03d}.npy", rng.standard_normal((512, 128)).astype(np.float32))
+    out = tmp_path / "out"
+    args = ["--model", str(tiny), "--out", str(out), "--memory-budget", "80%", "--prompt-tokens", "16",
+            "--max-tokens", "6", "--rows", "windowing,bundling", "--in-process", "--svd-predictors", f"16:{xdir}"]
+    assert bench.main(args) == 0
+    result = json.loads((out / "bench_flash.json").read_text())
+    assert result["predictors"]["kind"] == "svd-16" and len(result["predictors"]["ranks"]) == 4
+    for r in result["rows"]:
+        assert "error" not in r and r["selection"] == "predictor", r
+    from mlx_flash import layout
+
+    for kind in ("bundled", "unbundled"):
+        m = layout.read_manifest(out / "flash" / f"{kind}-float32")
+        assert m.predictors_file and m.extra["predictors"]["kind"] == "svd-16"
+        assert all(abs(l["recall"] - 0.95) < 0.02 for l in m.extra["predictors"]["layers"])
