@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 ROWS = ("naive", "hybrid", "predictor", "windowing", "bundling", "dense")
 DEFAULT_WINDOW = 5
+QUANT_GROUP = 64  # group size of the quantized rows' bundles (convert's default)
 OPENBLAS_HINT = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
 
 # "LLM in a flash" (Alizadeh et al., 2024), OPT-6.7B at about 50% of the model in memory:
@@ -74,8 +75,10 @@ class Row:
     what: str
 
 
-def row_specs(window: int) -> dict[str, Row]:
-    return {
+def row_specs(window: int, quantize: tuple[int, ...] = ()) -> dict[str, Row]:
+    """The rows by name; `quantize` adds, per bit width b, the full method on b-bit bundles
+    (`bundling-qb`, its folder converted with ``--quantize b``)."""
+    rows = {
         "naive": Row("naive", "naive", "unbundled", 0, "every token streams each layer's whole FFN"),
         "hybrid": Row("hybrid", "hybrid", "unbundled", 0, "neurons that fit the budget resident, the rest streamed"),
         "predictor": Row("predictor", "flash", "unbundled", 0, "only selected neurons read, none reused across tokens"),
@@ -83,6 +86,10 @@ def row_specs(window: int) -> dict[str, Row]:
         "bundling": Row("bundling", "flash", "bundled", window, "+ bundled up row/down column: the full method"),
         "dense": Row("dense", "dense", "source", 0, "mlx-lm, whole model in memory, float32"),
     }
+    for b in quantize:
+        rows[f"bundling-q{b}"] = Row(f"bundling-q{b}", "flash", f"bundled-q{b}", window,
+                                     f"the full method on {b}-bit bundles (float16 scales, {QUANT_GROUP}-wide groups)")
+    return rows
 
 
 class BenchError(Exception):
@@ -243,24 +250,37 @@ def prepare_folders(source: Path, work: Path, dtype: str, layouts: set[str], log
     work.mkdir(parents=True, exist_ok=True)
     stamp = source_stamp(source)
     out = {}
-    for kind in ("bundled", "unbundled"):
+    for kind in ("bundled", "unbundled", *sorted(k for k in layouts if k.startswith("bundled-q"))):
         if kind not in layouts:
             continue
-        folder = work / f"{kind}-{dtype}"
+        bits = int(kind.removeprefix("bundled-q")) if kind.startswith("bundled-q") else None
+        folder = work / (kind if bits else f"{kind}-{dtype}")
         stamp_file = folder / "bench_source.json"
         if not (layout.is_flash_folder(folder) and stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp):
             if kind == "unbundled" and "bundled" in out:  # from the bundled folder: no second dense file
                 log(f"writing {folder} ({kind}, {dtype}) from {out['bundled']}")
                 unbundle(out["bundled"], folder)
+            elif bits:
+                log(f"converting {source} -> {folder} ({bits}-bit bundles)")
+                convert(source, folder, dtype="float16", quantize=bits, group_size=QUANT_GROUP, bundle=True, overwrite=True,
+                        progress=sys.stderr.isatty())
             else:
                 log(f"converting {source} -> {folder} ({kind}, {dtype})")
                 convert(source, folder, dtype=dtype, bundle=kind == "bundled", overwrite=True, progress=sys.stderr.isatty())
             stamp_file.write_text(json.dumps(stamp))
         out[kind] = folder
-    if len(out) == 2:
+    if "bundled" in out and "unbundled" in out:
         share_dense(out["bundled"], out["unbundled"])
-        share_predictors(out["bundled"], out["unbundled"], log)
+    share_all_predictors(out, log)
     return out
+
+
+def share_all_predictors(folders: dict[str, Path], log) -> None:
+    """Every folder gets the bundled (or first) folder's predictors: the neurons are the same."""
+    src = folders.get("bundled") or next(iter(folders.values()), None)
+    for f in folders.values():
+        if f != src:
+            share_predictors(src, f, log)
 
 
 def unbundle(src: Path, dst: Path) -> None:
@@ -461,7 +481,8 @@ def run_row(spec: Row, cfg: dict) -> dict:
         res.update(selection=rt.selection, budget_bytes=rt.plan.budget_bytes, plan_bytes=rt.plan.total_bytes,
                    cache_capacity=rt.plan.cache_capacity, resident_neurons=rt.plan.resident_neurons,
                    neurons_per_layer=manifest.layers[0].num_neurons, bundle_bytes=manifest.layers[0].bundle_bytes,
-                   flash_dtype=manifest.dtype, reader_direct=rt.reader.direct)
+                   flash_dtype=manifest.dtype, reader_direct=rt.reader.direct, reader_align=rt.reader.align,
+                   quant_bits=manifest.quantization.bits if manifest.quantization else None)
     mx.eval(model.parameters())
     res["load_s"] = time.perf_counter() - t0
     res["load_peak_rss_bytes"] = _peak_rss()
@@ -656,7 +677,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slow-tokens", type=int, default=None, help="tokens to decode in the naive and hybrid rows (default: --max-tokens)")
     ap.add_argument("--out", required=True, type=Path, help="folder for bench_flash.json/.md/.png")
     ap.add_argument("--work", type=Path, default=None, help="where the flash folders are converted (default OUT/flash)")
-    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows to run (default: all: {','.join(ROWS)})")
+    ap.add_argument("--rows", default=None, help=f"comma-separated rows to run (default: all: {','.join(ROWS)}, and the --quantize rows)")
+    ap.add_argument("--quantize", default="", metavar="BITS", help="also run the full method on quantized bundles: 4, 8 or 4,8 "
+                    "(rows bundling-q4, bundling-q8)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"), help="weights on flash (default float32)")
     ap.add_argument("--window", type=int, default=DEFAULT_WINDOW, help=f"window of the windowing and bundling rows (default {DEFAULT_WINDOW})")
     ap.add_argument("--threads", type=int, default=None, help="flash reader threads (default: the reader's)")
@@ -679,10 +702,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {msg}", file=sys.stderr)
         return 2
 
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = [r for r in rows if r not in ROWS]
+    try:
+        args.quantize = tuple(int(b) for b in args.quantize.split(",") if b.strip())
+    except ValueError:
+        return fail(f"--quantize: bit widths 4 or 8, comma-separated, not {args.quantize!r}")
+    if any(b not in (4, 8) for b in args.quantize):
+        return fail(f"--quantize: bit widths 4 or 8, not {args.quantize}")
+    names = list(row_specs(args.window, args.quantize))
+    rows = [r.strip() for r in (args.rows or ",".join(names)).split(",") if r.strip()]
+    unknown = [r for r in rows if r not in names]
     if unknown:
-        return fail(f"unknown row(s) {', '.join(unknown)} (choose from {', '.join(ROWS)})")
+        return fail(f"unknown row(s) {', '.join(unknown)} (choose from {', '.join(names)})")
     if not (args.model / "config.json").is_file():
         return fail(f"{args.model}: not a model folder (no config.json)")
     if args.prompt_tokens < 2 or args.max_tokens < 2:
@@ -702,7 +732,7 @@ def run(args, rows: list[str]) -> int:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     work = args.work or out / "flash"
-    specs = row_specs(args.window)
+    specs = row_specs(args.window, args.quantize)
     source = args.model.resolve()
     label = args.label or source.name
     mach = machine()
@@ -712,16 +742,14 @@ def run(args, rows: list[str]) -> int:
     folders = prepare_folders(source, work, args.dtype, layouts, log)
     if args.train_predictors and "bundled" in folders:
         train_predictors(folders["bundled"], work, args.train_predictors, log)
-        if "unbundled" in folders:
-            share_predictors(folders["bundled"], folders["unbundled"], log)
+        share_all_predictors(folders, log)
     if args.svd_predictors:
         rank, _, xdir = args.svd_predictors.partition(":")
-        first = folders.get("bundled") or folders.get("unbundled")
+        first = folders.get("bundled") or folders.get("unbundled") or next(iter(folders.values()))
         if (predictor_summary(first) or {}).get("kind") != f"svd-{rank}":
             log(f"installing rank-{rank} SVD predictors in {first} (calibration inputs {xdir})")
             svd_predictors(first, Path(xdir), int(rank), 0.95, log)
-        if len(folders) == 2:
-            share_predictors(folders["bundled"], folders["unbundled"], log)
+        share_all_predictors(folders, log)
     if args.prepare_only:
         log(f"flash folders ready: {', '.join(str(f) for f in folders.values())}")
         return 0
@@ -729,7 +757,7 @@ def run(args, rows: list[str]) -> int:
     text = args.text.read_text(encoding="utf-8") if args.text else default_text()
     prompt, cont = text_tokens(tokenizer, text, args.prompt_tokens, args.max_tokens)
     slow = args.slow_tokens or args.max_tokens
-    tokens = {r: min(slow, args.max_tokens) if r in ("naive", "hybrid") else args.max_tokens for r in ROWS}
+    tokens = {r: min(slow, args.max_tokens) if r in ("naive", "hybrid") else args.max_tokens for r in specs}
     cfg = {"source": str(source), "folders": {k: str(v) for k, v in folders.items()}, "budget": args.memory_budget,
            "threads": args.threads, "decode": args.decode, "prompt": prompt, "continuation": cont, "tokens": tokens}
     files = model_files([source, *folders.values()])

@@ -302,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="alternating measurements per point and side (median)")
     ap.add_argument("--quick", action="store_true", help="a small grid, short points")
     ap.add_argument("--keep-file", action="store_true", help="keep the data file for a later run")
+    ap.add_argument("--data", type=Path, default=None,
+                    help="read this existing file (e.g. a converted model's shard; never written or deleted) "
+                         "instead of writing --file-gb of random bytes")
     ap.add_argument("--skip-cache", action="store_true", help="only the I/O grid")
     ap.add_argument("--chunks", type=str, default=None, help="comma-separated chunk sizes in KiB (default: the full grid)")
     ap.add_argument("--threads", type=str, default=None, help="comma-separated thread counts (default: the full grid)")
@@ -314,10 +317,17 @@ def main(argv: list[str] | None = None) -> int:
     seconds = args.seconds or (0.4 if args.quick else 0.7)
     chunks = [c * KIB for c in (_ints(args.chunks) or (QUICK_CHUNKS if args.quick else FULL_CHUNKS))]
     threads = _ints(args.threads) or (QUICK_THREADS if args.quick else FULL_THREADS)
-    data = args.out / DATA_NAME
+    data = args.data or args.out / DATA_NAME
     rng = np.random.default_rng(0)
-    print(f"writing {gb:g} GB of random data to {data} ...", flush=True)
-    write_data_file(data, int(gb * 1e9) // (1 << 20) * (1 << 20))
+    if args.data:
+        if not data.is_file():
+            print(f"error: --data {data}: no such file", file=sys.stderr)
+            return 2
+        gb = data.stat().st_size / 1e9
+        print(f"reading {data} ({gb:.2f} GB)", flush=True)
+    else:
+        print(f"writing {gb:g} GB of random data to {data} ...", flush=True)
+        write_data_file(data, int(gb * 1e9) // (1 << 20) * (1 << 20))
     points = []
     try:
         for c in chunks:
@@ -334,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {c // KIB:>5} KiB x {model['threads']:>2} threads, float16 -> float32: {mbps:7.1f} MB/s", flush=True)
         placement = [buffer_placement(data, c, t, seconds, args.repeats, rng) for c, t in ((chunks[-1], 16), (64 * KIB, 16))]
     finally:
-        if not args.keep_file:
+        if not args.keep_file and not args.data:
             data.unlink(missing_ok=True)
     cache_rows = []
     if not args.skip_cache:

@@ -4,8 +4,9 @@ The plan adds up, in the dtype weights are computed in:
 - the dense part (embeddings, attention, norms, lm_head, FFN biases): always resident;
 - the KV cache for the context the user asks for;
 - a streaming buffer: when a layer is streamed (naive and hybrid decoding, prefill, a token
-  whose active set overflows the cache) three blocks of neurons are alive at once: the block
-  computed on, its copy in MLX, and the next block being read;
+  whose active set overflows the cache) blocks of neurons are read into two MLX buffers kept
+  for the model's life (the block computed on and the next one being read), plus one block of
+  headroom for what is computed and the prompt's neurons kept to seed the window: three blocks;
 - per mode: `naive` nothing more; `hybrid` the first neurons of every layer that fit;
   `flash` the exact selector (gate or up projection) when selection is "exact", the predictors,
   and a neuron cache per layer with the capacity that is left.
@@ -22,7 +23,7 @@ from .errors import MlxFlashError
 MODES = ("naive", "hybrid", "flash")
 SELECTIONS = ("exact", "predictor")
 STREAM_BLOCK_NEURONS = 4096  # at most this many neurons per block when a layer is streamed
-STREAM_BUFFERS = 3  # blocks alive at once while streaming (see the module docstring)
+STREAM_BUFFERS = 3  # blocks of memory streaming may use (see the module docstring)
 
 
 def stream_block_neurons(num_neurons: int) -> int:

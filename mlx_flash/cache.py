@@ -89,9 +89,7 @@ class NeuronCache:
         self._buffers: dict[str, mx.array] = {}
         self._host: dict[str, np.ndarray] = {}  # writable numpy views of the same memory
         for name, (elems, dtype) in specs.items():
-            buf = mx.zeros((capacity, elems), dtype=_MX_DTYPES[np.dtype(dtype)])
-            mx.eval(buf)
-            self._buffers[name], self._host[name] = buf, _shared_host_view(buf)
+            self._buffers[name], self._host[name] = host_writable_buffer((capacity, elems), dtype)
         self._neuron_of = np.full(capacity, -1, dtype=np.int64)  # slot -> neuron
         n = num_neurons or 0
         self._slot_of = np.full(n, -1, dtype=np.int64)  # neuron -> slot (-1: not resident)
@@ -292,15 +290,41 @@ def _address(a: mx.array) -> int:
     return np.asarray(a).ctypes.data
 
 
+def host_writable_buffer(shape: tuple[int, ...], dtype, align: int = 0) -> tuple[mx.array, np.ndarray]:
+    """A zeroed, evaluated MLX array and a writable numpy view of the same memory (float32 or
+    uint32), its first element at a multiple of `align` bytes when given (MLX's own buffers
+    start 24 bytes past a page: an O_DIRECT read cannot land in them directly). Write it only
+    through the view, and evaluate what MLX computed from it before the next write (see the
+    module docstring): then MLX never copies it."""
+    dt = np.dtype(dtype)
+    if not align:
+        buf = mx.zeros(shape, dtype=_MX_DTYPES[dt])
+        mx.eval(buf)
+        return buf, _shared_host_view(buf)
+    n = int(np.prod(shape))
+    flat, flat_host = host_writable_buffer((n + align // dt.itemsize,), dt)
+    skip = -flat_host.ctypes.data % align
+    if skip % dt.itemsize:
+        raise RuntimeError(f"MLX buffer at an address not a multiple of {dt.itemsize}")
+    skip //= dt.itemsize
+    buf = flat[skip : skip + n].reshape(shape)  # a view: MLX slices and reshapes share the buffer
+    mx.eval(buf)
+    host = flat_host[skip : skip + n].reshape(shape)
+    if _address(buf) != host.ctypes.data:
+        raise RuntimeError("this MLX build copies a slice of an evaluated array")
+    return buf, host
+
+
 def _shared_host_view(buf: mx.array) -> np.ndarray:
     """A writable numpy array over an evaluated MLX array's memory; checked to be shared (a
     copy would make every later write invisible to MLX)."""
     host = np.asarray(buf)
     if not host.flags.writeable or host.ctypes.data != _address(buf):
         raise RuntimeError("this MLX build gives no writable zero-copy numpy view of an array")
-    host[0, 0] = 1.0
-    seen = buf[0, 0].item()
-    host[0, 0] = 0.0
-    if seen != 1.0:
+    first = (0,) * host.ndim
+    host[first] = 1
+    seen = buf[first].item()
+    host[first] = 0
+    if seen != 1:
         raise RuntimeError("numpy writes to an MLX buffer are not seen by MLX in this build")
     return host

@@ -161,13 +161,13 @@ class FlashFFN(nn.Module):
             wanted = np.unique(np.concatenate(seed_sets)) if seed_sets else np.zeros(0, np.int64)
             seed_rows: dict[str, list[np.ndarray]] = {}
         def blocks():
-            for ids, rows in rt.read_blocks(st.layer, np.arange(start, st.num_neurons, dtype=np.int64), raw=True):
+            for ids, rows, arrays in rt.stream_blocks(st.layer, np.arange(start, st.num_neurons, dtype=np.int64)):
                 if seed:
                     lo, hi = ids[0], ids[-1] + 1
                     pick = wanted[(wanted >= lo) & (wanted < hi)] - lo
                     for k, v in rows.items():
                         seed_rows.setdefault(k, []).append(v[pick])
-                yield ids, rows
+                yield ids, arrays
 
         y = self._computed_blocks(xc, blocks())
         if seed:
@@ -184,13 +184,14 @@ class FlashFFN(nn.Module):
         return y
 
     def _computed_blocks(self, xc: mx.array, blocks) -> mx.array:
-        """The FFN of xc summed over (ids, rows) blocks of neurons as they arrive from flash."""
+        """The FFN of xc summed over (ids, MLX rows) blocks of neurons as they arrive from flash
+        (`FlashRuntime.stream_blocks`: each block is evaluated before the next is asked for)."""
         rt, st = self._rt, self._state
         y = mx.zeros(xc.shape, dtype=rt.compute_dtype)
-        for ids, rows in blocks:
+        for ids, arrays in blocks:
             t0 = time.perf_counter()
             bias = mx.take(st.up_bias, mx.array(ids)) if st.up_bias is not None else None
-            y = y + ffn_block(xc, {k: mx.array(v) for k, v in rows.items()}, rt.act, bias, quant=rt.manifest.quantization)
+            y = y + ffn_block(xc, arrays, rt.act, bias, quant=rt.manifest.quantization)
             mx.eval(y)
             rt.add_time("streamed", time.perf_counter() - t0)
         return y
@@ -234,7 +235,7 @@ class FlashFFN(nn.Module):
         of the streaming buffer's size and computed block by block, the cache left as it is.
         Slower (nothing is reused), never wrong, and within the memory plan."""
         rt, st = self._rt, self._state
-        y = self._computed_blocks(xc, rt.read_blocks(st.layer, ids, raw=True))
+        y = self._computed_blocks(xc, ((b, arrays) for b, _, arrays in rt.stream_blocks(st.layer, ids)))
         rt.count_token_layer(st.layer, active=len(ids), loaded=len(ids), used=0, overflow=True)
         return y
 

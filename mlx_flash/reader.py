@@ -9,13 +9,15 @@ comes from the manifest (`layout`): a neuron's bytes in a segment start at
 ``segment.row_offset(neuron)``.
 
 How a request becomes reads: per segment (one when bundled, one per part otherwise), each
-wanted neuron's byte range is widened to 4 KiB sectors (O_DIRECT needs aligned offsets,
-lengths and buffers; a bundle that is not a multiple of 4 KiB is read as part of an aligned
+wanted neuron's byte range is widened to whole blocks of the reader's `align` (O_DIRECT needs
+aligned offsets, lengths and buffers: `align` is the smallest alignment the file accepts, probed
+at open: the device's logical block size, 512 B on most disks, 4 KiB on 4Kn drives and where the
+page cache is not bypassed; a bundle that is not a multiple of it is read as part of an aligned
 range), neighbours whose gap on flash is at most `coalesce_gap` bytes are merged into one read
 (reading the gap and discarding it is cheaper than a second read), and no read grows past
 about `max_read` bytes (so that a dense range still spreads over the threads). The reads go to
 a pool of threads (``os.preadv`` releases the GIL). Where every part fills whole sectors
-(float32 with d a multiple of 1024: the paper's CPU setting), one vectored read puts each
+(float32 with d a multiple of 128 at 512 B blocks: the paper's CPU setting), one vectored read puts each
 part of each row straight into its (aligned) output row: no copy at all. Otherwise a thread reads
 into its own aligned scratch buffer and converts the rows to float32 into the outputs (on
 Linux MLX cannot adopt a host buffer without a copy, so one copy is needed anyway).
@@ -113,19 +115,19 @@ class _Chunk(NamedTuple):
 
 
 def plan_chunks(
-    starts: np.ndarray, row_bytes: int, coalesce_gap: int, max_read: int
+    starts: np.ndarray, row_bytes: int, coalesce_gap: int, max_read: int, align: int = SECTOR
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Group rows starting at sorted byte offsets `starts` into aligned reads.
 
     Returns (first, stop, offset, length, need): read c covers rows first[c]..stop[c]-1, starts
-    at the sector-aligned `offset[c]`, is `length[c]` bytes (a multiple of SECTOR) and must
+    at the `align`-aligned `offset[c]`, is `length[c]` bytes (a multiple of `align`) and must
     deliver at least `need[c]` bytes (its last row's end; the rest may lie past end of file).
     Two rows share a read when the bytes between their aligned ranges are <= coalesce_gap (a
     negative gap merges only rows that share a sector); a read stops growing once it spans
-    `max_read` bytes, so it is at most max_read + row_bytes + SECTOR long."""
+    `max_read` bytes, so it is at most max_read + row_bytes + align long."""
     ends = starts + row_bytes
-    a0 = starts // SECTOR * SECTOR
-    a1 = -(-ends // SECTOR) * SECTOR
+    a0 = starts // align * align
+    a1 = -(-ends // align) * align
     n = len(starts)
     gap_break = np.zeros(n, dtype=bool)
     gap_break[0] = True
@@ -146,6 +148,25 @@ def _aligned_empty(nbytes: int) -> np.ndarray:
     raw = np.empty(nbytes + SECTOR, dtype=np.uint8)
     skip = -raw.ctypes.data % SECTOR
     return raw[skip : skip + nbytes]
+
+
+def direct_alignment(fd: int, size: int) -> int:
+    """The smallest alignment of offset, length and buffer address that O_DIRECT reads of the
+    open file `fd` (of `size` bytes) accept: 512, 1024 or 2048 bytes when a probe read at that
+    alignment (and not a larger one) succeeds, else SECTOR. It is the device's logical block
+    size on Linux block devices; probing also covers stacked devices and filesystems that
+    sysfs does not describe."""
+    buf = memoryview(_aligned_empty(2 * SECTOR))
+    for a in (512, 1024, 2048):
+        if size < 2 * a:
+            break
+        try:  # offset a, length a, address a past a SECTOR boundary: aligned to a, not to 2a
+            if os.preadv(fd, [buf[a : 2 * a]], a) == a:
+                return a
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+    return SECTOR
 
 
 def _convert_into(out: np.ndarray, where: slice | np.ndarray, src: np.ndarray, dtype: str) -> None:
@@ -182,12 +203,12 @@ class _Request:
 
     def __init__(self, layer: int, ids: np.ndarray, chunks: list[_Chunk], out: dict[str, np.ndarray],
                  dest: np.ndarray | None, gather: tuple[np.ndarray, dict[str, np.ndarray]] | None,
-                 future: ReadFuture):
+                 future: ReadFuture, align: int):
         """dest: output row of each sorted id (None: the same row); gather: (inverse, final)
         when ids repeat: the unique rows read into `out` are gathered into `final` at the end."""
         self.layer, self.ids, self.out, self.dest, self.gather = layer, ids, out, dest, gather
-        # Rows go straight into the outputs only if these are sector-aligned.
-        self.aligned = all(a.ctypes.data % SECTOR == 0 for a in out.values())
+        # Rows go straight into the outputs only if these are aligned for O_DIRECT.
+        self.aligned = all(a.ctypes.data % align == 0 for a in out.values())
         self.id_list = ids.tolist()
         self.dest_list = None if dest is None else dest.tolist()
         self.out_bytes = {k: memoryview(v).cast("B") for k, v in out.items()}  # flat, for preadv
@@ -252,6 +273,9 @@ class FlashReader:
     coalesce_gap: merge neighbouring reads whose gap on flash is at most this many bytes
         (default `DEFAULT_COALESCE_GAP`; negative: merge only reads sharing a sector).
     max_read: a merged read stops growing at about this many bytes (default `DEFAULT_MAX_READ`).
+
+    `self.align` is the alignment reads are widened to: the smallest every file accepts without
+    the page cache (`direct_alignment`), SECTOR when reading through the page cache.
     """
 
     def __init__(
@@ -279,6 +303,7 @@ class FlashReader:
         self._lock = threading.Lock()
         self._local = threading.local()
         self.direct = direct is not False
+        self.align = 512 if self.direct and hasattr(os, "O_DIRECT") else SECTOR  # raised by _open as files need
         try:
             for entry in manifest.layers:
                 if entry.file not in self._files:
@@ -304,6 +329,14 @@ class FlashReader:
             raise FlashFormatError(
                 f"{path}: truncated ({st.st_size} bytes, manifest needs {end}); re-run mlx_flash.convert"
             )
+        if self.direct and hasattr(os, "O_DIRECT"):
+            try:
+                self.align = max(self.align, direct_alignment(fd, st.st_size))
+            except BaseException:
+                os.close(fd)
+                raise
+        else:
+            self.align = SECTOR
         return _File(fd, path, st.st_size, st.st_mtime_ns)
 
     def _open_uncached(self, path: str, direct: bool | None) -> int:
@@ -386,7 +419,7 @@ class FlashReader:
                 gather, out = (inverse, out), self.empty_rows(len(ids), raw=True)
                 dest = None
         chunks = [c for s in entry.segments for c in self._plan(entry, s, ids)]
-        req = _Request(layer, ids, chunks, out, dest, gather, future)
+        req = _Request(layer, ids, chunks, out, dest, gather, future, self.align)
         self._start(req)
         return future
 
@@ -455,11 +488,11 @@ class FlashReader:
     def _plan(self, entry: LayerEntry, seg: Segment, ids: np.ndarray) -> list[_Chunk]:
         cols = [(c.key, c.start, c.stop, c.dtype) for c in self.manifest.columns(seg)]
         vectored = not self.manifest.quantized and self.manifest.dtype == "float32" and all(
-            (c1 - c0) % SECTOR == 0 for _, c0, c1, _ in cols
+            (c1 - c0) % self.align == 0 for _, c0, c1, _ in cols
         )
         reads = _SegmentReads(seg, self._files[entry.file], tuple(cols), vectored)
         starts = seg.data_offset + ids * seg.row_bytes
-        planned = plan_chunks(starts, seg.row_bytes, self.coalesce_gap, self.max_read)
+        planned = plan_chunks(starts, seg.row_bytes, self.coalesce_gap, self.max_read, self.align)
         return [_Chunk(reads, *c) for c in zip(*(a.tolist() for a in planned))]
 
     def _start(self, req: _Request) -> None:

@@ -73,6 +73,21 @@ def test_every_row_end_to_end(tiny, tmp_path):
     assert not got.bundled and [(e.checksum, e.segments) for e in got.layers] == [(e.checksum, e.segments) for e in ref.layers]
 
 
+def test_quantized_row(tiny, tmp_path):
+    """--quantize 4 adds the full method on 4-bit bundles: fewer bytes a token than float32."""
+    bench = _load("bench_flash", BENCH)
+    out = tmp_path / "out"
+    args = ["--model", str(tiny), "--out", str(out), "--memory-budget", "80%", "--prompt-tokens", "16",
+            "--max-tokens", "6", "--in-process", "--rows", "bundling,bundling-q4", "--quantize", "4"]
+    assert bench.main(args) == 0
+    rows = {r["name"]: r for r in json.loads((out / "bench_flash.json").read_text())["rows"]}
+    assert "error" not in rows["bundling-q4"], rows["bundling-q4"].get("error")
+    q, f = rows["bundling-q4"], rows["bundling"]
+    assert q["quant_bits"] == 4 and f["quant_bits"] is None and q["tokens_match_text"]
+    assert 0 < q["bytes_per_token"] < f["bytes_per_token"]
+    assert bench.main(args[:-2] + ["--quantize", "3"]) == 2
+
+
 def test_row_in_its_own_process(tiny, tmp_path):
     r = subprocess.run([sys.executable, str(BENCH), "--model", str(tiny), "--out", str(tmp_path), "--memory-budget", "80%",
                         "--prompt-tokens", "16", "--max-tokens", "6", "--rows", "bundling,naive"],
