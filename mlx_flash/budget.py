@@ -2,7 +2,8 @@
 
 The plan adds up, in the dtype weights are computed in:
 - the dense part (embeddings, attention, norms, lm_head, FFN biases): always resident;
-- the KV cache for the context the user asks for;
+- the KV cache for the context the user asks for, as mlx-lm allocates it (in steps of
+  `KV_STEP` tokens: a context of 137 tokens holds 256);
 - a streaming buffer: when a layer is streamed (naive and hybrid decoding, prefill, a token
   whose active set overflows the cache) blocks of neurons are read into two MLX buffers kept
   for the model's life (the block computed on and the next one being read), plus one block of
@@ -23,6 +24,7 @@ from .errors import MlxFlashError
 MODES = ("naive", "hybrid", "flash")
 SELECTIONS = ("exact", "predictor")
 STREAM_BLOCK_NEURONS = 4096  # at most this many neurons per block when a layer is streamed
+KV_STEP = 256  # mlx-lm's KVCache grows in steps of this many tokens (mlx_lm.models.cache.KVCache.step)
 STREAM_BUFFERS = 3  # blocks of memory streaming may use (see the module docstring)
 
 
@@ -30,6 +32,11 @@ def stream_block_neurons(num_neurons: int) -> int:
     """Neurons per streamed block: at least 8 blocks a layer (so reading the next overlaps
     computing this one), at most STREAM_BLOCK_NEURONS (so the buffer stays small)."""
     return max(1, min(STREAM_BLOCK_NEURONS, -(-num_neurons // 8)))
+
+
+def kv_tokens(context: int) -> int:
+    """Token slots mlx-lm's KV cache holds for `context` tokens: whole steps of KV_STEP."""
+    return -(-max(context, 1) // KV_STEP) * KV_STEP
 
 
 class BudgetError(MlxFlashError):
@@ -171,7 +178,7 @@ def plan_memory(
     per_neuron_all = per_neuron_layer * sizes.num_layers
     fixed = {
         "dense": sizes.dense_bytes_for(b),
-        "kv": sizes.kv_elems_per_token * context * b,
+        "kv": sizes.kv_elems_per_token * kv_tokens(context) * b,
         "stream": STREAM_BUFFERS * stream_block_neurons(sizes.num_neurons) * per_neuron_layer,
         "selector": 0,
         "predictor": 0,

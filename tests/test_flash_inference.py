@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import mlx_flash
-from mlx_flash.budget import BudgetError, parse_budget, plan_memory
+from mlx_flash.budget import KV_STEP, BudgetError, parse_budget, plan_memory
 from mlx_flash.convert import convert
 from mlx_flash.model import load_dense
 from tiny_models import TOKENIZER_TEXT, make_tiny_model
@@ -116,14 +116,20 @@ def test_budget_planner_arithmetic():
     for bad in ("lots", "-5", "0", "5 parsecs"):
         with pytest.raises(BudgetError):
             parse_budget(bad, 100)
-    # fixed: dense 4000 B, kv 40*10*4 = 1600 B, stream 3 blocks of 13 neurons*30*4 = 4680 B,
-    # selector 2*100*10*4 = 8000 B
-    plan = plan_memory(sizes, mode="flash", budget_bytes=4000 + 1600 + 4680 + 8000 + 50 * 240, dtype_bytes=4, context=10)
-    assert (plan.dense_bytes, plan.kv_bytes, plan.stream_bytes, plan.selector_bytes) == (4000, 1600, 4680, 8000)
+    # fixed: dense 4000 B, kv 40*256*4 = 40960 B (10 tokens of context: mlx-lm's KV cache
+    # holds whole steps of 256), stream 3 blocks of 13 neurons*30*4 = 4680 B, selector
+    # 2*100*10*4 = 8000 B
+    kv = 40 * 256 * 4
+    plan = plan_memory(sizes, mode="flash", budget_bytes=4000 + kv + 4680 + 8000 + 50 * 240, dtype_bytes=4, context=10)
+    assert (plan.dense_bytes, plan.kv_bytes, plan.stream_bytes, plan.selector_bytes) == (4000, kv, 4680, 8000)
     assert plan.cache_capacity == 50 and plan.total_bytes == plan.budget_bytes
-    hybrid = plan_memory(sizes, mode="hybrid", budget_bytes=4000 + 1600 + 4680 + 30 * 240, dtype_bytes=4, context=10)
+    hybrid = plan_memory(sizes, mode="hybrid", budget_bytes=4000 + kv + 4680 + 30 * 240, dtype_bytes=4, context=10)
     assert hybrid.resident_neurons == 30 and hybrid.cache_capacity == 0
-    with pytest.raises(BudgetError, match="at least 18.5 KB"):
+    assert plan_memory(sizes, mode="naive", budget_bytes=10**6, dtype_bytes=4, context=257).kv_bytes == 40 * 512 * 4
+    from mlx_lm.models.cache import KVCache
+
+    assert KVCache.step == KV_STEP  # the planner's assumption about mlx-lm's KV cache
+    with pytest.raises(BudgetError, match="at least 57.9 KB"):
         plan_memory(sizes, mode="flash", budget_bytes=1000, dtype_bytes=4, context=10)
 
 
