@@ -758,7 +758,12 @@ def run(args, rows: list[str]) -> int:
     prompt, cont = text_tokens(tokenizer, text, args.prompt_tokens, args.max_tokens)
     slow = args.slow_tokens or args.max_tokens
     tokens = {r: min(slow, args.max_tokens) if r in ("naive", "hybrid") else args.max_tokens for r in specs}
-    cfg = {"source": str(source), "folders": {k: str(v) for k, v in folders.items()}, "budget": args.memory_budget,
+    # One budget in bytes for every row: a percentage is of the model in float32 (so a quantized
+    # row runs in the same memory as the float rows, not in half of its own smaller size).
+    from mlx_flash.budget import parse_budget
+
+    budget = parse_budget(args.memory_budget, dense_fits(source)[1])
+    cfg = {"source": str(source), "folders": {k: str(v) for k, v in folders.items()}, "budget": budget,
            "threads": args.threads, "decode": args.decode, "prompt": prompt, "continuation": cont, "tokens": tokens}
     files = model_files([source, *folders.values()])
     results = []
@@ -796,14 +801,14 @@ def run(args, rows: list[str]) -> int:
             r["speedup_vs_naive"] = naive["ms_per_token"] / r["ms_per_token"]
     mach["load_avg_end"] = os.getloadavg()
     command = " ".join(["python", "benchmarks/bench_flash.py", *sys.argv[1:]]) if Path(sys.argv[0]).name == "bench_flash.py" else None
-    result = {"command": command, "model": label, "source": str(source), "memory_budget": args.memory_budget,
+    result = {"command": command, "model": label, "source": str(source), "memory_budget": args.memory_budget, "budget_bytes": budget,
               "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "tokens_per_row": {r: tokens[r] for r in rows},
               "decode": args.decode, "window": args.window, "dtype": args.dtype, "machine": mach,
               "predictors": predictor_summary(folders["bundled"]) if "bundled" in folders else None,
               "rows": results, "paper": PAPER}
     (out / "bench_flash.json").write_text(json.dumps(result, indent=1))
     table = fmt_table(results)
-    header = (f"{label}: budget {args.memory_budget}, prompt {args.prompt_tokens} tokens, {args.decode} decode, "
+    header = (f"{label}: budget {args.memory_budget} ({budget / 1e9:.2f} GB), prompt {args.prompt_tokens} tokens, {args.decode} decode, "
               f"{args.dtype} on flash; {mach['cpu']} x{mach['nproc']}, {mach['blas']}")
     (out / "bench_flash.md").write_text(f"{header}\n\n{table}\n")
     print(header)

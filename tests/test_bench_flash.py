@@ -36,7 +36,7 @@ def tiny(tmp_path_factory):
 def test_every_row_end_to_end(tiny, tmp_path):
     bench = _load("bench_flash", BENCH)
     out = tmp_path / "out"
-    args = ["--model", str(tiny), "--out", str(out), "--memory-budget", "80%", "--prompt-tokens", "24",
+    args = ["--model", str(tiny), "--out", str(out), "--memory-budget", "90%", "--prompt-tokens", "24",
             "--max-tokens", "10", "--slow-tokens", "6", "--in-process"]
     assert bench.main(args) == 0
     result = json.loads((out / "bench_flash.json").read_text())
@@ -48,8 +48,7 @@ def test_every_row_end_to_end(tiny, tmp_path):
             assert k in r, (name, k)
         assert r["ms_per_token"] > 0 and r["peak_memory_bytes"] > 0 and r["tokens_match_text"]
         assert r["decode_tokens"] == (6 if name in ("naive", "hybrid") else 10)
-    # sparse rows read less than naive (in this tiny model a 512-byte part costs a 4 KiB sector, so
-    # hybrid at 80% reads less than selection); the window reuses neurons
+    # sparse rows read less than naive; the window reuses neurons
     b = {n: rows[n]["bytes_per_token"] for n in rows}
     assert b["naive"] > b["hybrid"] > 0 and b["naive"] > b["predictor"] > b["windowing"] > 0 and b["dense"] == 0
     assert rows["windowing"]["window_hit_rate"] > 0.3 and rows["predictor"]["window_hit_rate"] == 0
