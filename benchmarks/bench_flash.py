@@ -760,7 +760,7 @@ def run(args, rows: list[str]) -> int:
     tokens = {r: min(slow, args.max_tokens) if r in ("naive", "hybrid") else args.max_tokens for r in specs}
     # One budget in bytes for every row: a percentage is of the model in float32 (so a quantized
     # row runs in the same memory as the float rows, not in half of its own smaller size).
-    from mlx_flash.budget import parse_budget
+    from mlx_flash.budget import fmt_bytes, parse_budget
 
     budget = parse_budget(args.memory_budget, dense_fits(source)[1])
     cfg = {"source": str(source), "folders": {k: str(v) for k, v in folders.items()}, "budget": budget,
@@ -808,7 +808,7 @@ def run(args, rows: list[str]) -> int:
               "rows": results, "paper": PAPER}
     (out / "bench_flash.json").write_text(json.dumps(result, indent=1))
     table = fmt_table(results)
-    header = (f"{label}: budget {args.memory_budget} ({budget / 1e9:.2f} GB), prompt {args.prompt_tokens} tokens, {args.decode} decode, "
+    header = (f"{label}: budget {args.memory_budget} ({fmt_bytes(budget)}), prompt {args.prompt_tokens} tokens, {args.decode} decode, "
               f"{args.dtype} on flash; {mach['cpu']} x{mach['nproc']}, {mach['blas']}")
     (out / "bench_flash.md").write_text(f"{header}\n\n{table}\n")
     print(header)

@@ -366,7 +366,8 @@ def train(
             v = rec["validation"]
             log(f"layer {i}: rank {rec['rank']}, recall {v['recall']:.4f}, predicted/true {v['ratio']:.2f} "
                 f"({100 * v['predicted_fraction']:.1f}% vs {100 * v['active_fraction']:.1f}% of neurons)"
-                + ("" if rec["met_max_ratio"] else f" (ratio above --max-ratio {opts.max_ratio}: the size budget capped the rank)"))
+                + ("" if rec["met_max_ratio"] else f" (ratio above --max-ratio {opts.max_ratio}: "
+                   + ("the rank is fixed by --rank)" if opts.rank else "the size budget capped the rank)")))
         layer_bar.close()
 
         elems = sum(p.num_elems for p in predictors)
