@@ -213,6 +213,29 @@ def _source_quant(src: SourceModel, name: str, pair: tuple[str, str], want: tupl
     return bits, elems // s.shape[1]
 
 
+def _remove_stale_partials(out: Path, progress: bool) -> None:
+    """Remove the `.NAME.partial-PID-*` folders of earlier conversions to `out` whose process is
+    gone (killed before it could clean up: SIGKILL, a power cut). A live PID's folder is another
+    conversion still running, and is left alone."""
+    for p in out.parent.glob(f".{out.name}.partial-*"):
+        pid = p.name.removeprefix(f".{out.name}.partial-").split("-", 1)[0]
+        if not (p.is_dir() and pid.isdigit()) or _pid_alive(int(pid)):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        if progress:
+            print(f"removed {p}: a conversion killed before it finished", file=sys.stderr)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def convert(
     source: str | os.PathLike,
     out: str | os.PathLike,
@@ -268,7 +291,8 @@ def convert(
         dense_quant = Quantization(dense_bits, quant.group_size)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    _remove_stale_partials(out, progress)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     old = out.parent / f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}"  # a folder being replaced
     try:
         (tmp / layout.FFN_DIR).mkdir()

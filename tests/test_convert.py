@@ -193,3 +193,20 @@ def test_unsupported_architecture_api(tmp_path):
         convert(src, tmp_path / "o", progress=False)
     with pytest.raises(ConvertError):
         convert(tmp_path / "missing", tmp_path / "o", progress=False)
+
+
+def test_stale_partial_folders_of_dead_conversions_are_removed(tmp_path):
+    """A conversion killed outright leaves `.NAME.partial-PID-*`; the next conversion to NAME
+    removes it when PID is gone, and leaves a running conversion's folder alone."""
+    from mlx_flash.convert import convert
+
+    src = make_tiny_model(tmp_path / "src", "llama", tokenizer=False)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".o.partial-{int(dead.stdout)}-abc"
+    running = tmp_path / f".o.partial-{os.getpid()}-def"
+    other = tmp_path / f".other.partial-{int(dead.stdout)}-ghi"
+    for p in (stale, running, other):
+        (p / "ffn").mkdir(parents=True)
+    convert(src, tmp_path / "o", progress=False)
+    assert not stale.exists() and running.is_dir() and other.is_dir()
+    assert layout.is_flash_folder(tmp_path / "o")

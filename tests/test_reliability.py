@@ -660,7 +660,8 @@ def test_conversion_killed_midway_leaves_no_folder_that_loads(tiny, tmp_path, si
             load_flash_model(partial)
         with pytest.raises(MlxFlashError):
             mlx_flash.load(partial)
-    convert(src, out, progress=False)  # the next conversion works
+    convert(src, out, progress=False)  # the next conversion works, and removes what a killed one left
+    assert not _leftovers(tmp_path)
     model, _ = load(out)
     assert tokens(model, tok) == ref
     model.flash.close()
