@@ -3,7 +3,8 @@
 Streams each answer as it is generated. Uses the model's chat template when it has one (the
 conversation is kept in a KV prompt cache, so each turn only processes the new text), plain
 text continuation otherwise (the bundled demo model). Commands: /stats (the last turn's flash
-statistics), /reset (forget the conversation), /quit.
+statistics), /reset (forget the conversation), /quit. A turn that would not fit the context
+(--context) is refused with a note, and the conversation goes on.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.sample_utils import make_sampler
 
-    from .api import flash_stats, stream_generate
+    from .api import ContextLengthError, flash_stats, stream_generate
 
     model, tokenizer = load_from_args(args)
     sampler = make_sampler(args.temp)
@@ -63,11 +64,15 @@ def main(argv: list[str] | None = None) -> int:
             prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         else:
             prompt = query if first_turn else "\n" + query
+        try:
+            for response in stream_generate(
+                model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler, prompt_cache=prompt_cache
+            ):
+                print(response.text, end="", flush=True)
+        except ContextLengthError as e:  # checked before anything is generated: the conversation is as it was
+            print(f"(the conversation is full: {e}. /reset starts a new one; --context sets a larger one)")
+            continue
         first_turn = False
-        for response in stream_generate(
-            model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler, prompt_cache=prompt_cache
-        ):
-            print(response.text, end="", flush=True)
         print()
     model.flash.close()
     return 0

@@ -24,6 +24,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, help="tokens whose neurons stay cached (default 5)")
     p.add_argument("--selection", choices=SELECTIONS, help="how active neurons are chosen (default: exact, or predictor when the folder has predictors and the budget cannot hold the exact selector)")
     p.add_argument("--threads", type=int, help="flash reader threads")
+    p.add_argument("--context", type=int, help="most tokens a conversation or generation may hold: the KV cache is planned "
+                   "for it (default: 2048, or the model's maximum if smaller)")
     p.add_argument("--verify", action="store_true", help="check every checksum of the flash folder before loading")
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
@@ -37,7 +39,8 @@ def load_from_args(args: argparse.Namespace):
     mx.random.seed(args.seed)
     return load(
         args.model, mode=args.mode, memory_budget=args.memory_budget, window=args.window,
-        selection=args.selection, threads=args.threads, verify=args.verify, verbose=getattr(args, "stats", False),
+        selection=args.selection, threads=args.threads, context=args.context, verify=args.verify,
+        verbose=getattr(args, "stats", False),
     )
 
 

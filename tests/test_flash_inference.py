@@ -168,6 +168,13 @@ def test_chat_cli(family):
     )
     assert r.returncode == 0, r.stderr
     assert "decode:" in r.stdout and "(conversation cleared)" in r.stdout and "commands:" in r.stdout
+    # a turn past the context is refused with a note; /reset and the next turn work
+    r = subprocess.run(
+        [sys.executable, "-m", "mlx_flash.chat", "--model", str(folder), "--max-tokens", "4", "--context", "24"],
+        input="hello there\n" + "and more words " * 6 + "\n/reset\nhi\n/quit\n", capture_output=True, text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("(the conversation is full") == 1 and "(conversation cleared)" in r.stdout, r.stdout
 
 
 def test_convert_activation_override_writes_config(tmp_path):
