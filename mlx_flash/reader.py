@@ -217,6 +217,7 @@ class _Request:
         self.max_length = max(c.length for c in chunks)
         self.next_job = itertools.count()  # next(...) is atomic under the GIL
         self.failed = False
+        self._error: BaseException | None = None
         self.t_submit = time.perf_counter()
         self._lock = threading.Lock()
         self._workers = 0
@@ -226,11 +227,19 @@ class _Request:
         """Output rows of sorted ids [first, stop)."""
         return slice(first, stop) if self.dest is None else self.dest[first:stop]
 
-    def fail(self, exc: BaseException) -> None:
+    def fail(self, exc: BaseException, now: bool = False) -> None:
+        """Stop the request with `exc`. The future fails when no worker is writing into the
+        outputs any more (the last one to stop resolves it), so that a caller who reuses its
+        buffers after the error (the streaming buffers, a scratch buffer) never has a
+        straggling read land in them; `now`: workers that never ran (the pool was shut down)
+        are not waited for."""
         with self._lock:
             if self.failed or self.future.done():
                 return
             self.failed = True
+            self._error = exc
+            if self._workers and not now:
+                return
         self.future.set_exception(exc)
 
     def worker_started(self) -> None:
@@ -248,7 +257,10 @@ class _Request:
         self._stats.neurons = len(self.ids) if self.gather is None else len(self.gather[0])
         self._stats.request_latency.add(time.perf_counter() - self.t_submit)
         stats.add(self.layer, self._stats)  # failed requests count too: their reads happened
-        if self.failed or self.future.done():
+        if self.future.done():
+            return
+        if self.failed:
+            self.future.set_exception(self._error)
             return
         try:
             result = self.out
@@ -645,7 +657,7 @@ class FlashReader:
             pending = list(self._requests)
         self._pool.shutdown(wait=True, cancel_futures=True)
         for req in pending:
-            req.fail(ReaderClosedError("FlashReader closed before the request finished"))
+            req.fail(ReaderClosedError("FlashReader closed before the request finished"), now=True)
         self._close_files()
 
     def _close_files(self) -> None:

@@ -3,13 +3,17 @@ window, the per-token protocol's errors, and that steady-state updates never cop
 
 from __future__ import annotations
 
+import re
+import sys
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlx_flash.cache import CacheCapacityError, NeuronCache
+from mlx_flash.cache import CacheCapacityError, NeuronCache, host_writable_buffer
 
 ELEMS = {"gate": 3, "up": 2, "down": 4}
 N = 40
@@ -147,3 +151,31 @@ def test_steady_state_updates_write_in_place_while_views_are_alive():
         held = held if held is not None else views["gate"]  # an old view stays alive throughout
         assert {name: cache.buffer_address(name) for name in elems} == address
     assert cache.stats.evicted > 0 and cache.stats.inserted > 256  # rows were recycled
+
+
+def _huge_page_bytes(a: np.ndarray) -> int:
+    """Bytes of `a` that Linux backs with transparent huge pages (from /proc/self/smaps)."""
+    lo, hi, vma, total = a.ctypes.data, a.ctypes.data + a.nbytes, None, 0
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        m = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
+        if m:
+            vma = (int(m.group(1), 16), int(m.group(2), 16))
+        elif line.startswith("AnonHugePages:") and vma[0] < hi and vma[1] > lo:
+            total += int(line.split()[1]) << 10
+    return total
+
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not THP.exists() or "[never]" in THP.read_text(),
+    reason="transparent huge pages are a Linux feature, here disabled or absent",
+)
+def test_aligned_buffers_get_huge_pages():
+    """The streaming buffers (aligned, O_DIRECT reads land in them) are backed by huge pages
+    like numpy's large arrays: one DMA segment per 2 MiB instead of per 4 KiB page."""
+    buf, host = host_writable_buffer((1024, 4096), np.float32, align=4096)
+    host[:] = 1.0
+    assert _huge_page_bytes(host) >= host.nbytes // 2
+    assert float(mx.sum(buf)) == host.size

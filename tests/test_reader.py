@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 import warnings
 
 import mlx.core as mx
@@ -125,6 +126,39 @@ def test_caller_buffers_filled_aligned_or_not(tmp_path, elems):
                 check_rows(got, raw[0], ids, "float32")
         with pytest.raises(ValueError, match="out"):
             r.read(0, [1, 2], out=r.empty_rows(3))
+
+
+class SlowAndFailingReader(FlashReader):
+    """The fourth read fails at once, while the three before it (one per other thread) are still
+    running: the error must not reach the caller while any read is still writing into its
+    buffers."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.calls, self.running = 0, 0
+        self._count_lock = threading.Lock()
+
+    def _pread_into(self, fd, bufs, offset):
+        with self._count_lock:
+            self.calls += 1
+            fail = self.calls == 4
+            self.running += 1
+        try:
+            if fail:
+                raise OSError(errno.EIO, "Input/output error")
+            time.sleep(0.2)
+            return super()._pread_into(fd, bufs, offset)
+        finally:
+            with self._count_lock:
+                self.running -= 1
+
+
+def test_failed_request_resolves_after_its_last_read(tmp_path):
+    m, raw = make_flash_folder(tmp_path)
+    with SlowAndFailingReader(tmp_path, m, threads=4, coalesce_gap=-1) as r:
+        with pytest.raises(FlashReadError):
+            r.read(1, np.arange(0, 300, 5))
+        assert r.running == 0 and r.calls >= 4
 
 
 @pytest.mark.parametrize("align", [512, SECTOR])
