@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -186,8 +187,10 @@ def fit_cost_model(points: list[dict]) -> dict:
 # -- the cache's memory management ---------------------------------------------------------
 
 def cache_cost(capacity: int, d: int, changed: int, tokens: int, rng: np.random.Generator) -> dict:
-    """Per token: NeuronCache.begin_token + insert + active_mask with `changed` neurons leaving
-    and `changed` arriving, against a bare copy of the same rows with numpy into a preallocated,
+    """Per token: NeuronCache.begin_token + insert + active_mask (a lazy MLX gather, evaluated
+    with the FFN's graph, as in the runtime) with `changed` neurons leaving and `changed`
+    arriving, the active set sorted as the runtime passes it (np.flatnonzero of the
+    selection), against a bare copy of the same rows with numpy into a preallocated,
     touched float32 buffer of the same shape: into the same rows the cache chose (scattered),
     and into its first rows (contiguous: the lower bound of any copy)."""
     parts = {"gate": d, "up": d, "down": d}
@@ -201,11 +204,11 @@ def cache_cost(capacity: int, d: int, changed: int, tokens: int, rng: np.random.
     for t in range(tokens):
         rows = pool[t % len(pool)]
         fresh = np.setdiff1d(rng.choice(8 * capacity, size=3 * changed, replace=False), active)[:changed]
-        active = np.concatenate([rng.permutation(active)[changed:], fresh])
+        active = np.sort(np.concatenate([rng.permutation(active)[changed:], fresh]))
         t0 = time.perf_counter()
         missing = cache.begin_token(active)
         cache.insert(missing, {k: v[: len(missing)] for k, v in rows.items()})
-        cache.active_mask()
+        mask = cache.active_mask()
         t1 = time.perf_counter()
         slots = cache.slots(missing)
         t2 = time.perf_counter()
@@ -215,6 +218,7 @@ def cache_cost(capacity: int, d: int, changed: int, tokens: int, rng: np.random.
         for k, v in rows.items():
             np.copyto(dst[k][: len(missing)], v[: len(missing)])
         t4 = time.perf_counter()
+        mx.eval(mask)
         for key, dt in (("cache", t1 - t0), ("same_rows", t3 - t2), ("contiguous", t4 - t3)):
             times[key].append(dt)
     ms = {k: float(np.median(v) * 1e3) for k, v in times.items()}
@@ -227,13 +231,11 @@ def cache_cost(capacity: int, d: int, changed: int, tokens: int, rng: np.random.
 # -- output --------------------------------------------------------------------------------
 
 def machine() -> dict:
-    import mlx.core as mx
-
     try:
         disk = subprocess.run(["lsblk", "-d", "-o", "NAME,MODEL,ROTA,SIZE"], capture_output=True, text=True).stdout.strip()
     except OSError:
         disk = "unknown"
-    fio = subprocess.run(["fio", "--version"], capture_output=True, text=True).stdout.strip()
+    fio = subprocess.run(["fio", "--version"], capture_output=True, text=True).stdout.strip() if shutil.which("fio") else None
     return {"nproc": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "mlx": mx.__version__, "numpy": np.__version__, "fio": fio, "disk": disk,
             "load_avg": os.getloadavg()}
@@ -282,12 +284,31 @@ def print_tables(points: list[dict], fp16: list[dict], placement: list[dict], mo
     print("\nReader MB/s by output buffer: " + "; ".join(
         f"{p['chunk_bytes'] // KIB} KiB x {p['threads']}: " + ", ".join(f"{k} {p[k + '_mbps']:.0f}" for k in BUFFER_KINDS)
         for p in placement))
+    print_cache_table(cache_rows)
+
+
+def print_cache_table(cache_rows: list[dict]) -> None:
     print("\nCache management per token vs a bare numpy copy of the inserted rows (median ms; 3 parts)")
     print("| capacity | d | rows changed | cache | copy, same rows | ratio | copy, contiguous | ratio | moved/token |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in cache_rows:
         print(f"| {r['capacity']} | {r['d']} | {r['rows_changed']} | {r['cache_ms']:.3f} | {r['memcpy_same_rows_ms']:.3f} | "
               f"{r['ratio_same_rows']:.2f} | {r['memcpy_contiguous_ms']:.3f} | {r['ratio_contiguous']:.2f} | {r['moved_per_token']:.1f} |")
+
+
+def cache_grid(quick: bool, rng: np.random.Generator) -> list[dict]:
+    return [cache_cost(capacity, 4096, changed, 40 if quick else 100, rng)
+            for capacity in ((2048,) if quick else (2048, 8192)) for changed in (8, 32, 128, 512)]
+
+
+def cache_only(out: Path, quick: bool) -> int:
+    """--cache-only: the cache rows alone, in DIR/bench_io_cache.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = cache_grid(quick, np.random.default_rng(0))
+    result = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "machine": machine(), "cache": rows}
+    (out / "bench_io_cache.json").write_text(json.dumps(result, indent=1))
+    print_cache_table(rows)
+    return 0
 
 
 def _ints(text: str | None) -> list[int]:
@@ -306,9 +327,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="read this existing file (e.g. a converted model's shard; never written or deleted) "
                          "instead of writing --file-gb of random bytes")
     ap.add_argument("--skip-cache", action="store_true", help="only the I/O grid")
+    ap.add_argument("--cache-only", action="store_true", help="only the cache's memory-management rows (no fio)")
     ap.add_argument("--chunks", type=str, default=None, help="comma-separated chunk sizes in KiB (default: the full grid)")
     ap.add_argument("--threads", type=str, default=None, help="comma-separated thread counts (default: the full grid)")
     args = ap.parse_args(argv)
+    if args.cache_only:
+        return cache_only(args.out, args.quick)
     if shutil.which("fio") is None:
         print("error: fio is not installed (apt-get install fio / brew install fio)", file=sys.stderr)
         return 2
@@ -346,11 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep_file and not args.data:
             data.unlink(missing_ok=True)
-    cache_rows = []
-    if not args.skip_cache:
-        for capacity in (2048, 8192) if not args.quick else (2048,):
-            for changed in (8, 32, 128, 512):
-                cache_rows.append(cache_cost(capacity, 4096, changed, 40 if args.quick else 100, rng))
+    cache_rows = [] if args.skip_cache else cache_grid(args.quick, rng)
     result = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "machine": machine(),
               "seconds_per_point": seconds, "file_bytes": int(gb * 1e9), "points": points,
               "fp16_points": fp16, "buffer_placement": placement, "cost_model": model, "cache": cache_rows}

@@ -92,13 +92,18 @@ class NeuronCache:
         self._host: dict[str, np.ndarray] = {}  # writable numpy views of the same memory
         for name, (elems, dtype) in specs.items():
             self._buffers[name], self._host[name] = host_writable_buffer((capacity, elems), dtype)
-        self._neuron_of = np.full(capacity, -1, dtype=np.int64)  # slot -> neuron
+        # slot -> neuron, shared with MLX (int32): the FFN gathers per-row data with it
+        self._rows_mx, self._neuron_of = host_writable_buffer((capacity,), np.int32)
+        self._neuron_of[:] = -1
         n = num_neurons or 0
-        self._slot_of = np.full(n, -1, dtype=np.int64)  # neuron -> slot (-1: not resident)
-        self._refs = np.zeros(n, dtype=np.int32)  # how many window tokens used the neuron
+        self._slot_of = np.full(n, -1, dtype=np.int32)  # neuron -> slot (-1: not resident)
+        # neuron -> the last token (a count of begin_token calls) that used it, shared with MLX
+        self._last_mx, self._last = host_writable_buffer((max(n, 1),), np.int32)
         self._pending = np.zeros(n, dtype=bool)  # slot reserved, row not yet inserted
         self._n_pending = 0
-        self._history: deque[np.ndarray] = deque()  # active sets, oldest first
+        self._missing: np.ndarray | None = None  # what begin_token returned
+        self._clock = 0  # tokens begun
+        self._history: deque[np.ndarray] = deque()  # active sets of tokens [clock - len + 1, clock]
         self._mask: mx.array | None = None
 
     # -- the per-token protocol ------------------------------------------------------------
@@ -118,16 +123,17 @@ class NeuronCache:
             )
         if active.size and active[0] < 0:
             raise IndexError("neuron ids must be >= 0")
-        if active.size:
+        if active.size and active[-1] >= len(self._slot_of):
             self._grow(int(active[-1]) + 1)
+        self._clock += 1
+        self._last[active] = self._clock
         self._history.append(active)
-        self._refs[active] += 1
-        dropped = [self._drop_oldest() for _ in range(len(self._history) - self.window)]
+        dropped = [self._history.popleft() for _ in range(len(self._history) - self.window)]
         missing = active[self._slot_of[active] < 0]
         evict = self._gone(dropped)
         shrunk = False
         while self.used - len(evict) + len(missing) > self.capacity:  # adaptive window
-            dropped.append(self._drop_oldest())
+            dropped.append(self._history.popleft())
             evict = self._gone(dropped)
             shrunk = True
         self._place(evict, missing)
@@ -137,6 +143,7 @@ class NeuronCache:
         s.evicted += len(evict)
         s.window_shrinks += shrunk
         s.seconds += time.perf_counter() - t0
+        self._missing = missing
         return missing
 
     def insert(self, ids: np.ndarray, rows: dict[str, np.ndarray]) -> None:
@@ -146,8 +153,11 @@ class NeuronCache:
         ids = np.asarray(ids, dtype=np.int64)
         if ids.size == 0:
             return
-        u = sorted_unique(ids)
-        if len(u) != len(ids) or u[0] < 0 or u[-1] >= len(self._pending) or not self._pending[ids].all():
+        if ids is not self._missing:  # a subset, or another array: check it is a valid one
+            u = sorted_unique(ids)
+            if len(u) != len(ids) or u[0] < 0 or u[-1] >= len(self._pending):
+                raise ValueError("insert() takes ids returned by begin_token() for this token, each once")
+        if not self._pending[ids].all():
             raise ValueError("insert() takes ids returned by begin_token() for this token, each once")
         slots = self._slot_of[ids]
         contiguous = int(slots[-1]) - int(slots[0]) == len(slots) - 1 and bool(np.all(np.diff(slots) == 1))
@@ -169,15 +179,13 @@ class NeuronCache:
 
     def active_mask(self) -> mx.array:
         """float32 ``[used]``: 1 for the rows of this token's active neurons, 0 for the rows
-        kept only because an earlier token of the window used them."""
+        kept only because an earlier token of the window used them. A lazy MLX gather (each
+        row's neuron's last token, compared with this one), computed with the FFN that uses
+        it: evaluate it before the next `begin_token`, like `views()`."""
         self._check_complete()
         if self._mask is None:
-            t0 = time.perf_counter()
-            mask = np.zeros(self.used, dtype=np.float32)
-            if self._history:
-                mask[self._slot_of[self._history[-1]]] = 1.0
-            self._mask = mx.array(mask)
-            self.stats.seconds += time.perf_counter() - t0
+            last = mx.take(self._last_mx, self._rows_mx[: self.used])
+            self._mask = (last == self._clock).astype(mx.float32)
         return self._mask
 
     # -- queries ---------------------------------------------------------------------------
@@ -192,7 +200,14 @@ class NeuronCache:
 
     def resident_ids(self) -> np.ndarray:
         """The neuron held by each row [:used] (a copy)."""
-        return self._neuron_of[: self.used].copy()
+        return self._neuron_of[: self.used].astype(np.int64)
+
+    def resident_rows(self) -> mx.array:
+        """int32 ``[used]``, the neuron held by each row, as an MLX view of the cache's own map
+        (no copy): ``mx.take(per_neuron, cache.resident_rows())`` orders per-neuron data (a
+        bias) like the rows. Evaluate what uses it before the next `begin_token`."""
+        self._check_complete()
+        return self._rows_mx[: self.used]
 
     @property
     def effective_window(self) -> int:
@@ -213,7 +228,6 @@ class NeuronCache:
         """Forget every neuron (a new sequence); the buffers stay allocated."""
         self._slot_of[:] = -1
         self._neuron_of[:] = -1
-        self._refs[:] = 0
         self._pending[:] = False
         self._n_pending = 0
         self._history.clear()
@@ -227,21 +241,19 @@ class NeuronCache:
         if n <= len(self._slot_of):
             return
         size = max(n, 2 * len(self._slot_of))
-        self._slot_of = np.concatenate([self._slot_of, np.full(size - len(self._slot_of), -1, np.int64)])
-        self._refs = np.concatenate([self._refs, np.zeros(size - len(self._refs), np.int32)])
+        self._slot_of = np.concatenate([self._slot_of, np.full(size - len(self._slot_of), -1, np.int32)])
         self._pending = np.concatenate([self._pending, np.zeros(size - len(self._pending), bool)])
-
-    def _drop_oldest(self) -> np.ndarray:
-        old = self._history.popleft()
-        self._refs[old] -= 1
-        return old
+        last_mx, last = host_writable_buffer((size,), np.int32)
+        last[: len(self._last)] = self._last
+        self._last_mx, self._last = last_mx, last
 
     def _gone(self, dropped: list[np.ndarray]) -> np.ndarray:
-        """Resident neurons among `dropped` that no token of the window uses any more."""
+        """Neurons of the `dropped` active sets that no token of the window uses any more. They
+        are all resident: a neuron is evicted only once the last token that used it left."""
         if not dropped:
             return np.empty(0, dtype=np.int64)
         cand = dropped[0] if len(dropped) == 1 else sorted_unique(np.concatenate(dropped))
-        return cand[(self._refs[cand] == 0) & (self._slot_of[cand] >= 0)]
+        return cand[self._last[cand] <= self._clock - len(self._history)]
 
     def _place(self, evict: np.ndarray, missing: np.ndarray) -> None:
         """Free the rows of `evict`, reserve rows for `missing`, keep rows [:used] dense."""
@@ -250,7 +262,7 @@ class NeuronCache:
         self._neuron_of[freed] = -1
         m, e, used0 = len(missing), len(freed), self.used
         if m >= e:  # new neurons take every freed row, the rest are appended
-            slots = np.concatenate([freed, np.arange(used0, used0 + m - e, dtype=np.int64)])
+            slots = freed if m == e else np.concatenate([freed, np.arange(used0, used0 + m - e, dtype=np.int64)])
             self.used = used0 + m - e
         else:  # more left than came: close the gaps past the new end by moving rows down
             self.used = used0 - e + m
@@ -276,7 +288,7 @@ class NeuronCache:
             raise RuntimeError(f"{self._n_pending} missing neurons not inserted yet: call insert() first")
 
 
-_MX_DTYPES = {np.dtype(np.float32): mx.float32, np.dtype(np.uint32): mx.uint32}
+_MX_DTYPES = {np.dtype(np.float32): mx.float32, np.dtype(np.uint32): mx.uint32, np.dtype(np.int32): mx.int32}
 
 
 def sorted_unique(a: np.ndarray) -> np.ndarray:
@@ -294,7 +306,7 @@ def _address(a: mx.array) -> int:
 
 def host_writable_buffer(shape: tuple[int, ...], dtype, align: int = 0) -> tuple[mx.array, np.ndarray]:
     """A zeroed, evaluated MLX array and a writable numpy view of the same memory (float32 or
-    uint32), its first element at a multiple of `align` bytes when given (MLX's own buffers
+    uint32 or int32), its first element at a multiple of `align` bytes when given (MLX's own buffers
     start 24 bytes past a page: an O_DIRECT read cannot land in them directly). Write it only
     through the view, and evaluate what MLX computed from it before the next write (see the
     module docstring): then MLX never copies it."""

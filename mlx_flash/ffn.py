@@ -221,7 +221,7 @@ class FlashFFN(nn.Module):
         if len(missing):
             st.cache.insert(missing, rows)
         views = st.cache.views()
-        bias = mx.take(st.up_bias, mx.array(st.cache.resident_ids())) if st.up_bias is not None else None
+        bias = mx.take(st.up_bias, st.cache.resident_rows()) if st.up_bias is not None else None
         t5 = time.perf_counter()
         rt.add_time("memory", (t3 - t2) + (t5 - t4))
         rt.add_time("io", t4 - t3)

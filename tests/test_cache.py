@@ -40,6 +40,7 @@ def check_invariants(cache: NeuronCache, active: set[int], resident: set[int]) -
     ids = cache.resident_ids()
     assert used <= cache.capacity and len(ids) == used
     assert set(ids.tolist()) == resident and len(set(ids.tolist())) == used
+    np.testing.assert_array_equal(np.array(cache.resident_rows()), ids)
     np.testing.assert_array_equal(cache.slots(ids), np.arange(used))
     others = np.setdiff1d(np.arange(N + 5), ids)
     assert np.all(cache.slots(others) == -1)
@@ -56,13 +57,16 @@ active_sets = st.lists(st.sets(st.integers(0, N - 1), max_size=14), min_size=1, 
 
 
 @settings(max_examples=120, deadline=None)
-@given(seq=active_sets, capacity=st.integers(1, 30), window=st.integers(1, 5))
-def test_invariants_under_random_active_sets(seq, capacity, window):
+@given(seq=active_sets, capacity=st.integers(1, 30), window=st.integers(1, 5), clear_at=st.integers(0, 30))
+def test_invariants_under_random_active_sets(seq, capacity, window, clear_at):
     cache = NeuronCache(ELEMS, capacity, window)
     address = {name: cache.buffer_address(name) for name in ELEMS}
     history: list[set[int]] = []
     eff = 0
     for t, active in enumerate(seq):
+        if t == clear_at:  # a new sequence: nothing of the earlier tokens stays
+            cache.clear()
+            history, eff = [], 0
         before = set(cache.resident_ids().tolist())
         if len(active) > capacity:
             with pytest.raises(CacheCapacityError):
