@@ -100,7 +100,6 @@ def io_layer(work: Path, hidden: int, neurons: int, active: float, tokens: int, 
     from mlx.utils import tree_flatten
     from mlx_lm.models import llama
 
-    from mlx_flash import layout
     from mlx_flash.reader import FlashReader
 
     src = work / f"layer-{hidden}x{neurons}"

@@ -22,7 +22,7 @@ import mlx.nn as nn
 import numpy as np
 
 from . import layout
-from .budget import ModelSizes, MemoryPlan, parse_budget, plan_with_selection
+from .budget import ModelSizes, parse_budget, plan_with_selection
 from .cache import NeuronCache
 from .errors import MlxFlashError, one_line
 from .families import ACTIVATIONS, architecture_for

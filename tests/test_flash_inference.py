@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import mlx_lm
-import numpy as np
 import pytest
 
 import mlx_flash

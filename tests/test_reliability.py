@@ -35,7 +35,7 @@ from mlx_flash.budget import BudgetError
 from mlx_flash.convert import convert
 from mlx_flash.errors import MlxFlashError, run_cli
 from mlx_flash.layout import FlashFormatError
-from mlx_flash.model import FlashOptions, load_dense, load_flash_model
+from mlx_flash.model import load_dense, load_flash_model
 from mlx_flash.reader import FlashReadError
 from mlx_flash.runtime import FlashChecksumError
 from tiny_models import TOKENIZER_TEXT, make_tiny_model

@@ -9,7 +9,6 @@ import json
 import os
 import threading
 
-import mlx_lm
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -8,7 +8,6 @@ import os
 
 import mlx.core as mx
 import numpy as np
-import pytest
 from safetensors.numpy import load_file, save_file
 
 import mlx_flash

@@ -368,8 +368,6 @@ def sparsity_penalty(g: mx.array) -> mx.array:
 
 
 def cmd_train(out: Path, cfg: TrainConfig, shape: Shape, command: str) -> None:
-    from mlx.utils import tree_flatten
-
     t_start = time.time()
     mx.random.seed(cfg.seed)
     np.random.seed(cfg.seed)

@@ -135,6 +135,27 @@ def run_windows(
                 progress.update(sum(hi - lo for lo, hi in batch))
 
 
+class LayerInputs:
+    """Every layer's FFN inputs of a calibration run, one ``[rows, d]`` .npy memmap per layer,
+    rows in the order of the forward passes (float32 for a float32 model, else float16: the
+    way training and evaluation both keep them). `add` takes run_windows' ffn inputs."""
+
+    def __init__(self, paths: list[Path], rows: int, hidden: int, model_dtype: str):
+        dtype = np.float32 if model_dtype == "float32" else np.float16
+        self.arrays = [np.lib.format.open_memmap(p, mode="w+", dtype=dtype, shape=(rows, hidden)) for p in paths]
+        self.rows = 0
+
+    def add(self, layer_x: list[mx.array]) -> None:
+        k = layer_x[0].shape[0]
+        for buf, x in zip(self.arrays, layer_x):
+            buf[self.rows : self.rows + k] = np.array(x.astype(mx.float32))
+        self.rows += k
+
+    def flush(self) -> None:
+        for buf in self.arrays:
+            buf.flush()
+
+
 # -- activations and the active sets -----------------------------------------------------------
 
 

@@ -144,16 +144,12 @@ def evaluate(
     dense = _Scorer(token_ids)
     n_rows = sum(hi - lo for lo, hi in spans)
     with tempfile.TemporaryDirectory(prefix="mlx_flash_eval_") as tmp:
-        x_dtype = np.float32 if manifest.dtype == "float32" else np.float16  # as training keeps them
-        xs = [np.lib.format.open_memmap(Path(tmp) / f"x{i}.npy", mode="w+", dtype=x_dtype, shape=(n_rows, manifest.hidden_size))
-              for i in range(manifest.num_layers)]
-        row = [0]
+        inputs = cal.LayerInputs([Path(tmp) / f"x{i}.npy" for i in range(manifest.num_layers)], n_rows,
+                                 manifest.hidden_size, manifest.dtype)
+        xs = inputs.arrays
 
         def keep(batch, logits, layer_x):
-            k = layer_x[0].shape[0]
-            for buf, xl in zip(xs, layer_x):
-                buf[row[0] : row[0] + k] = np.array(xl.astype(mx.float32))
-            row[0] += k
+            inputs.add(layer_x)
             for b, (lo, hi) in enumerate(batch):
                 dense.add(_positions(lo, hi), logits[b, : hi - lo - 1])
 

@@ -23,7 +23,7 @@ import json
 import math
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -302,26 +302,17 @@ def train(
             train_opts.pop("sparsity")
         train_fp = _fingerprint({"collect": collect_fp, "opts": train_opts})
         meta = _open_work(work, collect_fp, train_fp, fresh, log)
-        x_dtype = np.float32 if manifest.dtype == "float32" else np.float16
         xs_paths = [work / f"x_layer_{i:03d}.npy" for i in range(manifest.num_layers)]
 
         if not meta.get("collected"):
             spans = cal.windows(n_tok, seq_len)
             n_rows = sum(hi - lo for lo, hi in spans)
-            xs = [np.lib.format.open_memmap(p, mode="w+", dtype=x_dtype, shape=(n_rows, d)) for p in xs_paths]
-            pos = [0]
-
-            def keep(batch, logits, layer_x):
-                k = layer_x[0].shape[0]
-                for buf, xl in zip(xs, layer_x):
-                    buf[pos[0] : pos[0] + k] = np.array(xl.astype(mx.float32))
-                pos[0] += k
-
+            inputs = cal.LayerInputs(xs_paths, n_rows, d, manifest.dtype)
             with tqdm(total=n_rows, desc="calibration forward", unit="tok", disable=not progress) as bar:
-                cal.run_windows(model, token_ids, spans, keep, batch_tokens=batch_tokens, progress=bar)
-            for buf in xs:
-                buf.flush()
-            del xs
+                cal.run_windows(model, token_ids, spans, lambda _b, _l, layer_x: inputs.add(layer_x),
+                                batch_tokens=batch_tokens, progress=bar)
+            inputs.flush()
+            del inputs
             meta["collected"] = True
             meta["rows"] = n_rows
             _write_meta(work, meta)
