@@ -156,60 +156,23 @@ def load_flash_model(folder: str | Path, options: FlashOptions = FlashOptions())
     folder = Path(folder)
     manifest = layout.read_manifest(folder)
     layout.check_files(folder, manifest)
-    row_checksums = None
-    if options.verify:  # every checksum now; every neuron read later is checked against it
-        row_checksums = [layout.verify_layer(folder, e) for e in manifest.layers]
-        if manifest.dense_checksum and layout.file_digest(folder / manifest.dense_file) != manifest.dense_checksum:
-            raise layout.FlashFormatError(
-                f"{folder / manifest.dense_file}: checksum mismatch: the file is corrupt; re-run mlx_flash.convert"
-            )
+    row_checksums = _verify(folder, manifest) if options.verify else None
     config = read_config(folder)
     arch = check_config(folder, manifest, config)
     dtype = compute_dtype_for(manifest.dtype)
-    dtype_bytes = dtype.size
     model = build_model_skeleton(config)
     layers = model_layers(model)
-
-    dense_header, _ = read_header(folder / manifest.dense_file)
-    bias_names = {
-        (i, role): name
-        for i in range(manifest.num_layers)
-        for role, suffix in arch.family.biases.items()
-        for name in (arch.source_name(i, suffix), arch.source_name(i, suffix).removeprefix("model."))
-        if name in dense_header
-    }
-    bias_shapes = {"up_bias": (manifest.layers[0].num_neurons,), "down_bias": (manifest.hidden_size,)}
-    for (i, role), name in bias_names.items():
-        if dense_header[name].shape != bias_shapes[role]:
-            raise layout.FlashFormatError(
-                f"{folder / manifest.dense_file}: {name} has shape {list(dense_header[name].shape)}, expected "
-                f"{list(bias_shapes[role])}; re-run mlx_flash.convert"
-            )
-    dense_elems = sum(t.numel for n, t in dense_header.items() if not n.startswith("__padding"))
-    dense_bytes = sum(  # in memory: integer tensors as stored, floats in the compute dtype
-        t.numel * (dtype_bytes if t.dtype in ("F32", "F16", "BF16") else t.nbytes // max(t.numel, 1))
-        for n, t in dense_header.items() if not n.startswith("__padding")
-    )
+    dense = _DenseFile.read(folder, manifest, arch, dtype.size)
     try:
-        sizes = model_sizes(manifest, config, dense_elems, model, dense_bytes)
+        sizes = model_sizes(manifest, config, dense.elems, model, dense.bytes)
     except (TypeError, ValueError, ZeroDivisionError) as e:
         raise layout.FlashFormatError(f"{folder / 'config.json'}: malformed attention settings ({e})") from None
     mode = options.mode
     window = _positive_int("window", DEFAULT_WINDOW if options.window is None else options.window)
     if options.threads is not None:
         _positive_int("threads", options.threads)
-    max_positions = config.get("max_position_embeddings")
-    if not (isinstance(max_positions, int) and max_positions > 0):
-        max_positions = None
-    context = min(DEFAULT_CONTEXT, max_positions or DEFAULT_CONTEXT)
-    if options.context is not None:
-        context = _positive_int("context", options.context)
-        if max_positions and context > max_positions:
-            raise MlxFlashError(
-                f"context {context} is longer than the model's max_position_embeddings ({max_positions}); "
-                f"pass context <= {max_positions}"
-            )
-    budget = parse_budget(options.memory_budget, sizes.model_bytes(dtype_bytes))
+    context = _context(config, options.context)
+    budget = parse_budget(options.memory_budget, sizes.model_bytes(dtype.size))
     if options.selection == "predictor" and not manifest.predictors_file:
         raise MlxFlashError(
             f"{folder}: selection='predictor' but the folder has no predictors; train them with "
@@ -221,7 +184,7 @@ def load_flash_model(folder: str | Path, options: FlashOptions = FlashOptions())
         from .predictors.store import predictor_elems
 
         sizes = replace(sizes, predictor_elems=predictor_elems(folder, manifest))
-    plan, selection = plan_with_selection(sizes, mode=mode, budget_bytes=budget, dtype_bytes=dtype_bytes, context=context,
+    plan, selection = plan_with_selection(sizes, mode=mode, budget_bytes=budget, dtype_bytes=dtype.size, context=context,
                                           selection=options.selection, has_predictors=sizes.predictor_elems > 0)
 
     act = ACTIVATION_FUNCTIONS[ACTIVATIONS[manifest.activation]]
@@ -241,32 +204,9 @@ def load_flash_model(folder: str | Path, options: FlashOptions = FlashOptions())
             runtime.mask_inactive = ACTIVATIONS[manifest.activation] not in ("relu", "drelu")
         weights = {n: a for n, a in mx.load(str(folder / manifest.dense_file)).items() if not n.startswith("__padding")}
         weights = {n: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a for n, a in weights.items()}
-        biases = {key: weights.pop(name) for key, name in bias_names.items()}
-        quantized = manifest.quantized
-        part_elems = {k: (e, np.dtype(t)) for k, (e, t) in manifest.row_fields().items()}
-        selector_part = "gate" if "gate" in manifest.part_names else "up"
-
-        def as_mx(v: np.ndarray) -> mx.array:  # floats in the compute dtype, packed weights as they are
-            a = mx.array(v)
-            return a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a
-
+        biases = {key: weights.pop(name) for key, name in dense.bias_names.items()}
         for i, layer in enumerate(layers):
-            st = LayerState(layer=i, num_neurons=manifest.layers[i].num_neurons)
-            st.up_bias = biases.get((i, "up_bias"))
-            st.down_bias = biases.get((i, "down_bias"))
-            if plan.resident_neurons:
-                rows = reader.read_rows(i, 0, plan.resident_neurons, raw=True)
-                st.resident = {k: as_mx(v) for k, v in rows.items()}
-                st.num_resident = plan.resident_neurons
-            if mode == "flash":
-                if selection == "exact":
-                    rows = reader.read_rows(i, 0, st.num_neurons, raw=True)
-                    if quantized:
-                        st.selector = {f: as_mx(rows[f"{selector_part}.{f}"]) for f in layout.QUANT_FIELDS}
-                    else:
-                        st.selector = as_mx(rows[selector_part])
-                    del rows
-                st.cache = NeuronCache(part_elems, capacity=plan.cache_capacity, window=window, num_neurons=st.num_neurons)
+            st = _layer_state(i, manifest, reader, runtime, biases)
             layer.mlp = FlashFFN(st, runtime)
         if hasattr(model, "sanitize"):
             weights = model.sanitize(weights)
@@ -282,6 +222,101 @@ def load_flash_model(folder: str | Path, options: FlashOptions = FlashOptions())
         raise
     model.eval()
     return model, runtime
+
+
+def _verify(folder: Path, manifest: layout.Manifest) -> list:
+    """verify=True: every checksum now (the dense file's and each neuron row's); returns the
+    rows' checksums, against which every neuron read later is checked."""
+    row_checksums = [layout.verify_layer(folder, e) for e in manifest.layers]
+    if manifest.dense_checksum and layout.file_digest(folder / manifest.dense_file) != manifest.dense_checksum:
+        raise layout.FlashFormatError(
+            f"{folder / manifest.dense_file}: checksum mismatch: the file is corrupt; re-run mlx_flash.convert"
+        )
+    return row_checksums
+
+
+@dataclass
+class _DenseFile:
+    """What the plan and the FFNs need of the dense file's header: its size in elements and in
+    memory, and the names of the FFN biases it holds, by (layer, "up_bias" | "down_bias")."""
+
+    elems: int
+    bytes: int
+    bias_names: dict[tuple[int, str], str]
+
+    @classmethod
+    def read(cls, folder: Path, manifest: layout.Manifest, arch, dtype_bytes: int) -> "_DenseFile":
+        header, _ = read_header(folder / manifest.dense_file)
+        bias_names = {
+            (i, role): name
+            for i in range(manifest.num_layers)
+            for role, suffix in arch.family.biases.items()
+            for name in (arch.source_name(i, suffix), arch.source_name(i, suffix).removeprefix("model."))
+            if name in header
+        }
+        bias_shapes = {"up_bias": (manifest.layers[0].num_neurons,), "down_bias": (manifest.hidden_size,)}
+        for (i, role), name in bias_names.items():
+            if header[name].shape != bias_shapes[role]:
+                raise layout.FlashFormatError(
+                    f"{folder / manifest.dense_file}: {name} has shape {list(header[name].shape)}, expected "
+                    f"{list(bias_shapes[role])}; re-run mlx_flash.convert"
+                )
+        tensors = [t for n, t in header.items() if not n.startswith("__padding")]
+        return cls(
+            elems=sum(t.numel for t in tensors),
+            # in memory: integer tensors as stored, floats in the compute dtype
+            bytes=sum(t.numel * (dtype_bytes if t.dtype in ("F32", "F16", "BF16") else t.nbytes // max(t.numel, 1))
+                      for t in tensors),
+            bias_names=bias_names,
+        )
+
+
+def _context(config: dict, asked: int | None) -> int:
+    """The context the plan reserves a KV cache for: `asked`, or the default capped at the
+    model's max_position_embeddings; an error when `asked` is longer than the model's."""
+    max_positions = config.get("max_position_embeddings")
+    if not (isinstance(max_positions, int) and max_positions > 0):
+        max_positions = None
+    if asked is None:
+        return min(DEFAULT_CONTEXT, max_positions or DEFAULT_CONTEXT)
+    context = _positive_int("context", asked)
+    if max_positions and context > max_positions:
+        raise MlxFlashError(
+            f"context {context} is longer than the model's max_position_embeddings ({max_positions}); "
+            f"pass context <= {max_positions}"
+        )
+    return context
+
+
+def _layer_state(i: int, manifest: layout.Manifest, reader: FlashReader, runtime: FlashRuntime,
+                 biases: dict[tuple[int, str], mx.array]) -> LayerState:
+    """Layer i's FFN state as the plan says: its biases, the resident rows (hybrid), and in
+    flash mode the exact selector's rows and the neuron cache."""
+    plan, dtype = runtime.plan, runtime.compute_dtype
+
+    def as_mx(v: np.ndarray) -> mx.array:  # floats in the compute dtype, packed weights as they are
+        a = mx.array(v)
+        return a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a
+
+    st = LayerState(layer=i, num_neurons=manifest.layers[i].num_neurons)
+    st.up_bias = biases.get((i, "up_bias"))
+    st.down_bias = biases.get((i, "down_bias"))
+    if plan.resident_neurons:
+        rows = reader.read_rows(i, 0, plan.resident_neurons, raw=True)
+        st.resident = {k: as_mx(v) for k, v in rows.items()}
+        st.num_resident = plan.resident_neurons
+    if runtime.mode == "flash":
+        if runtime.selection == "exact":
+            selector_part = "gate" if "gate" in manifest.part_names else "up"
+            rows = reader.read_rows(i, 0, st.num_neurons, raw=True)
+            if manifest.quantized:
+                st.selector = {f: as_mx(rows[f"{selector_part}.{f}"]) for f in layout.QUANT_FIELDS}
+            else:
+                st.selector = as_mx(rows[selector_part])
+            del rows
+        part_elems = {k: (e, np.dtype(t)) for k, (e, t) in manifest.row_fields().items()}
+        st.cache = NeuronCache(part_elems, capacity=plan.cache_capacity, window=runtime.window, num_neurons=st.num_neurons)
+    return st
 
 
 def _positive_int(what: str, value) -> int:
