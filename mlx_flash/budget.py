@@ -7,7 +7,8 @@ The plan adds up, in the dtype weights are computed in:
 - a streaming buffer: when a layer is streamed (naive and hybrid decoding, prefill, a token
   whose active set overflows the cache) blocks of neurons are read into two MLX buffers kept
   for the model's life (the block computed on and the next one being read), plus one block of
-  headroom for what is computed and the prompt's neurons kept to seed the window: three blocks;
+  headroom for what is computed from them: three blocks (a prefill seeds the neuron cache by
+  writing the rows it needs straight from the blocks into the cache's own rows);
 - per mode: `naive` nothing more; `hybrid` the first neurons of every layer that fit;
   `flash` the exact selector (gate or up projection) when selection is "exact", the predictors,
   and a neuron cache per layer with the capacity that is left.

@@ -172,6 +172,29 @@ class NeuronCache:
         self.stats.inserted += len(ids)
         self.stats.seconds += time.perf_counter() - t0
 
+    def seed(self, sets: list[np.ndarray]) -> np.ndarray:
+        """Begin the tokens whose active sets are `sets` (oldest first) before their rows are at
+        hand, e.g. the last prompt tokens of a prefill that streams the layer afterwards. Returns
+        the neurons now reserved and not yet written (sorted, unique), for `insert` in any order
+        and parts as their rows go by (no copy of them is kept anywhere else); until all are
+        written, `views()` raises. A reserved neuron that a later set's window pushed out is
+        not returned."""
+        reserved = []
+        for ids in sets:
+            missing = self.begin_token(ids)
+            if len(missing):
+                reserved.append(missing)
+                self._n_pending = 0  # the rows come after the last set
+        if not reserved:
+            return np.zeros(0, dtype=np.int64)
+        ids = sorted_unique(np.concatenate(reserved))
+        self._pending[ids] = False
+        need = ids[self._slot_of[ids] >= 0]
+        self._pending[need] = True
+        self._n_pending = len(need)
+        self._missing = None
+        return need
+
     def views(self) -> dict[str, mx.array]:
         """{part: buffer[:used]}, the rows to compute on (neuron of row i: `resident_ids()[i]`)."""
         self._check_complete()

@@ -151,37 +151,33 @@ class FlashFFN(nn.Module):
     # -- streaming: naive, hybrid, prefill ---------------------------------------------------
     def _stream(self, x: mx.array, start: int) -> mx.array:
         """Stream neurons [start, n) of the layer from flash in blocks and compute densely. In
-        flash mode, also seed the window with the last prompt tokens' active sets."""
+        flash mode, also seed the window with the last prompt tokens' active sets: the cache
+        reserves their rows first and each is written as its block goes by."""
         rt, st = self._rt, self._state
         xc = x.astype(rt.compute_dtype)
         seed = rt.mode == "flash" and st.cache is not None
+        wanted = np.zeros(0, np.int64)
         if seed:
             mx.eval(xc)
-            seed_sets = self._seed_sets(xc)
-            wanted = np.unique(np.concatenate(seed_sets)) if seed_sets else np.zeros(0, np.int64)
-            seed_rows: dict[str, list[np.ndarray]] = {}
+            sets = [s for s in self._seed_sets(xc) if len(s) <= st.cache.capacity]  # larger: never cached
+            t0 = time.perf_counter()
+            wanted = st.cache.seed(sets)
+            rt.add_time("memory", time.perf_counter() - t0)
+            if len(wanted) and wanted[0] < start:
+                raise RuntimeError(f"layer {st.layer}: neurons below {start} are not streamed and cannot seed the cache")
+
         def blocks():
             for ids, rows, arrays in rt.stream_blocks(st.layer, np.arange(start, st.num_neurons, dtype=np.int64)):
-                if seed:
-                    lo, hi = ids[0], ids[-1] + 1
-                    pick = wanted[(wanted >= lo) & (wanted < hi)] - lo
-                    for k, v in rows.items():
-                        seed_rows.setdefault(k, []).append(v[pick])
+                if len(wanted):
+                    t0 = time.perf_counter()
+                    lo, hi = ids[0], ids[-1] + 1  # a block is a range of neurons
+                    pick = wanted[(wanted >= lo) & (wanted < hi)]
+                    if len(pick):
+                        st.cache.insert(pick, {k: v[pick - lo] for k, v in rows.items()})
+                    rt.add_time("memory", time.perf_counter() - t0)
                 yield ids, arrays
 
-        y = self._computed_blocks(xc, blocks())
-        if seed:
-            t0 = time.perf_counter()
-            rows_all = {k: np.concatenate(v) for k, v in seed_rows.items()}
-            slot_of = {int(n): i for i, n in enumerate(wanted)}
-            for ids in seed_sets:
-                if len(ids) > st.cache.capacity:
-                    continue  # such a token is computed without the cache when decoding too
-                missing = st.cache.begin_token(ids)
-                idx = [slot_of[int(n)] for n in missing]
-                st.cache.insert(missing, {k: v[idx] for k, v in rows_all.items()})
-            rt.add_time("memory", time.perf_counter() - t0)
-        return y
+        return self._computed_blocks(xc, blocks())
 
     def _computed_blocks(self, xc: mx.array, blocks) -> mx.array:
         """The FFN of xc summed over (ids, MLX rows) blocks of neurons as they arrive from flash

@@ -131,6 +131,31 @@ def test_protocol_errors():
     assert cache.used == 0 and cache.begin_token([2]).tolist() == [2]
 
 
+@settings(max_examples=60, deadline=None)
+@given(seq=active_sets, capacity=st.integers(1, 30), window=st.integers(1, 5), before=st.integers(0, 3))
+def test_seed_equals_stepping_the_same_sets(seq, capacity, window, before):
+    """seed(sets) then the rows written in blocks, as a prefill does, leaves the cache exactly
+    as stepping the sets one token at a time: same window, same neurons, right rows."""
+    seq = [sorted(a) for a in seq if len(a) <= capacity]
+    stepped, seeded = NeuronCache(ELEMS, capacity, window), NeuronCache(ELEMS, capacity, window)
+    for a in seq[:before]:  # a cache that already holds earlier tokens (a second prompt)
+        step(stepped, a)
+        step(seeded, a)
+    for a in seq[before:]:
+        step(stepped, a)
+    need = seeded.seed([np.asarray(a, dtype=np.int64) for a in seq[before:]])
+    if len(need):
+        with pytest.raises(RuntimeError, match="insert"):
+            seeded.views()
+    for lo in range(0, N, 7):  # a streamed layer, block by block
+        pick = need[(need >= lo) & (need < lo + 7)]
+        seeded.insert(pick, rows_of(pick))
+    assert seeded.effective_window == stepped.effective_window
+    resident = set(stepped.resident_ids().tolist())
+    assert set(seeded.resident_ids().tolist()) == resident
+    check_invariants(seeded, set(seq[-1]) if seq else set(), resident)
+
+
 def test_steady_state_updates_write_in_place_while_views_are_alive():
     """Many tokens with compute on the views in between and an old view held: the MLX buffers
     keep their memory (no copy, no reallocation), and the views see the rows written."""
