@@ -104,14 +104,14 @@ def host_buffer(reader: FlashReader, n: int, kind: str = "small_pages") -> dict[
 
 
 def reader_mbps(path: Path, chunk: int, threads: int, seconds: float, rng: np.random.Generator,
-                dtype: str = "float32", buffers: str = "small_pages") -> float:
+                dtype: str = "float32", buffers: str = "small_pages", engine: str | None = None) -> float:
     """Random `chunk`-byte reads through FlashReader for `seconds`, MB/s of flash bytes. Two
     requests stay in flight, each filling one of two reused output sets (`out=`), as a
     prefetching caller would: the pool never idles, no request pays for fresh memory."""
     m = bench_manifest(path, chunk, dtype)
     n = m.layers[0].num_neurons
     per_request = max(2 * threads, (8 << 20) // chunk)
-    with FlashReader(path.parent, m, threads=threads, direct=True, coalesce_gap=-1, max_read=chunk) as r:
+    with FlashReader(path.parent, m, threads=threads, direct=True, coalesce_gap=-1, max_read=chunk, engine=engine) as r:
         outs = [host_buffer(r, per_request, buffers) for _ in range(2)]
 
         def submit(k: int):
@@ -140,12 +140,13 @@ def fio_mbps(path: Path, chunk: int, threads: int, seconds: float) -> float:
     return json.loads(out[out.index("{"):])["jobs"][0]["read"]["bw_bytes"] / 1e6
 
 
-def measure_point(path: Path, chunk: int, threads: int, seconds: float, repeats: int, rng: np.random.Generator) -> dict:
+def measure_point(path: Path, chunk: int, threads: int, seconds: float, repeats: int, rng: np.random.Generator,
+                  engine: str | None = None) -> dict:
     """mlx_flash and fio alternately, `repeats` times each, medians: the disk's throughput
     drifts from second to second (a shared virtual disk), alternation spreads the drift evenly."""
     ours, ref = [], []
     for _ in range(repeats):
-        ours.append(reader_mbps(path, chunk, threads, seconds, rng))
+        ours.append(reader_mbps(path, chunk, threads, seconds, rng, engine=engine))
         ref.append(fio_mbps(path, chunk, threads, seconds))
     return {"chunk_bytes": chunk, "threads": threads, "mlx_flash_mbps": float(np.median(ours)),
             "fio_mbps": float(np.median(ref)), "mlx_flash_samples": ours, "fio_samples": ref}
@@ -328,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
                          "instead of writing --file-gb of random bytes")
     ap.add_argument("--skip-cache", action="store_true", help="only the I/O grid")
     ap.add_argument("--cache-only", action="store_true", help="only the cache's memory-management rows (no fio)")
+    ap.add_argument("--engine", choices=("threads", "aio"), default=None,
+                    help="the reader's engine for the grid (default: the reader's default, threads)")
     ap.add_argument("--chunks", type=str, default=None, help="comma-separated chunk sizes in KiB (default: the full grid)")
     ap.add_argument("--threads", type=str, default=None, help="comma-separated thread counts (default: the full grid)")
     args = ap.parse_args(argv)
@@ -356,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for c in chunks:
             for t in threads:
-                p = measure_point(data, c, t, seconds, args.repeats, rng)
+                p = measure_point(data, c, t, seconds, args.repeats, rng, args.engine)
                 points.append(p)
                 print(f"  {c // KIB:>5} KiB x {t:>2} threads: mlx_flash {p['mlx_flash_mbps']:7.1f} MB/s, "
                       f"fio {p['fio_mbps']:7.1f} MB/s ({p['mlx_flash_mbps'] / p['fio_mbps']:.2f})", flush=True)
@@ -372,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             data.unlink(missing_ok=True)
     cache_rows = [] if args.skip_cache else cache_grid(args.quick, rng)
     result = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "machine": machine(),
-              "seconds_per_point": seconds, "file_bytes": int(gb * 1e9), "points": points,
+              "engine": args.engine or "threads", "seconds_per_point": seconds, "file_bytes": int(gb * 1e9), "points": points,
               "fp16_points": fp16, "buffer_placement": placement, "cost_model": model, "cache": cache_rows}
     (args.out / "bench_io.json").write_text(json.dumps(result, indent=1))
     print_tables(points, fp16, placement, model, cache_rows)

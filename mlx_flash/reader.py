@@ -16,7 +16,8 @@ page cache is not bypassed; a bundle that is not a multiple of it is read as par
 range), neighbours whose gap on flash is at most `coalesce_gap` bytes are merged into one read
 (reading the gap and discarding it is cheaper than a second read), and no read grows past
 about `max_read` bytes (so that a dense range still spreads over the threads). The reads go to
-a pool of threads (``os.preadv`` releases the GIL). Where every part fills whole sectors
+a pool of threads (``os.preadv`` releases the GIL), or, opt-in on Linux (``engine="aio"``), to
+one thread that keeps them in flight through Linux native AIO (`reader_aio`). Where every part fills whole sectors
 (float32 with d a multiple of 128 at 512 B blocks: the paper's CPU setting), one vectored read puts each
 part of each row straight into its (aligned) output row: no copy at all. Otherwise a thread reads
 into its own aligned scratch buffer and converts the rows to float32 into the outputs (on
@@ -42,6 +43,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import kernel_aio
 from .io_stats import IOStats, LayerIOStats
 from .layout import SECTOR, FlashFormatError, LayerEntry, Manifest, Segment
 from .quantize import dequantize
@@ -212,6 +214,7 @@ class _Request:
         self.id_list = ids.tolist()
         self.dest_list = None if dest is None else dest.tolist()
         self.out_bytes = {k: memoryview(v).cast("B") for k, v in out.items()}  # flat, for preadv
+        self.out_addresses = {k: v.ctypes.data for k, v in out.items()}  # for the AIO engine's iovecs
         self.future = future
         self.chunks = chunks
         self.max_length = max(c.length for c in chunks)
@@ -285,6 +288,11 @@ class FlashReader:
     coalesce_gap: merge neighbouring reads whose gap on flash is at most this many bytes
         (default `DEFAULT_COALESCE_GAP`; negative: merge only reads sharing a sector).
     max_read: a merged read stops growing at about this many bytes (default `DEFAULT_MAX_READ`).
+    engine: "threads" (default): a pool of `threads` threads, one blocking read each; "aio"
+        (Linux, O_DIRECT): one thread keeping `threads` reads in flight through Linux native
+        AIO (`reader_aio`), an experiment: on the project's 2-core VM it beat the pool at 32
+        reads in flight and lost at 8 (benchmarks/RESULTS.md). A reader whose `_pread_into` is
+        replaced (fault injection) reads on threads whatever the engine.
 
     `self.align` is the alignment reads are widened to: the smallest every file accepts without
     the page cache (`direct_alignment`), SECTOR when reading through the page cache.
@@ -299,6 +307,7 @@ class FlashReader:
         direct: bool | None = None,
         coalesce_gap: int | None = None,
         max_read: int | None = None,
+        engine: str | None = None,
     ):
         self.folder = Path(folder)
         self.manifest = manifest
@@ -323,7 +332,22 @@ class FlashReader:
         except BaseException:
             self._close_files()
             raise
-        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="mlx_flash-reader")
+        self._pool: ThreadPoolExecutor | None = None
+        self._aio = None
+        if engine not in (None, "threads", "aio"):
+            raise ValueError(f"engine must be 'threads' or 'aio', got {engine!r}")
+        if engine == "aio":
+            if not (self.direct and hasattr(os, "O_DIRECT") and kernel_aio.available()):
+                self._close_files()
+                raise OSError(errno.ENOTSUP, "engine='aio' needs Linux and reads that bypass the page cache")
+            from .reader_aio import AioDriver
+
+            try:
+                self._aio = AioDriver(self, depth=self.threads, iov_max=_IOV_MAX)
+            except OSError:
+                self._close_files()
+                raise
+        self.engine = "aio" if self._aio is not None else "threads"
 
     # -- opening -------------------------------------------------------------------------
 
@@ -513,6 +537,11 @@ class FlashReader:
                 raise ReaderClosedError("FlashReader is closed")
             self._requests.add(req)
             req.future.add_done_callback(lambda _f: self._forget(req))
+            if self._aio is not None and getattr(self._pread_into, "__func__", None) is FlashReader._pread_into:
+                self._aio.start(req)
+                return
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="mlx_flash-reader")
             workers = min(self.threads, len(req.chunks))
             for _ in range(workers):  # all counted first: else the first one could finish the request alone,
                 req.worker_started()  # and a later one finish it again (its stats counted twice)
@@ -545,7 +574,8 @@ class FlashReader:
                 reads = chunk.reads
                 rows = chunk.stop - chunk.first
                 vectored = aligned and reads.vectored and rows * (len(reads.columns) + 1) <= _IOV_MAX
-                bufs = self._row_buffers(req, chunk, scratch_view) if vectored else [scratch_view[: chunk.length]]
+                bufs = (self._span_buffers(req, self._row_spans(req, chunk), scratch_view) if vectored
+                        else [scratch_view[: chunk.length]])
                 t0 = clock()
                 try:
                     got = pread(reads.file.fd, bufs, chunk.offset)
@@ -568,10 +598,15 @@ class FlashReader:
             req.worker_done(local, self.stats)
 
     def _scratch(self, nbytes: int) -> np.ndarray:
+        """This thread's scratch buffer, grown to `nbytes` when needed."""
         buf = getattr(self._local, "buf", None)
         if buf is None or len(buf) < nbytes:
-            buf = self._local.buf = _aligned_empty(-(-nbytes // SECTOR) * SECTOR)
+            buf = self._local.buf = self._new_scratch(nbytes)
         return buf
+
+    @staticmethod
+    def _new_scratch(nbytes: int) -> np.ndarray:
+        return _aligned_empty(-(-nbytes // SECTOR) * SECTOR)
 
     def _pread_into(self, fd: int, bufs: list[memoryview], offset: int) -> int:
         """One positioned read filling `bufs` in order, returning the bytes read; the single
@@ -579,22 +614,29 @@ class FlashReader:
         return os.preadv(fd, bufs, offset)
 
     @staticmethod
-    def _row_buffers(req: _Request, chunk: _Chunk, scratch: memoryview) -> list[memoryview]:
-        """The iovecs of a vectored read: each part of each wanted row into its output row, the
-        bytes between wanted rows into scratch (discarded). All are whole sectors."""
+    def _row_spans(req: _Request, chunk: _Chunk) -> list[tuple[str | None, int, int]]:
+        """The iovecs of a vectored read, as (output, byte offset in it, length): each part of
+        each wanted row into its output row, the bytes between wanted rows into scratch
+        (output None, offset 0: discarded). All are whole sectors."""
         seg, ids, dest = chunk.reads.segment, req.id_list, req.dest_list
         base, row_bytes = seg.data_offset, seg.row_bytes
-        parts = [(req.out_bytes[name], c1 - c0) for name, c0, c1, _ in chunk.reads.columns]
-        bufs, pos = [], chunk.offset
+        parts = [(name, c1 - c0) for name, c0, c1, _ in chunk.reads.columns]
+        spans, pos = [], chunk.offset
         for k in range(chunk.first, chunk.stop):
             start = base + ids[k] * row_bytes
             if start > pos:
-                bufs.append(scratch[: start - pos])
+                spans.append((None, 0, start - pos))
             row = k if dest is None else dest[k]
-            for flat, n in parts:
-                bufs.append(flat[row * n : (row + 1) * n])
+            for name, n in parts:
+                spans.append((name, row * n, n))
             pos = start + row_bytes
-        return bufs
+        return spans
+
+    @staticmethod
+    def _span_buffers(req: _Request, spans: list[tuple[str | None, int, int]], scratch: memoryview) -> list[memoryview]:
+        """`_row_spans` as buffers for os.preadv."""
+        out = req.out_bytes
+        return [scratch[:n] if name is None else out[name][off : off + n] for name, off, n in spans]
 
     def _read_rest(self, layer: int, chunk: _Chunk, bufs: list[memoryview], got: int, latencies: list[float]) -> int:
         """After a first read of `chunk` delivered only `got` bytes: read on from there until
@@ -667,7 +709,10 @@ class FlashReader:
                 return
             self._closed = True
             pending = list(self._requests)
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._aio is not None:
+            self._aio.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
         for req in pending:
             req.fail(ReaderClosedError("FlashReader closed before the request finished"), now=True)
         self._close_files()

@@ -62,6 +62,19 @@ def as_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
     return np.array(a.astype(mx.float32))
 
 
+ENGINES = ["threads", "aio"]
+
+
+def open_reader(folder, manifest, engine, **kw) -> FlashReader:
+    """A FlashReader on `engine`; skips the test where Linux native AIO is not to be had."""
+    try:
+        return FlashReader(folder, manifest, engine=engine, **kw)
+    except OSError as e:
+        if engine != "aio":
+            raise
+        pytest.skip(f"no Linux native AIO here: {e}")
+
+
 def check_rows(out, raw_layer, ids, dtype):
     assert set(out) == set(raw_layer)
     for name, x in raw_layer.items():
@@ -83,12 +96,14 @@ LAYOUTS = [
 ]
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("dtype,bundled,elems", LAYOUTS)
-def test_random_id_sets_return_exact_rows(tmp_path, dtype, bundled, elems):
+def test_random_id_sets_return_exact_rows(tmp_path, dtype, bundled, elems, engine):
     m, raw = make_flash_folder(tmp_path, dtype=dtype, bundled=bundled, elems=elems)
     rng = np.random.default_rng(1)
     for gap, max_read in [(-1, 4096), (0, 8192), (16384, 65536), (1 << 30, 1 << 20)]:
-        with FlashReader(tmp_path, m, threads=3, coalesce_gap=gap, max_read=max_read) as r:
+        with open_reader(tmp_path, m, engine, threads=3, coalesce_gap=gap, max_read=max_read) as r:
+            assert r.engine == engine
             for _ in range(4):
                 layer = int(rng.integers(2))
                 ids = np.sort(rng.choice(300, size=int(rng.integers(1, 120)), replace=False))
@@ -96,9 +111,10 @@ def test_random_id_sets_return_exact_rows(tmp_path, dtype, bundled, elems):
             check_rows(r.read(1, [299, 0, 298, 1]), raw[1], [299, 0, 298, 1], dtype)  # both ends of the file
 
 
-def test_any_order_repeats_empty_and_rows(tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_any_order_repeats_empty_and_rows(tmp_path, engine):
     m, raw = make_flash_folder(tmp_path)
-    with FlashReader(tmp_path, m, threads=2) as r:
+    with open_reader(tmp_path, m, engine, threads=2) as r:
         for ids in ([5, 3, 9, 4], [7, 7, 2, 7], [12], []):
             check_rows(r.read(0, np.array(ids, dtype=np.int32)), raw[0], ids, "float16")
         check_rows(r.read_rows(1, 10, 290), raw[1], np.arange(10, 290), "float16")
@@ -113,10 +129,11 @@ def test_any_order_repeats_empty_and_rows(tmp_path):
             r.read(0, np.array([1.0]))
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("elems", [(1024, 2048, 1024), (40, 40, 40)])
-def test_caller_buffers_filled_aligned_or_not(tmp_path, elems):
+def test_caller_buffers_filled_aligned_or_not(tmp_path, elems, engine):
     m, raw = make_flash_folder(tmp_path, dtype="float32", bundled=False, elems=elems)
-    with FlashReader(tmp_path, m, threads=3) as r:
+    with open_reader(tmp_path, m, engine, threads=3) as r:
         for ids in ([4, 9, 100, 101, 250], [9, 4, 9, 250]):
             aligned = r.empty_rows(len(ids))
             offset = {k: np.empty(v.size + 1, np.float32)[1:].reshape(v.shape) for k, v in aligned.items()}
@@ -246,9 +263,10 @@ def test_partial_read_is_continued(tmp_path, elems):
         assert r.calls > 2  # the fault was injected, and the read continued
 
 
-def test_file_truncated_underneath(tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_file_truncated_underneath(tmp_path, engine):
     m, _ = make_flash_folder(tmp_path)
-    with FlashReader(tmp_path, m, threads=2) as r:
+    with open_reader(tmp_path, m, engine, threads=2) as r:
         os.truncate(tmp_path / layer_file(0), m.layers[0].segments[0].data_offset + 1000)
         with pytest.raises(FlashReadError, match="changed since it was opened"):
             r.read(0, [250, 251])
@@ -334,9 +352,10 @@ def test_close_while_reading_fails_the_request_not_hangs(tmp_path):
     assert threading.active_count() <= threads + 1  # + the Timer, which is ending
 
 
-def test_stats_count_reads_bytes_and_take_resets(tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_stats_count_reads_bytes_and_take_resets(tmp_path, engine):
     m, _ = make_flash_folder(tmp_path, dtype="float32", elems=(384, 384, 256))  # 4 KiB bundles
-    with FlashReader(tmp_path, m, threads=2, coalesce_gap=0) as r:
+    with open_reader(tmp_path, m, engine, threads=2, coalesce_gap=0) as r:
         r.read(0, [1, 5, 9])  # 12 KiB gaps: three reads
         r.read(1, [2, 3])  # neighbours: one 8 KiB read
         s = r.stats.take()
@@ -346,3 +365,35 @@ def test_stats_count_reads_bytes_and_take_resets(tmp_path):
         assert 0 < s[0].read_latency.quantile(0.5) <= s[0].read_latency.max_seconds
         assert s[0].wait_seconds >= 0
         assert r.stats.snapshot() == {}
+
+
+def test_aio_close_with_requests_queued_fails_or_finishes_them_and_leaks_nothing(tmp_path):
+    m, raw = make_flash_folder(tmp_path, dtype="float32", elems=(1024, 1024, 1024))
+    fds, threads = _open_fds(), threading.active_count()
+    r = open_reader(tmp_path, m, "aio", threads=2, coalesce_gap=-1)
+    ids = np.arange(0, 300, 2)
+    futures = [r.submit(k % 2, ids) for k in range(20)]  # 150 reads each, 2 in flight at a time
+    r.close()
+    outcomes = []
+    for k, f in enumerate(futures):
+        try:
+            check_rows(f.result(timeout=10), raw[k % 2], ids, "float32")
+            outcomes.append("done")
+        except ReaderClosedError:
+            outcomes.append("closed")
+    assert "closed" in outcomes  # the queue was not drained before closing
+    assert _open_fds() == fds and threading.active_count() == threads
+
+
+def test_a_replaced_low_level_read_is_used_whatever_the_engine(tmp_path):
+    """Fault injection replaces `_pread_into`: the reader then reads on its threads, so the
+    replacement sees every read."""
+    m, _ = make_flash_folder(tmp_path)
+    try:
+        r = FaultyReader(tmp_path, m, threads=2, coalesce_gap=-1, fail_at=1, fault="eio", engine="aio")
+    except OSError as e:
+        pytest.skip(f"no Linux native AIO here: {e}")
+    with r:
+        assert r.engine == "aio"
+        with pytest.raises(FlashReadError, match="Input/output error"):
+            r.read(0, [1, 100])
