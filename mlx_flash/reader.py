@@ -538,7 +538,11 @@ class FlashReader:
             self._requests.add(req)
             req.future.add_done_callback(lambda _f: self._forget(req))
             if self._aio is not None and getattr(self._pread_into, "__func__", None) is FlashReader._pread_into:
-                self._aio.start(req)
+                try:
+                    self._aio.start(req)
+                except OSError:
+                    self._requests.discard(req)
+                    raise
                 return
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="mlx_flash-reader")

@@ -48,6 +48,7 @@ class AioDriver:
         self._queue: deque["_Request"] = deque()
         self._cv = threading.Condition()
         self._closing = False
+        self._broken: BaseException | None = None
         # Per slot (one read in flight each, its IOCB's data = the slot): an IOCB and an iovec
         # array made once, a scratch buffer grown as needed, and what the read is for.
         self._iov_max = iov_max
@@ -62,9 +63,13 @@ class AioDriver:
         self._thread.start()
 
     def start(self, req: "_Request") -> None:
+        """Queue a request; OSError if the AIO thread has stopped on an error (the reader is
+        then unusable). Never resolves the request's future itself."""
         req.aio_progress = _Progress()
         req.worker_started()
         with self._cv:
+            if self._broken is not None:
+                raise OSError(f"the reader's AIO thread stopped: {self._broken!r}")
             self._queue.append(req)
             self._cv.notify()
 
@@ -79,27 +84,36 @@ class AioDriver:
     # -- the AIO thread ------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+            error: BaseException | None = None
+        except BaseException as exc:  # noqa: BLE001 - a failure here must not leave futures hanging
+            error = exc
+            self._aio.close()  # waits for the reads in flight: none lands in a buffer later
+        from .reader import ReaderClosedError
+
+        with self._cv:
+            self._broken = error
+            left, self._queue = list(self._queue), deque()
+        left += [f[0] for f in self._flights if f is not None and f[0] not in left]
+        for req in left:
+            req.fail(error or ReaderClosedError("FlashReader closed before the request finished"), now=True)
+
+    def _loop(self) -> None:
         free = list(range(self._depth))
         while True:
             with self._cv:
                 while not self._queue and len(free) == self._depth and not self._closing:
                     self._cv.wait()
                 closing = self._closing
-            busy = len(free) < self._depth
-            if closing and not busy:
-                break
+            if closing and len(free) == self._depth:
+                return
             batch = [] if closing else self._issue(free)
             if batch:
                 self._submit(batch, free)
             if len(free) < self._depth:
                 for slot, res in self._aio.reap(1, None):
                     self._complete(slot, res, free)
-        with self._cv:
-            left, self._queue = list(self._queue), deque()
-        from .reader import ReaderClosedError
-
-        for req in left:
-            req.fail(ReaderClosedError("FlashReader closed before the request finished"), now=True)
 
     def _issue(self, free: list[int]) -> list[int]:
         """Prepare the next chunks of the queued requests, one free slot each."""

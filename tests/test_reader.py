@@ -397,3 +397,18 @@ def test_a_replaced_low_level_read_is_used_whatever_the_engine(tmp_path):
         assert r.engine == "aio"
         with pytest.raises(FlashReadError, match="Input/output error"):
             r.read(0, [1, 100])
+
+
+def test_aio_thread_failure_fails_the_requests_instead_of_hanging(tmp_path):
+    m, _ = make_flash_folder(tmp_path)
+    r = open_reader(tmp_path, m, "aio", threads=2, coalesce_gap=-1)
+
+    def broken(*_a):
+        raise OSError(errno.EIO, "io_getevents: Input/output error")
+
+    r._aio._aio.reap = broken
+    with r:
+        with pytest.raises(OSError, match="io_getevents"):
+            r.read(0, np.arange(0, 300, 20))
+        with pytest.raises(OSError, match="AIO thread stopped"):
+            r.read(0, [1])
