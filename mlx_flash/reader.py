@@ -214,7 +214,6 @@ class _Request:
         self.id_list = ids.tolist()
         self.dest_list = None if dest is None else dest.tolist()
         self.out_bytes = {k: memoryview(v).cast("B") for k, v in out.items()}  # flat, for preadv
-        self.out_addresses = {k: v.ctypes.data for k, v in out.items()}  # for the AIO engine's iovecs
         self.future = future
         self.chunks = chunks
         self.max_length = max(c.length for c in chunks)
@@ -316,6 +315,8 @@ class FlashReader:
         self.max_read = max_read or DEFAULT_MAX_READ
         if self.threads < 1 or self.max_read < SECTOR:
             raise ValueError(f"threads must be >= 1 and max_read >= {SECTOR}")
+        if engine not in (None, "threads", "aio"):
+            raise ValueError(f"engine must be 'threads' or 'aio', got {engine!r}")
         self.stats = IOStats()
         self._fields = {k: (e, np.dtype(t)) for k, (e, t) in manifest.row_fields().items()}  # what a raw read returns
         self._closed = False
@@ -334,8 +335,6 @@ class FlashReader:
             raise
         self._pool: ThreadPoolExecutor | None = None
         self._aio = None
-        if engine not in (None, "threads", "aio"):
-            raise ValueError(f"engine must be 'threads' or 'aio', got {engine!r}")
         if engine == "aio":
             if not (self.direct and hasattr(os, "O_DIRECT") and kernel_aio.available()):
                 self._close_files()
@@ -568,7 +567,7 @@ class FlashReader:
         try:
             scratch = self._scratch(req.max_length)
             scratch_view = memoryview(scratch)
-            chunks, n, next_job, aligned = req.chunks, len(req.chunks), req.next_job, req.aligned
+            chunks, n, next_job = req.chunks, len(req.chunks), req.next_job
             pread, clock, lap = self._pread_into, time.perf_counter, latencies.append
             while not req.failed and not self._closed:
                 i = next(next_job)
@@ -576,8 +575,7 @@ class FlashReader:
                     break
                 chunk = chunks[i]
                 reads = chunk.reads
-                rows = chunk.stop - chunk.first
-                vectored = aligned and reads.vectored and rows * (len(reads.columns) + 1) <= _IOV_MAX
+                vectored = self._vectored(req, chunk)
                 bufs = (self._span_buffers(req, self._row_spans(req, chunk), scratch_view) if vectored
                         else [scratch_view[: chunk.length]])
                 t0 = clock()
@@ -589,7 +587,7 @@ class FlashReader:
                 if got < chunk.need:
                     got = self._read_rest(req.layer, chunk, bufs, got, latencies)
                 read_bytes += got
-                used_bytes += rows * reads.segment.row_bytes
+                used_bytes += (chunk.stop - chunk.first) * reads.segment.row_bytes
                 if not vectored:
                     self._scatter(req, chunk, scratch)
             if self._closed and not req.failed:
@@ -616,6 +614,12 @@ class FlashReader:
         """One positioned read filling `bufs` in order, returning the bytes read; the single
         low-level read of the reader (tests override it to inject faults)."""
         return os.preadv(fd, bufs, offset)
+
+    @staticmethod
+    def _vectored(req: _Request, chunk: _Chunk) -> bool:
+        """Whether a read goes straight into the output rows (`_row_spans`), not via scratch."""
+        reads = chunk.reads
+        return req.aligned and reads.vectored and (chunk.stop - chunk.first) * (len(reads.columns) + 1) <= _IOV_MAX
 
     @staticmethod
     def _row_spans(req: _Request, chunk: _Chunk) -> list[tuple[str | None, int, int]]:

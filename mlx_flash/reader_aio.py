@@ -51,14 +51,14 @@ class AioDriver:
         self._broken: BaseException | None = None
         # Per slot (one read in flight each, its IOCB's data = the slot): an IOCB and an iovec
         # array made once, a scratch buffer grown as needed, and what the read is for.
-        self._iov_max = iov_max
         self._cbs = [IOCB() for _ in range(depth)]
         self._iovs = [(IOVec * iov_max)() for _ in range(depth)]
         for cb, iov in zip(self._cbs, self._iovs):
             cb.opcode, cb.buf = IOCB_CMD_PREADV, ctypes.addressof(iov)
         self._scratch: list[np.ndarray | None] = [None] * depth
         self._scratch_at = [0] * depth
-        self._flights: list[tuple | None] = [None] * depth  # (req, chunk, vectored, spans, t0)
+        self._flights: list[tuple | None] = [None] * depth  # (req, chunk, vectored, spans)
+        self._t0 = [0.0] * depth  # when the slot's read was submitted
         self._thread = threading.Thread(target=self._run, name="mlx_flash-aio", daemon=True)
         self._thread.start()
 
@@ -66,6 +66,7 @@ class AioDriver:
         """Queue a request; OSError if the AIO thread has stopped on an error (the reader is
         then unusable). Never resolves the request's future itself."""
         req.aio_progress = _Progress()
+        req.out_addresses = {k: v.ctypes.data for k, v in req.out.items()}  # for the iovecs
         req.worker_started()
         with self._cv:
             if self._broken is not None:
@@ -137,7 +138,7 @@ class AioDriver:
 
     def _prepare(self, req: "_Request", chunk: "_Chunk", slot: int) -> None:
         reads = chunk.reads
-        vectored = req.aligned and reads.vectored and (chunk.stop - chunk.first) * (len(reads.columns) + 1) <= self._iov_max
+        vectored = self._reader._vectored(req, chunk)
         scratch = self._scratch[slot]
         if scratch is None or len(scratch) < chunk.length:
             scratch = self._scratch[slot] = self._reader._new_scratch(max(chunk.length, req.max_length))
@@ -155,13 +156,13 @@ class AioDriver:
             v.base, v.len = s0, chunk.length
         cb = self._cbs[slot]
         cb.data, cb.fildes, cb.nbytes, cb.offset = slot, reads.file.fd, len(spans) if vectored else 1, chunk.offset
-        self._flights[slot] = (req, chunk, vectored, spans, 0.0)
+        self._flights[slot] = (req, chunk, vectored, spans)
         req.aio_progress.inflight += 1
 
     def _submit(self, batch: list[int], free: list[int]) -> None:
         t0 = time.perf_counter()
         for slot in batch:
-            self._flights[slot] = self._flights[slot][:4] + (t0,)
+            self._t0[slot] = t0
         done = self._aio.submit([self._cbs[slot] for slot in batch])
         for slot in batch[done:]:  # refused by the kernel: those requests fail
             req, chunk = self._flights[slot][:2]
@@ -169,9 +170,9 @@ class AioDriver:
             self._settle(slot, free, self._reader._read_error(req.layer, chunk, 0, err))
 
     def _complete(self, slot: int, res: int, free: list[int]) -> None:
-        req, chunk, vectored, spans, t0 = self._flights[slot]
+        req, chunk, vectored, spans = self._flights[slot]
         p = req.aio_progress
-        p.latencies.append(time.perf_counter() - t0)
+        p.latencies.append(time.perf_counter() - self._t0[slot])
         r = self._reader
         error = None
         if not req.failed:

@@ -412,3 +412,11 @@ def test_aio_thread_failure_fails_the_requests_instead_of_hanging(tmp_path):
             r.read(0, np.arange(0, 300, 20))
         with pytest.raises(OSError, match="AIO thread stopped"):
             r.read(0, [1])
+
+
+def test_unknown_engine_is_refused_before_any_file_is_opened(tmp_path):
+    m, _ = make_flash_folder(tmp_path)
+    fds = _open_fds()
+    with pytest.raises(ValueError, match="engine"):
+        FlashReader(tmp_path, m, engine="uring")
+    assert _open_fds() == fds
