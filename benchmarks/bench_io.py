@@ -152,12 +152,13 @@ def measure_point(path: Path, chunk: int, threads: int, seconds: float, repeats:
             "fio_mbps": float(np.median(ref)), "mlx_flash_samples": ours, "fio_samples": ref}
 
 
-def buffer_placement(path: Path, chunk: int, threads: int, seconds: float, repeats: int, rng: np.random.Generator) -> dict:
+def buffer_placement(path: Path, chunk: int, threads: int, seconds: float, repeats: int, rng: np.random.Generator,
+                     engine: str | None = None) -> dict:
     """The reader's throughput by kind of output buffer (medians of alternating runs)."""
     samples: dict[str, list[float]] = {k: [] for k in BUFFER_KINDS}
     for _ in range(repeats):
         for kind in BUFFER_KINDS:
-            samples[kind].append(reader_mbps(path, chunk, threads, seconds, rng, buffers=kind))
+            samples[kind].append(reader_mbps(path, chunk, threads, seconds, rng, buffers=kind, engine=engine))
     return {"chunk_bytes": chunk, "threads": threads, **{f"{k}_mbps": float(np.median(v)) for k, v in samples.items()}}
 
 
@@ -366,10 +367,11 @@ def main(argv: list[str] | None = None) -> int:
         model = fit_cost_model(points)
         fp16 = []  # the conversion path (float16 on flash, float32 out) at the chosen thread count
         for c in chunks:
-            mbps = reader_mbps(data, c, model["threads"], seconds, rng, "float16")
+            mbps = reader_mbps(data, c, model["threads"], seconds, rng, "float16", engine=args.engine)
             fp16.append({"chunk_bytes": c, "threads": model["threads"], "mlx_flash_fp16_mbps": mbps})
             print(f"  {c // KIB:>5} KiB x {model['threads']:>2} threads, float16 -> float32: {mbps:7.1f} MB/s", flush=True)
-        placement = [buffer_placement(data, c, t, seconds, args.repeats, rng) for c, t in ((chunks[-1], 16), (64 * KIB, 16))]
+        placement = [buffer_placement(data, c, t, seconds, args.repeats, rng, args.engine)
+                     for c, t in ((chunks[-1], 16), (64 * KIB, 16))]
     finally:
         if not args.keep_file and not args.data:
             data.unlink(missing_ok=True)
