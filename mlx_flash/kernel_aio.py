@@ -42,10 +42,6 @@ class IOEvent(ctypes.Structure):
     _fields_ = [("data", ctypes.c_uint64), ("obj", ctypes.c_uint64), ("res", ctypes.c_int64), ("res2", ctypes.c_int64)]
 
 
-class _Timespec(ctypes.Structure):
-    _fields_ = [("sec", ctypes.c_long), ("nsec", ctypes.c_long)]
-
-
 assert ctypes.sizeof(IOCB) == 64 and ctypes.sizeof(IOEvent) == 32
 
 
@@ -92,15 +88,12 @@ class KernelAIO:
             done += n
         return done
 
-    def reap(self, min_nr: int, timeout: float | None) -> list[tuple[int, int]]:
-        """Wait for at least `min_nr` completions (or `timeout` seconds); returns (data, res)
-        pairs: res the bytes read, or -errno."""
-        ts = None
-        if timeout is not None:
-            ts = ctypes.byref(_Timespec(int(timeout), int((timeout % 1) * 1e9)))
+    def reap(self, min_nr: int) -> list[tuple[int, int]]:
+        """Wait for at least `min_nr` completions; returns (data, res) pairs: res the bytes
+        read, or -errno."""
         while True:
-            n = self._syscall(self._nr[2], self._ctx, ctypes.c_long(min_nr), ctypes.c_long(self.depth), self._events, ts)
-            if n >= 0 or ctypes.get_errno() != 4:  # EINTR: a signal arrived (Ctrl-C is handled by Python later)
+            n = self._syscall(self._nr[2], self._ctx, ctypes.c_long(min_nr), ctypes.c_long(self.depth), self._events, None)
+            if n >= 0 or ctypes.get_errno() != errno.EINTR:  # EINTR: a signal arrived (Ctrl-C is handled by Python later)
                 break
         self._check(n, "io_getevents")
         return [(self._events[i].data, self._events[i].res) for i in range(n)]

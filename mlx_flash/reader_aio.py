@@ -113,7 +113,7 @@ class AioDriver:
             if batch:
                 self._submit(batch, free)
             if len(free) < self._depth:
-                for slot, res in self._aio.reap(1, None):
+                for slot, res in self._aio.reap(1):
                     self._complete(slot, res, free)
 
     def _issue(self, free: list[int]) -> list[int]:
