@@ -80,15 +80,28 @@ def row_specs(window: int, quantize: tuple[int, ...] = ()) -> dict[str, Row]:
     (`bundling-qb`, its folder converted with ``--quantize b``)."""
     rows = {
         "naive": Row("naive", "naive", "unbundled", 0, "every token streams each layer's whole FFN"),
-        "hybrid": Row("hybrid", "hybrid", "unbundled", 0, "neurons that fit the budget resident, the rest streamed"),
-        "predictor": Row("predictor", "flash", "unbundled", 0, "only selected neurons read, none reused across tokens"),
-        "windowing": Row("windowing", "flash", "unbundled", window, f"+ window of {window} tokens: only new neurons read"),
-        "bundling": Row("bundling", "flash", "bundled", window, "+ bundled up row/down column: the full method"),
+        "hybrid": Row(
+            "hybrid", "hybrid", "unbundled", 0, "neurons that fit the budget resident, the rest streamed"
+        ),
+        "predictor": Row(
+            "predictor", "flash", "unbundled", 0, "only selected neurons read, none reused across tokens"
+        ),
+        "windowing": Row(
+            "windowing", "flash", "unbundled", window, f"+ window of {window} tokens: only new neurons read"
+        ),
+        "bundling": Row(
+            "bundling", "flash", "bundled", window, "+ bundled up row/down column: the full method"
+        ),
         "dense": Row("dense", "dense", "source", 0, "mlx-lm, whole model in memory, float32"),
     }
     for b in quantize:
-        rows[f"bundling-q{b}"] = Row(f"bundling-q{b}", "flash", f"bundled-q{b}", window,
-                                     f"the full method on {b}-bit bundles (float16 scales, {QUANT_GROUP}-wide groups)")
+        rows[f"bundling-q{b}"] = Row(
+            f"bundling-q{b}",
+            "flash",
+            f"bundled-q{b}",
+            window,
+            f"the full method on {b}-bit bundles (float16 scales, {QUANT_GROUP}-wide groups)",
+        )
     return rows
 
 
@@ -97,6 +110,7 @@ class BenchError(Exception):
 
 
 # -- text -----------------------------------------------------------------------------------
+
 
 def default_text() -> str:
     """Real text: Python's documentation topics (the same held-out choice as
@@ -134,9 +148,14 @@ class ForcedSampler:
 
 # -- flash folders, page cache ----------------------------------------------------------------
 
+
 def source_stamp(source: Path) -> dict:
-    return {"source": str(source.resolve()),
-            "files": {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(source.iterdir()) if f.is_file()}}
+    return {
+        "source": str(source.resolve()),
+        "files": {
+            f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(source.iterdir()) if f.is_file()
+        },
+    }
 
 
 def calibration_text() -> str:
@@ -156,8 +175,19 @@ def train_predictors(folder: Path, work: Path, tokens: int, log) -> None:
         return
     data = work / "calibration.txt"
     data.write_text(calibration_text(), encoding="utf-8")
-    cmd = [sys.executable, "-m", "mlx_flash.predictors", "train", "--model", str(folder), "--data", str(data),
-           "--tokens", str(tokens), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlx_flash.predictors",
+        "train",
+        "--model",
+        str(folder),
+        "--data",
+        str(data),
+        "--tokens",
+        str(tokens),
+        "--quiet",
+    ]
     log(f"training predictors: {' '.join(cmd[1:])}")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -197,9 +227,13 @@ def svd_predictors(folder: Path, x_dir: Path, rank: int, recall: float, log) -> 
     with FlashReader(folder, m) as reader:
         for e in m.layers:
             W = reader.read_rows(e.layer, 0, e.num_neurons)[part]
-            bname = arch.source_name(e.layer, arch.family.biases["up_bias"]) if "up_bias" in arch.family.biases else None
+            bname = (
+                arch.source_name(e.layer, arch.family.biases["up_bias"])
+                if "up_bias" in arch.family.biases
+                else None
+            )
             b = np.zeros(e.num_neurons, np.float32)
-            for cand in ([bname, bname.removeprefix("model.")] if bname else []):
+            for cand in [bname, bname.removeprefix("model.")] if bname else []:
                 if cand in dense:
                     b = np.array(dense[cand].astype(mx.float32))
             x = np.load(x_dir / f"x_layer_{e.layer:03d}.npy").astype(np.float32)
@@ -217,14 +251,34 @@ def svd_predictors(folder: Path, x_dir: Path, rank: int, recall: float, log) -> 
             t = float(pos[int((1 - recall) * len(pos))]) if len(pos) else float(np.finfo(np.float32).max)
             pred = z >= t
             layers.append(LayerPredictor(A, B, bias.astype(np.float32), t))
-            records.append({"layer": e.layer, "rank": r, "threshold": t, "recall": float((pred & y).sum() / max(1, y.sum())),
-                            "ratio": float(pred.sum() / max(1, y.sum()))})
-            log(f"  svd predictor layer {e.layer}: rank {r}, predicted/active {records[-1]['ratio']:.2f} at recall {records[-1]['recall']:.3f}")
+            records.append(
+                {
+                    "layer": e.layer,
+                    "rank": r,
+                    "threshold": t,
+                    "recall": float((pred & y).sum() / max(1, y.sum())),
+                    "ratio": float(pred.sum() / max(1, y.sum())),
+                }
+            )
+            log(
+                f"  svd predictor layer {e.layer}: rank {r}, predicted/active {records[-1]['ratio']:.2f} at recall {records[-1]['recall']:.3f}"
+            )
     elems = sum(p.A.size + p.B.size + p.bias.size + 1 for p in layers)
-    summary = {"file": layout.PREDICTORS_NAME, "rule": "relu", "kind": f"svd-{rank}", "recall_target": recall,
-               "calibration": {"inputs": str(x_dir), "tokens": int(len(x))},
-               "fraction_of_model": None, "layers": records}
-    install_predictors(folder, layers, {"rule": "relu", "kind": f"svd-{rank}", "elems": int(elems), "layers": records}, summary)
+    summary = {
+        "file": layout.PREDICTORS_NAME,
+        "rule": "relu",
+        "kind": f"svd-{rank}",
+        "recall_target": recall,
+        "calibration": {"inputs": str(x_dir), "tokens": int(len(x))},
+        "fraction_of_model": None,
+        "layers": records,
+    }
+    install_predictors(
+        folder,
+        layers,
+        {"rule": "relu", "kind": f"svd-{rank}", "elems": int(elems), "layers": records},
+        summary,
+    )
 
 
 def predictor_summary(folder: Path) -> dict | None:
@@ -235,10 +289,14 @@ def predictor_summary(folder: Path) -> dict | None:
     if not p:
         return None
     layers = p.get("layers", [])
-    return {"kind": p.get("kind", "trained"), "fraction_of_model": p.get("fraction_of_model"), "recall_target": p.get("recall_target"),
-            "ranks": [l.get("rank") for l in layers],
-            "mean_ratio_predicted_to_active": sum(l.get("ratio", 0) for l in layers) / max(1, len(layers)),
-            "mean_validation_recall": sum(l.get("recall", 0) for l in layers) / max(1, len(layers))}
+    return {
+        "kind": p.get("kind", "trained"),
+        "fraction_of_model": p.get("fraction_of_model"),
+        "recall_target": p.get("recall_target"),
+        "ranks": [l.get("rank") for l in layers],
+        "mean_ratio_predicted_to_active": sum(l.get("ratio", 0) for l in layers) / max(1, len(layers)),
+        "mean_validation_recall": sum(l.get("recall", 0) for l in layers) / max(1, len(layers)),
+    }
 
 
 def prepare_folders(source: Path, work: Path, dtype: str, layouts: set[str], log) -> dict[str, Path]:
@@ -256,17 +314,36 @@ def prepare_folders(source: Path, work: Path, dtype: str, layouts: set[str], log
         bits = int(kind.removeprefix("bundled-q")) if kind.startswith("bundled-q") else None
         folder = work / (kind if bits else f"{kind}-{dtype}")
         stamp_file = folder / "bench_source.json"
-        if not (layout.is_flash_folder(folder) and stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp):
+        if not (
+            layout.is_flash_folder(folder)
+            and stamp_file.is_file()
+            and json.loads(stamp_file.read_text()) == stamp
+        ):
             if kind == "unbundled" and "bundled" in out:  # from the bundled folder: no second dense file
                 log(f"writing {folder} ({kind}, {dtype}) from {out['bundled']}")
                 unbundle(out["bundled"], folder)
             elif bits:
                 log(f"converting {source} -> {folder} ({bits}-bit bundles)")
-                convert(source, folder, dtype="float16", quantize=bits, group_size=QUANT_GROUP, bundle=True, overwrite=True,
-                        progress=sys.stderr.isatty())
+                convert(
+                    source,
+                    folder,
+                    dtype="float16",
+                    quantize=bits,
+                    group_size=QUANT_GROUP,
+                    bundle=True,
+                    overwrite=True,
+                    progress=sys.stderr.isatty(),
+                )
             else:
                 log(f"converting {source} -> {folder} ({kind}, {dtype})")
-                convert(source, folder, dtype=dtype, bundle=kind == "bundled", overwrite=True, progress=sys.stderr.isatty())
+                convert(
+                    source,
+                    folder,
+                    dtype=dtype,
+                    bundle=kind == "bundled",
+                    overwrite=True,
+                    progress=sys.stderr.isatty(),
+                )
             stamp_file.write_text(json.dumps(stamp))
         out[kind] = folder
     if "bundled" in out and "unbundled" in out:
@@ -311,16 +388,28 @@ def unbundle(src: Path, dst: Path) -> None:
             seg = e.segments[0]
             with open(src / e.file, "rb") as f:
                 f.seek(seg.data_offset)
-                rows = np.frombuffer(f.read(e.num_neurons * seg.row_bytes), dtype=raw).reshape(e.num_neurons, -1)
-            planned = [PlannedTensor(layout.part_tensor_name(e.layer, p.name), st_dtype, (e.num_neurons, p.elems), align=DATA_ALIGNMENT)
-                       for p in m.parts]
+                rows = np.frombuffer(f.read(e.num_neurons * seg.row_bytes), dtype=raw).reshape(
+                    e.num_neurons, -1
+                )
+            planned = [
+                PlannedTensor(
+                    layout.part_tensor_name(e.layer, p.name),
+                    st_dtype,
+                    (e.num_neurons, p.elems),
+                    align=DATA_ALIGNMENT,
+                )
+                for p in m.parts
+            ]
             h = hashlib.new(layout.CHECKSUM)
             with SafetensorsWriter(tmp / e.file, planned) as w:
                 for t, p in zip(planned, m.parts):
                     block = np.ascontiguousarray(rows[:, cols[p.name][0] : cols[p.name][1]])
                     w.write(t.name, block)
                     h.update(memoryview(block).cast("B"))
-            segs = tuple(Segment(t.name, (p.name,), w.offsets[t.name], p.elems * esize) for t, p in zip(planned, m.parts))
+            segs = tuple(
+                Segment(t.name, (p.name,), w.offsets[t.name], p.elems * esize)
+                for t, p in zip(planned, m.parts)
+            )
             entries.append(LayerEntry(e.layer, e.file, e.num_neurons, e.bundle_bytes, h.hexdigest(), segs))
             del rows
         for f in src.iterdir():
@@ -329,8 +418,16 @@ def unbundle(src: Path, dst: Path) -> None:
                     os.link(f, tmp / f.name)
                 else:
                     shutil.copy2(f, tmp / f.name)
-        layout.write_manifest(tmp, replace(m, bundled=False, layers=entries, predictors_file=None,
-                                           extra={k: v for k, v in m.extra.items() if k != "predictors"}))
+        layout.write_manifest(
+            tmp,
+            replace(
+                m,
+                bundled=False,
+                layers=entries,
+                predictors_file=None,
+                extra={k: v for k, v in m.extra.items() if k != "predictors"},
+            ),
+        )
         if dst.exists():
             shutil.rmtree(dst)
         os.replace(tmp, dst)
@@ -357,8 +454,11 @@ def share_predictors(src: Path, dst: Path, log) -> None:
     ms, md = layout.read_manifest(src), layout.read_manifest(dst)
     if not ms.predictors_file:
         return
-    if (md.predictors_file and (dst / md.predictors_file).is_file()
-            and layout.file_digest(dst / md.predictors_file) == layout.file_digest(src / ms.predictors_file)):
+    if (
+        md.predictors_file
+        and (dst / md.predictors_file).is_file()
+        and layout.file_digest(dst / md.predictors_file) == layout.file_digest(src / ms.predictors_file)
+    ):
         return
     log(f"sharing the predictors of {src} with {dst}")
     shutil.copy2(src / ms.predictors_file, dst / ms.predictors_file)
@@ -401,14 +501,19 @@ def cached_bytes(files: list[Path]) -> int:
     if not files or shutil.which("fincore") is None:
         return -1
     try:
-        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES", *map(str, files)],
-                             capture_output=True, text=True, timeout=60).stdout
+        out = subprocess.run(
+            ["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES", *map(str, files)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
         return sum(int(x) for x in out.split())
     except (OSError, ValueError, subprocess.SubprocessError):
         return -1
 
 
 # -- one row ----------------------------------------------------------------------------------
+
 
 def _reset_peak_rss() -> None:
     try:
@@ -458,7 +563,13 @@ def run_row(spec: Row, cfg: dict) -> dict:
     from mlx_flash import layout
 
     prompt, cont = cfg["prompt"], cfg["continuation"][: cfg["tokens"][spec.name]]
-    res: dict = {"name": spec.name, "what": spec.what, "mode": spec.mode, "layout": spec.layout, "window": spec.window}
+    res: dict = {
+        "name": spec.name,
+        "what": spec.what,
+        "mode": spec.mode,
+        "layout": spec.layout,
+        "window": spec.window,
+    }
     _reset_peak_rss()
     t0 = time.perf_counter()
     if spec.mode == "dense":
@@ -474,15 +585,28 @@ def run_row(spec: Row, cfg: dict) -> dict:
         if spec.mode == "flash":
             selection = "predictor" if manifest.predictors_file else "exact"
         model, tokenizer = mlx_flash.load(
-            folder, mode=spec.mode, memory_budget=cfg["budget"], window=max(1, spec.window), selection=selection,
-            threads=cfg["threads"], context=len(prompt) + len(cont) + 1,
+            folder,
+            mode=spec.mode,
+            memory_budget=cfg["budget"],
+            window=max(1, spec.window),
+            selection=selection,
+            threads=cfg["threads"],
+            context=len(prompt) + len(cont) + 1,
         )
         rt = model.flash
-        res.update(selection=rt.selection, budget_bytes=rt.plan.budget_bytes, plan_bytes=rt.plan.total_bytes,
-                   cache_capacity=rt.plan.cache_capacity, resident_neurons=rt.plan.resident_neurons,
-                   neurons_per_layer=manifest.layers[0].num_neurons, bundle_bytes=manifest.layers[0].bundle_bytes,
-                   flash_dtype=manifest.dtype, reader_direct=rt.reader.direct, reader_align=rt.reader.align,
-                   quant_bits=manifest.quantization.bits if manifest.quantization else None)
+        res.update(
+            selection=rt.selection,
+            budget_bytes=rt.plan.budget_bytes,
+            plan_bytes=rt.plan.total_bytes,
+            cache_capacity=rt.plan.cache_capacity,
+            resident_neurons=rt.plan.resident_neurons,
+            neurons_per_layer=manifest.layers[0].num_neurons,
+            bundle_bytes=manifest.layers[0].bundle_bytes,
+            flash_dtype=manifest.dtype,
+            reader_direct=rt.reader.direct,
+            reader_align=rt.reader.align,
+            quant_bits=manifest.quantization.bits if manifest.quantization else None,
+        )
     mx.eval(model.parameters())
     res["load_s"] = time.perf_counter() - t0
     res["load_peak_rss_bytes"] = _peak_rss()
@@ -509,10 +633,18 @@ def run_row(spec: Row, cfg: dict) -> dict:
     if rt is not None:
         s = rt.stats()
         res.update(
-            ms_per_token=s.ms_per_token, io_ms=s.io_ms, mem_ms=s.memory_ms, compute_ms=s.compute_ms,
-            selection_ms=s.selection_ms, bytes_per_token=s.bytes_per_token, reads_per_token=s.reads_per_token,
-            neurons_loaded_per_token=s.neurons_loaded_per_token, window_hit_rate=s.window_hit_rate,
-            prefill_ms=s.prefill_ms, prefill_bytes=s.prefill_bytes, stats_decode_tokens=s.decode_tokens,
+            ms_per_token=s.ms_per_token,
+            io_ms=s.io_ms,
+            mem_ms=s.memory_ms,
+            compute_ms=s.compute_ms,
+            selection_ms=s.selection_ms,
+            bytes_per_token=s.bytes_per_token,
+            reads_per_token=s.reads_per_token,
+            neurons_loaded_per_token=s.neurons_loaded_per_token,
+            window_hit_rate=s.window_hit_rate,
+            prefill_ms=s.prefill_ms,
+            prefill_bytes=s.prefill_bytes,
+            stats_decode_tokens=s.decode_tokens,
         )
         recs = [r for r in rt.records if not r.is_prefill]
         if recs:
@@ -520,9 +652,16 @@ def run_row(spec: Row, cfg: dict) -> dict:
             res["cache_used_per_token"] = sum(r.cache_used for r in recs) / len(recs)
         rt.close()
     else:
-        res.update(ms_per_token=res["wall_ms_per_token"], io_ms=0.0, mem_ms=0.0, selection_ms=0.0,
-                   compute_ms=res["wall_ms_per_token"], bytes_per_token=0.0, reads_per_token=0.0,
-                   prefill_ms=1e3 * res["first_token_s"])
+        res.update(
+            ms_per_token=res["wall_ms_per_token"],
+            io_ms=0.0,
+            mem_ms=0.0,
+            selection_ms=0.0,
+            compute_ms=res["wall_ms_per_token"],
+            bytes_per_token=0.0,
+            reads_per_token=0.0,
+            prefill_ms=1e3 * res["first_token_s"],
+        )
     ms = res["ms_per_token"] or float("nan")
     res["tokens_per_s"] = 1e3 / ms if ms else 0.0
     res["flash_mbps"] = res["bytes_per_token"] / res["io_ms"] / 1e3 if res["io_ms"] > 0 else 0.0
@@ -561,10 +700,15 @@ def _row_main(cfg_path: str, out_path: str) -> int:
 
 # -- the whole benchmark ------------------------------------------------------------------------
 
+
 def blas_in_use() -> str:
     """Which BLAS MLX got: OpenBLAS when preloaded, else MLX's own (reference, single-threaded)."""
     pre = os.environ.get("LD_PRELOAD", "")
-    return f"OpenBLAS (LD_PRELOAD={pre})" if "openblas" in pre.lower() else "MLX's bundled BLAS (no OpenBLAS preloaded)"
+    return (
+        f"OpenBLAS (LD_PRELOAD={pre})"
+        if "openblas" in pre.lower()
+        else "MLX's bundled BLAS (no OpenBLAS preloaded)"
+    )
 
 
 def machine() -> dict:
@@ -588,10 +732,20 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "nproc": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "numpy": np.__version__,
-            "device": str(mx.default_device()), "blas": blas_in_use(), "mem_total_bytes": mem.get("MemTotal"),
-            "mem_available_bytes": mem.get("MemAvailable"), "load_avg_start": os.getloadavg()}
+    return {
+        "cpu": cpu,
+        "nproc": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "mlx": mx.__version__,
+        "mlx_lm": mlx_lm.__version__,
+        "numpy": np.__version__,
+        "device": str(mx.default_device()),
+        "blas": blas_in_use(),
+        "mem_total_bytes": mem.get("MemTotal"),
+        "mem_available_bytes": mem.get("MemAvailable"),
+        "load_avg_start": os.getloadavg(),
+    }
 
 
 def dense_fits(source: Path) -> tuple[bool, int, int]:
@@ -608,16 +762,21 @@ def dense_fits(source: Path) -> tuple[bool, int, int]:
 def fmt_table(rows: list[dict], paper: bool = True) -> str:
     from mlx_flash.budget import fmt_bytes
 
-    head = ("| row | selection | tokens | ms/token | I/O ms | memory mgmt ms | compute ms | selection ms | MB read/token "
-            "| reads/token | flash MB/s | peak memory (MLX) | peak RSS | tok/s | speed-up vs naive |")
+    head = (
+        "| row | selection | tokens | ms/token | I/O ms | memory mgmt ms | compute ms | selection ms | MB read/token "
+        "| reads/token | flash MB/s | peak memory (MLX) | peak RSS | tok/s | speed-up vs naive |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['name']} | — | — | {r['error']} |" + " |" * 11)
             continue
         sp = r.get("speedup_vs_naive")
-        sel = "—" if r["mode"] in ("naive", "hybrid", "dense") else f"{r['selection']}, " + (
-            f"window {r['window']}" if r["window"] else "no reuse")
+        sel = (
+            "—"
+            if r["mode"] in ("naive", "hybrid", "dense")
+            else f"{r['selection']}, " + (f"window {r['window']}" if r["window"] else "no reuse")
+        )
         lines.append(
             f"| {r['name']} | {sel} | {r['decode_tokens']} | {r['ms_per_token']:.1f} | {r['io_ms']:.1f} | {r['mem_ms']:.1f} | "
             f"{r['compute_ms']:.1f} | {r['selection_ms']:.1f} | {r['bytes_per_token'] / 1e6:.2f} | {r['reads_per_token']:.0f} | "
@@ -627,11 +786,17 @@ def fmt_table(rows: list[dict], paper: bool = True) -> str:
     out = "\n".join(lines)
     if paper:
         p = PAPER
-        out += ("\n\nPaper (" + p["model"] + "): I/O ms/token " + ", ".join(f"{k} {v}" for k, v in p["io_ms"].items())
-                + "; GB/token " + ", ".join(f"{k} {v}" for k, v in p["gb_per_token"].items())
-                + f"; end to end CPU {p['end_to_end_ms']['cpu']['naive']} -> {p['end_to_end_ms']['cpu']['bundling']} ms "
-                f"({p['speedup']['cpu']}x), GPU {p['end_to_end_ms']['gpu']['naive']} -> {p['end_to_end_ms']['gpu']['bundling']} ms "
-                f"({p['speedup']['gpu']}x); memory management ~{100 * p['memory_management_share']:.0f}% of a token.")
+        out += (
+            "\n\nPaper ("
+            + p["model"]
+            + "): I/O ms/token "
+            + ", ".join(f"{k} {v}" for k, v in p["io_ms"].items())
+            + "; GB/token "
+            + ", ".join(f"{k} {v}" for k, v in p["gb_per_token"].items())
+            + f"; end to end CPU {p['end_to_end_ms']['cpu']['naive']} -> {p['end_to_end_ms']['cpu']['bundling']} ms "
+            f"({p['speedup']['cpu']}x), GPU {p['end_to_end_ms']['gpu']['naive']} -> {p['end_to_end_ms']['gpu']['bundling']} ms "
+            f"({p['speedup']['gpu']}x); memory management ~{100 * p['memory_management_share']:.0f}% of a token."
+        )
     return out
 
 
@@ -643,8 +808,12 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     ok = [r for r in rows if "error" not in r]
     names = [r["name"] for r in ok]
-    parts = [("I/O", "io_ms", "#d62728"), ("memory mgmt", "mem_ms", "#ff7f0e"), ("selection", "selection_ms", "#9467bd"),
-             ("compute", "compute_ms", "#1f77b4")]
+    parts = [
+        ("I/O", "io_ms", "#d62728"),
+        ("memory mgmt", "mem_ms", "#ff7f0e"),
+        ("selection", "selection_ms", "#9467bd"),
+        ("compute", "compute_ms", "#1f77b4"),
+    ]
     fig, ax = plt.subplots(figsize=(8, 0.6 * len(ok) + 1.8))
     left = [0.0] * len(ok)
     for label, key, color in parts:
@@ -653,7 +822,13 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         left = [a + b for a, b in zip(left, vals)]
     for i, r in enumerate(ok):
         sp = r.get("speedup_vs_naive")
-        ax.text(left[i], i, f"  {r['ms_per_token']:.0f} ms" + (f" ({sp:.1f}x)" if sp else ""), va="center", fontsize=8)
+        ax.text(
+            left[i],
+            i,
+            f"  {r['ms_per_token']:.0f} ms" + (f" ({sp:.1f}x)" if sp else ""),
+            va="center",
+            fontsize=8,
+        )
     ax.invert_yaxis()
     ax.set_xlabel("ms per token")
     ax.set_title(title, fontsize=9)
@@ -668,34 +843,94 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--_row"]:
         return _row_main(argv[1], argv[2])
-    ap = argparse.ArgumentParser(prog="benchmarks/bench_flash.py", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="benchmarks/bench_flash.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--model", required=True, type=Path, help="model folder (Hugging Face / mlx-lm layout)")
-    ap.add_argument("--memory-budget", default="50%", help="memory for the flash rows: bytes, 6GB, or 50%% of the model in float32 (default 50%%)")
+    ap.add_argument(
+        "--memory-budget",
+        default="50%",
+        help="memory for the flash rows: bytes, 6GB, or 50%% of the model in float32 (default 50%%)",
+    )
     ap.add_argument("--prompt-tokens", type=int, default=128, help="prompt tokens of real text (default 128)")
     ap.add_argument("--max-tokens", type=int, default=256, help="tokens to decode per row (default 256)")
-    ap.add_argument("--slow-tokens", type=int, default=None, help="tokens to decode in the naive and hybrid rows (default: --max-tokens)")
+    ap.add_argument(
+        "--slow-tokens",
+        type=int,
+        default=None,
+        help="tokens to decode in the naive and hybrid rows (default: --max-tokens)",
+    )
     ap.add_argument("--out", required=True, type=Path, help="folder for bench_flash.json/.md/.png")
-    ap.add_argument("--work", type=Path, default=None, help="where the flash folders are converted (default OUT/flash)")
-    ap.add_argument("--rows", default=None, help=f"comma-separated rows to run (default: all: {','.join(ROWS)}, and the --quantize rows)")
-    ap.add_argument("--quantize", default="", metavar="BITS", help="also run the full method on quantized bundles: 4, 8 or 4,8 "
-                    "(rows bundling-q4, bundling-q8)")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"), help="weights on flash (default float32)")
-    ap.add_argument("--window", type=int, default=DEFAULT_WINDOW, help=f"window of the windowing and bundling rows (default {DEFAULT_WINDOW})")
+    ap.add_argument(
+        "--work", type=Path, default=None, help="where the flash folders are converted (default OUT/flash)"
+    )
+    ap.add_argument(
+        "--rows",
+        default=None,
+        help=f"comma-separated rows to run (default: all: {','.join(ROWS)}, and the --quantize rows)",
+    )
+    ap.add_argument(
+        "--quantize",
+        default="",
+        metavar="BITS",
+        help="also run the full method on quantized bundles: 4, 8 or 4,8 (rows bundling-q4, bundling-q8)",
+    )
+    ap.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "float16", "bfloat16"),
+        help="weights on flash (default float32)",
+    )
+    ap.add_argument(
+        "--window",
+        type=int,
+        default=DEFAULT_WINDOW,
+        help=f"window of the windowing and bundling rows (default {DEFAULT_WINDOW})",
+    )
     ap.add_argument("--threads", type=int, default=None, help="flash reader threads (default: the reader's)")
-    ap.add_argument("--decode", choices=("text", "greedy"), default="text",
-                    help="text: decode the text's own continuation (teacher-forced, the default); greedy: the model's choice")
-    ap.add_argument("--text", type=Path, default=None, help="UTF-8 text file for prompt and continuation (default: Python's docs)")
-    ap.add_argument("--train-predictors", type=int, default=0, metavar="TOKENS",
-                    help="train the bundled folder's predictors on TOKENS tokens of calibration text first, when it has none")
-    ap.add_argument("--svd-predictors", metavar="RANK:XDIR", default=None,
-                    help="install rank-RANK SVD predictors of the selector (thresholds for 95%% recall on the calibration "
-                         "inputs XDIR/x_layer_NNN.npy) in the flash folders, replacing trained ones")
+    ap.add_argument(
+        "--decode",
+        choices=("text", "greedy"),
+        default="text",
+        help="text: decode the text's own continuation (teacher-forced, the default); greedy: the model's choice",
+    )
+    ap.add_argument(
+        "--text",
+        type=Path,
+        default=None,
+        help="UTF-8 text file for prompt and continuation (default: Python's docs)",
+    )
+    ap.add_argument(
+        "--train-predictors",
+        type=int,
+        default=0,
+        metavar="TOKENS",
+        help="train the bundled folder's predictors on TOKENS tokens of calibration text first, when it has none",
+    )
+    ap.add_argument(
+        "--svd-predictors",
+        metavar="RANK:XDIR",
+        default=None,
+        help="install rank-RANK SVD predictors of the selector (thresholds for 95%% recall on the calibration "
+        "inputs XDIR/x_layer_NNN.npy) in the flash folders, replacing trained ones",
+    )
     ap.add_argument("--prepare-only", action="store_true", help="convert (and train predictors), then stop")
-    ap.add_argument("--drop-system-cache", action="store_true", help="also drop the kernel's whole page cache before each row (root)")
-    ap.add_argument("--in-process", action="store_true", help="run rows in this process (faster, for tests; peak memory is then shared)")
+    ap.add_argument(
+        "--drop-system-cache",
+        action="store_true",
+        help="also drop the kernel's whole page cache before each row (root)",
+    )
+    ap.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run rows in this process (faster, for tests; peak memory is then shared)",
+    )
     ap.add_argument("--row-timeout", type=float, default=None, help="seconds before a row is abandoned")
-    ap.add_argument("--label", default=None, help="a name for the model in the outputs (default: the folder's name)")
+    ap.add_argument(
+        "--label", default=None, help="a name for the model in the outputs (default: the folder's name)"
+    )
     args = ap.parse_args(argv)
 
     def fail(msg: str) -> int:
@@ -763,8 +998,16 @@ def run(args, rows: list[str]) -> int:
     from mlx_flash.budget import fmt_bytes, parse_budget
 
     budget = parse_budget(args.memory_budget, dense_fits(source)[1])
-    cfg = {"source": str(source), "folders": {k: str(v) for k, v in folders.items()}, "budget": budget,
-           "threads": args.threads, "decode": args.decode, "prompt": prompt, "continuation": cont, "tokens": tokens}
+    cfg = {
+        "source": str(source),
+        "folders": {k: str(v) for k, v in folders.items()},
+        "budget": budget,
+        "threads": args.threads,
+        "decode": args.decode,
+        "prompt": prompt,
+        "continuation": cont,
+        "tokens": tokens,
+    }
     files = model_files([source, *folders.values()])
     results = []
     for name in rows:
@@ -772,17 +1015,28 @@ def run(args, rows: list[str]) -> int:
         if spec.mode == "dense":
             fits, nbytes, avail = dense_fits(source)
             if not fits:
-                results.append({"name": name, "what": spec.what, "error": f"skipped: the model in float32 ({nbytes / 1e9:.1f} GB) does not fit in free memory ({avail / 1e9:.1f} GB)"})
+                results.append(
+                    {
+                        "name": name,
+                        "what": spec.what,
+                        "error": f"skipped: the model in float32 ({nbytes / 1e9:.1f} GB) does not fit in free memory ({avail / 1e9:.1f} GB)",
+                    }
+                )
                 log(f"{name}: {results[-1]['error']}")
                 continue
         still = drop_page_cache(files, args.drop_system_cache)
-        log(f"{name}: {spec.what} ({tokens[name]} tokens; page cache of the model's files now {max(still, 0) / 1e6:.0f} MB) ...")
+        log(
+            f"{name}: {spec.what} ({tokens[name]} tokens; page cache of the model's files now {max(still, 0) / 1e6:.0f} MB) ..."
+        )
         t0 = time.perf_counter()
         if args.in_process:
             try:
                 res = run_row(spec, cfg)
             except Exception as e:  # recorded as the row's result, like an isolated row's failure
-                res = {"name": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+                res = {
+                    "name": name,
+                    "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                }
         else:
             res = run_row_isolated(spec, cfg, work, args.row_timeout)
         res.setdefault("what", spec.what)
@@ -792,24 +1046,44 @@ def run(args, rows: list[str]) -> int:
         if "error" in res:
             log(f"{name}: error: {res['error']}")
         else:
-            log(f"{name}: {res['ms_per_token']:.1f} ms/token (I/O {res['io_ms']:.1f}, memory {res['mem_ms']:.1f}, compute "
+            log(
+                f"{name}: {res['ms_per_token']:.1f} ms/token (I/O {res['io_ms']:.1f}, memory {res['mem_ms']:.1f}, compute "
                 f"{res['compute_ms']:.1f}, selection {res['selection_ms']:.1f}), {res['bytes_per_token'] / 1e6:.2f} MB/token, "
-                f"peak {res['peak_memory_bytes'] / 1e6:.0f} MB; {res['row_seconds']:.0f} s")
+                f"peak {res['peak_memory_bytes'] / 1e6:.0f} MB; {res['row_seconds']:.0f} s"
+            )
     naive = next((r for r in results if r["name"] == "naive" and "error" not in r), None)
     for r in results:
         if naive and "error" not in r:
             r["speedup_vs_naive"] = naive["ms_per_token"] / r["ms_per_token"]
     mach["load_avg_end"] = os.getloadavg()
-    command = " ".join(["python", "benchmarks/bench_flash.py", *sys.argv[1:]]) if Path(sys.argv[0]).name == "bench_flash.py" else None
-    result = {"command": command, "model": label, "source": str(source), "memory_budget": args.memory_budget, "budget_bytes": budget,
-              "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "tokens_per_row": {r: tokens[r] for r in rows},
-              "decode": args.decode, "window": args.window, "dtype": args.dtype, "machine": mach,
-              "predictors": predictor_summary(folders["bundled"]) if "bundled" in folders else None,
-              "rows": results, "paper": PAPER}
+    command = (
+        " ".join(["python", "benchmarks/bench_flash.py", *sys.argv[1:]])
+        if Path(sys.argv[0]).name == "bench_flash.py"
+        else None
+    )
+    result = {
+        "command": command,
+        "model": label,
+        "source": str(source),
+        "memory_budget": args.memory_budget,
+        "budget_bytes": budget,
+        "prompt_tokens": args.prompt_tokens,
+        "max_tokens": args.max_tokens,
+        "tokens_per_row": {r: tokens[r] for r in rows},
+        "decode": args.decode,
+        "window": args.window,
+        "dtype": args.dtype,
+        "machine": mach,
+        "predictors": predictor_summary(folders["bundled"]) if "bundled" in folders else None,
+        "rows": results,
+        "paper": PAPER,
+    }
     (out / "bench_flash.json").write_text(json.dumps(result, indent=1))
     table = fmt_table(results)
-    header = (f"{label}: budget {args.memory_budget} ({fmt_bytes(budget)}), prompt {args.prompt_tokens} tokens, {args.decode} decode, "
-              f"{args.dtype} on flash; {mach['cpu']} x{mach['nproc']}, {mach['blas']}")
+    header = (
+        f"{label}: budget {args.memory_budget} ({fmt_bytes(budget)}), prompt {args.prompt_tokens} tokens, {args.decode} decode, "
+        f"{args.dtype} on flash; {mach['cpu']} x{mach['nproc']}, {mach['blas']}"
+    )
     (out / "bench_flash.md").write_text(f"{header}\n\n{table}\n")
     print(header)
     print(table)

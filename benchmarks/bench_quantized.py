@@ -95,7 +95,9 @@ def flash_decode_nll(model, stream: np.ndarray, wins: list[tuple[int, int]]) -> 
     return nll, count
 
 
-def io_layer(work: Path, hidden: int, neurons: int, active: float, tokens: int, group_size: int) -> list[dict]:
+def io_layer(
+    work: Path, hidden: int, neurons: int, active: float, tokens: int, group_size: int
+) -> list[dict]:
     """Bytes the reader reads for random active sets of one layer at d = hidden, per variant."""
     from mlx.utils import tree_flatten
     from mlx_lm.models import llama
@@ -104,11 +106,23 @@ def io_layer(work: Path, hidden: int, neurons: int, active: float, tokens: int, 
 
     src = work / f"layer-{hidden}x{neurons}"
     if not (src / "config.json").exists():
-        cfg = {"model_type": "llama", "hidden_size": hidden, "intermediate_size": neurons, "num_hidden_layers": 1,
-               "num_attention_heads": hidden // 128, "num_key_value_heads": hidden // 128, "vocab_size": 64,
-               "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "hidden_act": "relu"}
+        cfg = {
+            "model_type": "llama",
+            "hidden_size": hidden,
+            "intermediate_size": neurons,
+            "num_hidden_layers": 1,
+            "num_attention_heads": hidden // 128,
+            "num_key_value_heads": hidden // 128,
+            "vocab_size": 64,
+            "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": False,
+            "hidden_act": "relu",
+        }
         mx.random.seed(0)
-        weights = {k: v.astype(mx.float16) for k, v in tree_flatten(llama.Model(llama.ModelArgs.from_dict(cfg)).parameters())}
+        weights = {
+            k: v.astype(mx.float16)
+            for k, v in tree_flatten(llama.Model(llama.ModelArgs.from_dict(cfg)).parameters())
+        }
         src.mkdir(parents=True, exist_ok=True)
         mx.save_safetensors(str(src / "model.safetensors"), weights)
         (src / "config.json").write_text(json.dumps(cfg))
@@ -118,26 +132,51 @@ def io_layer(work: Path, hidden: int, neurons: int, active: float, tokens: int, 
     rows = []
     for label, bits in (("float16", None), ("8-bit", 8), ("4-bit", 4)):
         folder = work / f"layer-{label}"
-        m = convert(src, folder, quantize=bits, group_size=group_size if bits else None, overwrite=True, progress=False)
+        m = convert(
+            src,
+            folder,
+            quantize=bits,
+            group_size=group_size if bits else None,
+            overwrite=True,
+            progress=False,
+        )
         for gap in (None, -1):
             with FlashReader(folder, m, coalesce_gap=gap) as reader:
                 for ids in sets:
                     reader.read(0, ids, raw=True)
                 st = reader.stats.take()[0]
-                rows.append({"variant": label, "coalesce_gap": reader.coalesce_gap, "bundle_bytes": m.layers[0].bundle_bytes,
-                             "bytes_read_per_token": st.bytes_read / tokens, "bytes_used_per_token": st.bytes_used / tokens,
-                             "reads_per_token": st.reads / tokens, "direct": reader.direct})
+                rows.append(
+                    {
+                        "variant": label,
+                        "coalesce_gap": reader.coalesce_gap,
+                        "bundle_bytes": m.layers[0].bundle_bytes,
+                        "bytes_read_per_token": st.bytes_read / tokens,
+                        "bytes_used_per_token": st.bytes_used / tokens,
+                        "reads_per_token": st.reads / tokens,
+                        "direct": reader.direct,
+                    }
+                )
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=str(ROOT / "mlx_flash" / "demo_model"), help="source model folder (default: the demo model)")
-    ap.add_argument("--work", default="/tmp/mlx_flash_bench_quantized", help="where the flash folders are converted")
-    ap.add_argument("--tokens", type=int, default=0, help="predict at most this many held-out tokens (default: all)")
+    ap.add_argument(
+        "--model",
+        default=str(ROOT / "mlx_flash" / "demo_model"),
+        help="source model folder (default: the demo model)",
+    )
+    ap.add_argument(
+        "--work", default="/tmp/mlx_flash_bench_quantized", help="where the flash folders are converted"
+    )
+    ap.add_argument(
+        "--tokens", type=int, default=0, help="predict at most this many held-out tokens (default: all)"
+    )
     ap.add_argument("--window", type=int, default=5, help="flash window (default 5)")
     ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--io-hidden", type=int, default=4096, help="hidden size of the I/O table's layer (0: skip it)")
+    ap.add_argument(
+        "--io-hidden", type=int, default=4096, help="hidden size of the I/O table's layer (0: skip it)"
+    )
     ap.add_argument("--io-neurons", type=int, default=11008, help="neurons of the I/O table's layer")
     ap.add_argument("--io-active", type=float, default=0.024, help="fraction of the layer read per token")
     ap.add_argument("--io-tokens", type=int, default=200, help="tokens (random neuron sets) of the I/O table")
@@ -149,16 +188,31 @@ def main(argv: list[str] | None = None) -> int:
     wins = windows(stream, seq_len, args.tokens or None)
     rows = []
     dense = {}
-    for label, model in () if args.skip_demo else (("dense float32", lambda: load_dense(source)),
-                         ("dense 8-bit", lambda: load_dense(source, quantize=8, group_size=args.group_size)),
-                         ("dense 4-bit", lambda: load_dense(source, quantize=4, group_size=args.group_size))):
+    for label, model in (
+        ()
+        if args.skip_demo
+        else (
+            ("dense float32", lambda: load_dense(source)),
+            ("dense 8-bit", lambda: load_dense(source, quantize=8, group_size=args.group_size)),
+            ("dense 4-bit", lambda: load_dense(source, quantize=4, group_size=args.group_size)),
+        )
+    ):
         nll, count = dense_nll(model(), stream, wins)
         dense[label] = math.exp(nll / count)
     for label, bits in () if args.skip_demo else (("float16", None), ("8-bit", 8), ("4-bit", 4)):
         folder = work / label
-        m = convert(source, folder, dtype="float16", quantize=bits, group_size=args.group_size if bits else None,
-                    overwrite=True, progress=False)
-        model, _ = mlx_flash.load(folder, mode="flash", selection="exact", window=args.window, context=seq_len + 1)
+        m = convert(
+            source,
+            folder,
+            dtype="float16",
+            quantize=bits,
+            group_size=args.group_size if bits else None,
+            overwrite=True,
+            progress=False,
+        )
+        model, _ = mlx_flash.load(
+            folder, mode="flash", selection="exact", window=args.window, context=seq_len + 1
+        )
         rt = model.flash
         rt.reset_stats()
         t0 = time.perf_counter()
@@ -166,45 +220,74 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - t0
         s = rt.stats()
         rt.close()
-        rows.append({
-            "variant": label,
-            "bundle_bytes": m.layers[0].bundle_bytes,
-            "ffn_bytes": m.ffn_bytes(),
-            "perplexity": math.exp(nll / count),
-            "tokens": count,
-            "bytes_read_per_token": s.bytes_per_token,
-            "reads_per_token": s.reads_per_token,
-            "neurons_loaded_per_token": s.neurons_loaded_per_token,
-            "bytes_used_per_token": s.neurons_loaded_per_token * m.layers[0].bundle_bytes,
-            "ms_per_token": 1e3 * seconds / count,
-            "reader_direct": rt.reader.direct,
-        })
-    io = io_layer(work, args.io_hidden, args.io_neurons, args.io_active, args.io_tokens, args.group_size) if args.io_hidden else []
+        rows.append(
+            {
+                "variant": label,
+                "bundle_bytes": m.layers[0].bundle_bytes,
+                "ffn_bytes": m.ffn_bytes(),
+                "perplexity": math.exp(nll / count),
+                "tokens": count,
+                "bytes_read_per_token": s.bytes_per_token,
+                "reads_per_token": s.reads_per_token,
+                "neurons_loaded_per_token": s.neurons_loaded_per_token,
+                "bytes_used_per_token": s.neurons_loaded_per_token * m.layers[0].bundle_bytes,
+                "ms_per_token": 1e3 * seconds / count,
+                "reader_direct": rt.reader.direct,
+            }
+        )
+    io = (
+        io_layer(work, args.io_hidden, args.io_neurons, args.io_active, args.io_tokens, args.group_size)
+        if args.io_hidden
+        else []
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({"dense_perplexity": dense, "flash": rows, "io_layer": io, "seq_len": seq_len,
-                                               "window": args.window, "group_size": args.group_size}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "dense_perplexity": dense,
+                    "flash": rows,
+                    "io_layer": io,
+                    "seq_len": seq_len,
+                    "window": args.window,
+                    "group_size": args.group_size,
+                },
+                indent=1,
+            )
+        )
     if io:
-        print(f"one layer of {args.io_hidden} x {args.io_neurons}, {args.io_active:.1%} of its neurons read per token "
-              f"({args.io_tokens} random sets), float16 scales, {'O_DIRECT' if io[0]['direct'] else 'buffered'} reads")
-        print(f"{'variant':<8} {'gap':>6} {'bundle B':>9} {'read B/tok':>11} {'vs fp16':>8} {'used B/tok':>11} {'reads/tok':>9}")
+        print(
+            f"one layer of {args.io_hidden} x {args.io_neurons}, {args.io_active:.1%} of its neurons read per token "
+            f"({args.io_tokens} random sets), float16 scales, {'O_DIRECT' if io[0]['direct'] else 'buffered'} reads"
+        )
+        print(
+            f"{'variant':<8} {'gap':>6} {'bundle B':>9} {'read B/tok':>11} {'vs fp16':>8} {'used B/tok':>11} {'reads/tok':>9}"
+        )
         for r in io:
             ref = next(x for x in io if x["variant"] == "float16" and x["coalesce_gap"] == r["coalesce_gap"])
-            print(f"{r['variant']:<8} {r['coalesce_gap']:>6} {r['bundle_bytes']:>9} {r['bytes_read_per_token']:>11.0f} "
-                  f"{r['bytes_read_per_token'] / ref['bytes_read_per_token']:>8.1%} {r['bytes_used_per_token']:>11.0f} "
-                  f"{r['reads_per_token']:>9.1f}")
+            print(
+                f"{r['variant']:<8} {r['coalesce_gap']:>6} {r['bundle_bytes']:>9} {r['bytes_read_per_token']:>11.0f} "
+                f"{r['bytes_read_per_token'] / ref['bytes_read_per_token']:>8.1%} {r['bytes_used_per_token']:>11.0f} "
+                f"{r['reads_per_token']:>9.1f}"
+            )
     if not rows:
         return 0
     base = rows[0]
-    print(f"held-out tokens predicted: {rows[0]['tokens']} (windows of {seq_len}), flash window {args.window}, "
-          f"exact selection, group size {args.group_size}, float16 scales")
+    print(
+        f"held-out tokens predicted: {rows[0]['tokens']} (windows of {seq_len}), flash window {args.window}, "
+        f"exact selection, group size {args.group_size}, float16 scales"
+    )
     print("dense (mlx-lm, in memory, same windows): " + ", ".join(f"{k} {v:.4f}" for k, v in dense.items()))
-    print(f"{'variant':<8} {'bundle B':>9} {'perplexity':>10} {'vs fp16':>8} {'read B/tok':>11} {'vs fp16':>8} "
-          f"{'used B/tok':>11} {'vs fp16':>8} {'reads/tok':>9} {'ms/tok':>7}")
+    print(
+        f"{'variant':<8} {'bundle B':>9} {'perplexity':>10} {'vs fp16':>8} {'read B/tok':>11} {'vs fp16':>8} "
+        f"{'used B/tok':>11} {'vs fp16':>8} {'reads/tok':>9} {'ms/tok':>7}"
+    )
     for r in rows:
-        print(f"{r['variant']:<8} {r['bundle_bytes']:>9} {r['perplexity']:>10.4f} {r['perplexity'] / base['perplexity'] - 1:>+8.2%} "
-              f"{r['bytes_read_per_token']:>11.0f} {r['bytes_read_per_token'] / base['bytes_read_per_token']:>8.1%} "
-              f"{r['bytes_used_per_token']:>11.0f} {r['bytes_used_per_token'] / base['bytes_used_per_token']:>8.1%} "
-              f"{r['reads_per_token']:>9.1f} {r['ms_per_token']:>7.2f}")
+        print(
+            f"{r['variant']:<8} {r['bundle_bytes']:>9} {r['perplexity']:>10.4f} {r['perplexity'] / base['perplexity'] - 1:>+8.2%} "
+            f"{r['bytes_read_per_token']:>11.0f} {r['bytes_read_per_token'] / base['bytes_read_per_token']:>8.1%} "
+            f"{r['bytes_used_per_token']:>11.0f} {r['bytes_used_per_token'] / base['bytes_used_per_token']:>8.1%} "
+            f"{r['reads_per_token']:>9.1f} {r['ms_per_token']:>7.2f}"
+        )
     return 0
 
 

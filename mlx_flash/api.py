@@ -14,8 +14,8 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import mlx.nn as nn
 
@@ -40,7 +40,11 @@ def _converted_folder(source: Path, label: str) -> Path:
     h = hashlib.sha256()
     for f in sorted(source.glob("*.safetensors")) + [source / "config.json"]:
         h.update(f.name.encode())
-        h.update(layout.file_digest(f).encode() if f.stat().st_size < (64 << 20) else str(f.stat().st_size).encode())
+        h.update(
+            layout.file_digest(f).encode()
+            if f.stat().st_size < (64 << 20)
+            else str(f.stat().st_size).encode()
+        )
     out = cache_root() / f"{label}-{h.hexdigest()[:12]}"
     if not layout.is_flash_folder(out):
         print(f"mlx_flash: converting {source} into the flash folder {out} (once)", file=sys.stderr)
@@ -94,8 +98,13 @@ def load(
 
     folder = resolve_flash_folder(path)
     options = FlashOptions(
-        mode=mode, memory_budget=memory_budget, window=window, selection=selection,
-        threads=threads, context=context, verify=verify,
+        mode=mode,
+        memory_budget=memory_budget,
+        window=window,
+        selection=selection,
+        threads=threads,
+        context=context,
+        verify=verify,
     )
     model, runtime = load_flash_model(folder, options)
     try:
@@ -103,7 +112,9 @@ def load(
         tokenizer = load_tokenizer(folder, tokenizer_config_extra={"trust_remote_code": False})
     except Exception as e:
         runtime.close()
-        raise MlxFlashError(f"{folder}: cannot load the tokenizer ({type(e).__name__}: {one_line(e)})") from None
+        raise MlxFlashError(
+            f"{folder}: cannot load the tokenizer ({type(e).__name__}: {one_line(e)})"
+        ) from None
     except BaseException:
         runtime.close()
         raise
@@ -176,15 +187,21 @@ def stream_generate(model: nn.Module, tokenizer, prompt, max_tokens: int = 256, 
         )
     with rt.lock:
         rt.reset_stats()
-        for n, response in enumerate(mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, **kwargs)):
+        for n, response in enumerate(
+            mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, **kwargs)
+        ):
             if max_tokens < 0 and cached + prompt.size + n >= context:
-                raise ContextLengthError(f"the generation reached the context of {context} tokens the model was loaded for")
+                raise ContextLengthError(
+                    f"the generation reached the context of {context} tokens the model was loaded for"
+                )
             response.flash = rt.records[-1] if rt.records else None
             yield response
         rt.end_pass()
 
 
-def generate(model: nn.Module, tokenizer, prompt, max_tokens: int = 256, verbose: bool = False, **kwargs) -> str:
+def generate(
+    model: nn.Module, tokenizer, prompt, max_tokens: int = 256, verbose: bool = False, **kwargs
+) -> str:
     """Generate text; with verbose, stream it to stdout and print the flash statistics."""
     text = ""
     for response in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, **kwargs):

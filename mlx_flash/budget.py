@@ -44,8 +44,22 @@ class BudgetError(MlxFlashError):
     """The memory budget cannot hold what the chosen mode needs."""
 
 
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "MIB": 1 << 20,
-          "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40, "TIB": 1 << 40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 1 << 10,
+    "KB": 1 << 10,
+    "KIB": 1 << 10,
+    "M": 1 << 20,
+    "MB": 1 << 20,
+    "MIB": 1 << 20,
+    "G": 1 << 30,
+    "GB": 1 << 30,
+    "GIB": 1 << 30,
+    "T": 1 << 40,
+    "TB": 1 << 40,
+    "TIB": 1 << 40,
+}
 
 
 def fmt_bytes(n: float) -> str:
@@ -67,7 +81,9 @@ def parse_budget(budget: int | float | str | None, model_bytes: int) -> int | No
     text = str(budget).strip().upper().replace(" ", "")
     m = re.fullmatch(r"([0-9]*\.?[0-9]+)(%|[KMGT]?I?B?)", text)
     if not m or (m.group(2) not in _UNITS and m.group(2) != "%"):
-        raise BudgetError(f"cannot read memory budget {budget!r}: use bytes, a size like 6GB or 512MB, or a percentage like 50%")
+        raise BudgetError(
+            f"cannot read memory budget {budget!r}: use bytes, a size like 6GB or 512MB, or a percentage like 50%"
+        )
     value = float(m.group(1))
     nbytes = value / 100 * model_bytes if m.group(2) == "%" else value * _UNITS[m.group(2)]
     if nbytes <= 0:
@@ -106,7 +122,9 @@ class ModelSizes:
         return self.neuron_bytes or self.neuron_elems * dtype_bytes
 
     def model_bytes(self, dtype_bytes: int) -> int:
-        return self.dense_bytes_for(dtype_bytes) + self.num_layers * self.num_neurons * self.neuron_bytes_for(dtype_bytes)
+        return self.dense_bytes_for(dtype_bytes) + self.num_layers * self.num_neurons * self.neuron_bytes_for(
+            dtype_bytes
+        )
 
 
 @dataclass(frozen=True)
@@ -133,8 +151,15 @@ class MemoryPlan:
 
     @property
     def total_bytes(self) -> int:
-        return (self.dense_bytes + self.kv_bytes + self.stream_bytes + self.selector_bytes
-                + self.predictor_bytes + self.resident_bytes + self.cache_bytes)
+        return (
+            self.dense_bytes
+            + self.kv_bytes
+            + self.stream_bytes
+            + self.selector_bytes
+            + self.predictor_bytes
+            + self.resident_bytes
+            + self.cache_bytes
+        )
 
     neuron_bytes_all_layers: int = 0
 
@@ -185,7 +210,9 @@ def plan_memory(
         "predictor": 0,
     }
     if mode == "flash" and selection == "exact":
-        fixed["selector"] = sizes.num_layers * sizes.num_neurons * (sizes.selector_neuron_bytes or sizes.hidden_size * b)
+        fixed["selector"] = (
+            sizes.num_layers * sizes.num_neurons * (sizes.selector_neuron_bytes or sizes.hidden_size * b)
+        )
     if mode == "flash" and selection == "predictor":
         fixed["predictor"] = sizes.predictor_elems * b
     fixed_total = sum(fixed.values())
@@ -242,13 +269,27 @@ def plan_with_selection(
     hold the exact selector; then "predictor" (whose bytes are then planned)."""
     if selection is not None or mode != "flash" or not has_predictors:
         selection = selection or "exact"
-        plan = plan_memory(sizes, mode=mode, budget_bytes=budget_bytes, dtype_bytes=dtype_bytes, context=context,
-                           selection=selection)
+        plan = plan_memory(
+            sizes,
+            mode=mode,
+            budget_bytes=budget_bytes,
+            dtype_bytes=dtype_bytes,
+            context=context,
+            selection=selection,
+        )
         return plan, selection
     try:
-        plan = plan_memory(sizes, mode=mode, budget_bytes=budget_bytes, dtype_bytes=dtype_bytes, context=context)
+        plan = plan_memory(
+            sizes, mode=mode, budget_bytes=budget_bytes, dtype_bytes=dtype_bytes, context=context
+        )
         return plan, "exact"
     except BudgetError:
-        plan = plan_memory(sizes, mode=mode, budget_bytes=budget_bytes, dtype_bytes=dtype_bytes, context=context,
-                           selection="predictor")
+        plan = plan_memory(
+            sizes,
+            mode=mode,
+            budget_bytes=budget_bytes,
+            dtype_bytes=dtype_bytes,
+            context=context,
+            selection="predictor",
+        )
         return plan, "predictor"

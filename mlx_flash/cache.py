@@ -60,7 +60,7 @@ class CacheStats:
     evicted: int = 0  # neurons that left the window
     window_shrinks: int = 0  # tokens whose window was cut to fit the capacity
 
-    def take(self) -> "CacheStats":
+    def take(self) -> CacheStats:
         """A copy of the counts, zeroing them (e.g. once per token)."""
         out = CacheStats(**{f.name: getattr(self, f.name) for f in fields(self)})
         for f in fields(self):
@@ -79,7 +79,9 @@ class NeuronCache:
     num_neurons: the layer's neuron count, to size the maps at once (they grow when omitted).
     """
 
-    def __init__(self, part_elems: dict[str, int], capacity: int, window: int, *, num_neurons: int | None = None):
+    def __init__(
+        self, part_elems: dict[str, int], capacity: int, window: int, *, num_neurons: int | None = None
+    ):
         if capacity < 1 or window < 1 or not part_elems:
             raise ValueError("NeuronCache needs capacity >= 1, window >= 1 and at least one part")
         specs = {k: v if isinstance(v, tuple) else (v, np.float32) for k, v in part_elems.items()}
@@ -165,7 +167,9 @@ class NeuronCache:
         for name, host in self._host.items():
             r = rows[name]
             if r.shape != (len(ids), self.part_elems[name]):
-                raise ValueError(f"rows[{name!r}] has shape {r.shape}, expected {(len(ids), self.part_elems[name])}")
+                raise ValueError(
+                    f"rows[{name!r}] has shape {r.shape}, expected {(len(ids), self.part_elems[name])}"
+                )
             host[where] = r
         self._pending[ids] = False
         self._n_pending -= len(ids)
@@ -285,7 +289,9 @@ class NeuronCache:
         self._neuron_of[freed] = -1
         m, e, used0 = len(missing), len(freed), self.used
         if m >= e:  # new neurons take every freed row, the rest are appended
-            slots = freed if m == e else np.concatenate([freed, np.arange(used0, used0 + m - e, dtype=np.int64)])
+            slots = (
+                freed if m == e else np.concatenate([freed, np.arange(used0, used0 + m - e, dtype=np.int64)])
+            )
             self.used = used0 + m - e
         else:  # more left than came: close the gaps past the new end by moving rows down
             self.used = used0 - e + m

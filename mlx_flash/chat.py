@@ -66,7 +66,12 @@ def main(argv: list[str] | None = None) -> int:
             prompt = query if first_turn else "\n" + query
         try:
             for response in stream_generate(
-                model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler, prompt_cache=prompt_cache
+                model,
+                tokenizer,
+                prompt,
+                max_tokens=args.max_tokens,
+                sampler=sampler,
+                prompt_cache=prompt_cache,
             ):
                 print(response.text, end="", flush=True)
         except ContextLengthError as e:  # checked before anything is generated: the conversation is as it was

@@ -40,8 +40,17 @@ from . import quantize as q
 from .dtypes import FLOAT_ST_DTYPES, convert_raw
 from .errors import MlxFlashError, run_cli
 from .families import ACTIVATIONS, Architecture, architecture_for, mlx_quantization
-from .layout import (DATA_ALIGNMENT, DTYPE_TO_ST, ST_TO_DTYPE, LayerEntry, Manifest, Part, Quantization, Segment,
-                     quantized_fields)
+from .layout import (
+    DATA_ALIGNMENT,
+    DTYPE_TO_ST,
+    ST_TO_DTYPE,
+    LayerEntry,
+    Manifest,
+    Part,
+    Quantization,
+    Segment,
+    quantized_fields,
+)
 from .safetensors_file import PlannedTensor, SafetensorsWriter, TensorInfo, read_header, read_tensor
 
 # Files copied as they are from the source folder (config, tokenizer, chat template).
@@ -78,7 +87,9 @@ def resolve_source(src: str) -> Path:
     path = Path(src).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ConvertError(f"{src}: not a folder (give a model folder with config.json and *.safetensors)")
+            raise ConvertError(
+                f"{src}: not a folder (give a model folder with config.json and *.safetensors)"
+            )
         return path
     if src.count("/") != 1 or src.startswith((".", "/", "~")):
         raise ConvertError(f"{src}: no such folder")
@@ -87,7 +98,9 @@ def resolve_source(src: str) -> Path:
 
         return Path(_download(src))
     except Exception as e:  # network, auth, missing repo: all are one line for the user
-        raise ConvertError(f"{src}: no such folder, and it could not be fetched from the Hugging Face hub ({type(e).__name__})") from None
+        raise ConvertError(
+            f"{src}: no such folder, and it could not be fetched from the Hugging Face hub ({type(e).__name__})"
+        ) from None
 
 
 def open_source(path: Path) -> SourceModel:
@@ -179,7 +192,7 @@ def check_shapes(src: SourceModel, ffn: list[FFNLayout], hidden: int, neurons: i
     """Each FFN weight has the shape config.json implies; a weight quantized in the source
     (packed uint32, with scales and biases) has a shape that the bits and group size inferred
     from it explain. Fills `layer.source_quant`."""
-    for i, layer in enumerate(ffn):
+    for _i, layer in enumerate(ffn):
         for part, name in layer.part_names.items():
             info = src.info(name)
             orient = next(p.orientation for p in src.arch.family.parts if p.name == part)
@@ -195,7 +208,9 @@ def check_shapes(src: SourceModel, ffn: list[FFNLayout], hidden: int, neurons: i
                 raise ConvertError(f"{name}: shape {info.shape}, expected {want} from config.json")
 
 
-def _source_quant(src: SourceModel, name: str, pair: tuple[str, str], want: tuple[int, int]) -> tuple[int, int]:
+def _source_quant(
+    src: SourceModel, name: str, pair: tuple[str, str], want: tuple[int, int]
+) -> tuple[int, int]:
     """(bits, group_size) of an MLX-quantized source weight whose float shape is `want`."""
     w, s, b = src.info(name), src.info(pair[0]), src.info(pair[1])
     rows, elems = want
@@ -270,7 +285,9 @@ def convert(
     neurons = arch.num_neurons(config)
     if activation is not None:
         if activation not in ACTIVATIONS:
-            raise ConvertError(f"unknown activation {activation!r} (supported: {', '.join(sorted(ACTIVATIONS))})")
+            raise ConvertError(
+                f"unknown activation {activation!r} (supported: {', '.join(sorted(ACTIVATIONS))})"
+            )
         config = {**config, arch.activation_key: activation}
     activation = arch.activation(config)
     ffn = find_ffn(src)
@@ -285,7 +302,9 @@ def convert(
     st_dtype = DTYPE_TO_ST[dtype]
     quant = _quantization(src, quantize, group_size, hidden)
     if dense_bits is not None and dense_bits not in layout.QUANT_BITS:
-        raise ConvertError(f"cannot quantize the dense part to {dense_bits} bits: choose --dense-bits 4, 8 or float")
+        raise ConvertError(
+            f"cannot quantize the dense part to {dense_bits} bits: choose --dense-bits 4, 8 or float"
+        )
     dense_quant = None
     if quant is not None and src.quantization is None and dense_bits is not None:
         dense_quant = Quantization(dense_bits, quant.group_size)
@@ -299,22 +318,32 @@ def convert(
         ffn_names = {n for layer in ffn for n in layer.names()}
         dense_names = [n for n in src.tensors if n not in ffn_names]
         total = sum(src.info(n).nbytes for n in src.tensors)
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress, file=sys.stderr)
+        bar = tqdm(
+            total=total, unit="B", unit_scale=True, desc="convert", disable=not progress, file=sys.stderr
+        )
         dense_quantized = set()
         if dense_quant is not None:
             dense_quantized = _dense_to_quantize(src, dense_names, dense_quant)
-        dense_checksum = _write_dense(src, dense_names, tmp / layout.DENSE_NAME, st_dtype, bar, dense_quantized, dense_quant)
+        dense_checksum = _write_dense(
+            src, dense_names, tmp / layout.DENSE_NAME, st_dtype, bar, dense_quantized, dense_quant
+        )
         fields = (lambda: quantized_fields(hidden, quant.bits, quant.group_size, dtype)) if quant else tuple
         parts = tuple(Part(p.name, hidden, fields()) for p in arch.family.parts)
         origins: dict[str, set[str]] = {}
         entries = [
-            _write_layer(src, i, layer, parts, tmp, st_dtype, bundle, bar, quant, origins) for i, layer in enumerate(ffn)
+            _write_layer(src, i, layer, parts, tmp, st_dtype, bundle, bar, quant, origins)
+            for i, layer in enumerate(ffn)
         ]
         bar.close()
         if quant is not None:
             origin = {p: "+".join(sorted(o)) for p, o in origins.items()}
-            origin["dense"] = ("copied" if src.quantization is not None
-                               else f"quantized ({dense_bits}-bit)" if dense_quant is not None else dtype)
+            origin["dense"] = (
+                "copied"
+                if src.quantization is not None
+                else f"quantized ({dense_bits}-bit)"
+                if dense_quant is not None
+                else dtype
+            )
             if src.quantization is not None:
                 origin["source"] = dict(src.quantization)
             quant = Quantization(quant.bits, quant.group_size, quant.mode, origin)
@@ -338,7 +367,11 @@ def convert(
         if dense_quant is not None or config is not src.config:
             cfg = dict(config)
             if dense_quant is not None:  # the dense part loads as mlx-lm loads it
-                cfg["quantization"] = {"group_size": dense_quant.group_size, "bits": dense_quant.bits, "mode": dense_quant.mode}
+                cfg["quantization"] = {
+                    "group_size": dense_quant.group_size,
+                    "bits": dense_quant.bits,
+                    "mode": dense_quant.mode,
+                }
                 cfg["quantization_config"] = cfg["quantization"]
             (tmp / "config.json").write_text(json.dumps(cfg, indent=4))
         layout.write_manifest(tmp, manifest)
@@ -354,7 +387,9 @@ def convert(
     return manifest
 
 
-def _quantization(src: SourceModel, bits: int | None, group_size: int | None, hidden: int) -> Quantization | None:
+def _quantization(
+    src: SourceModel, bits: int | None, group_size: int | None, hidden: int
+) -> Quantization | None:
     """The bundles' quantization asked for (or the source's), checked; None for float bundles."""
     sq = src.quantization
     if bits is None and group_size is None and sq is None:
@@ -365,14 +400,22 @@ def _quantization(src: SourceModel, bits: int | None, group_size: int | None, hi
         bits = sq["bits"]
     group_size = group_size or (sq["group_size"] if sq is not None else layout.DEFAULT_GROUP_SIZE)
     if bits not in layout.QUANT_BITS:
-        raise ConvertError(f"cannot quantize to {bits} bits: choose --quantize {' or '.join(map(str, layout.QUANT_BITS))}")
+        raise ConvertError(
+            f"cannot quantize to {bits} bits: choose --quantize {' or '.join(map(str, layout.QUANT_BITS))}"
+        )
     if group_size not in layout.QUANT_GROUP_SIZES:
-        raise ConvertError(f"group size {group_size} not supported: choose --group-size {', '.join(map(str, layout.QUANT_GROUP_SIZES))}")
+        raise ConvertError(
+            f"group size {group_size} not supported: choose --group-size {', '.join(map(str, layout.QUANT_GROUP_SIZES))}"
+        )
     if hidden % group_size:
         fits = [g for g in layout.QUANT_GROUP_SIZES if hidden % g == 0]
         raise ConvertError(
             f"group size {group_size} does not divide hidden_size {hidden}"
-            + (f": choose --group-size {' or '.join(map(str, fits))}" if fits else ": this model cannot be quantized")
+            + (
+                f": choose --group-size {' or '.join(map(str, fits))}"
+                if fits
+                else ": this model cannot be quantized"
+            )
         )
     return Quantization(bits, group_size)
 
@@ -389,7 +432,9 @@ def _dense_to_quantize(src: SourceModel, names: list[str], quant: Quantization) 
         model_cls, args_cls = get_model_classes(src.config)
         model = model_cls(args_cls.from_dict(src.config))
     except Exception as e:  # a config mlx-lm cannot build: the load would fail as well
-        raise ConvertError(f"cannot build a {src.arch.model_type!r} model from config.json ({type(e).__name__}: {e})") from None
+        raise ConvertError(
+            f"cannot build a {src.arch.model_type!r} model from config.json ({type(e).__name__}: {e})"
+        ) from None
     paths = q.quantized_paths(model, quant.bits, quant.group_size)
     chosen = set()
     for name in names:
@@ -402,8 +447,15 @@ def _dense_to_quantize(src: SourceModel, names: list[str], quant: Quantization) 
     return chosen
 
 
-def _write_dense(src: SourceModel, names: list[str], path: Path, st_dtype: str, bar: tqdm,
-                 quantized: set[str] = frozenset(), quant: Quantization | None = None) -> str:
+def _write_dense(
+    src: SourceModel,
+    names: list[str],
+    path: Path,
+    st_dtype: str,
+    bar: tqdm,
+    quantized: set[str] = frozenset(),
+    quant: Quantization | None = None,
+) -> str:
     """dense.safetensors: every non-FFN tensor in the flash dtype (integer tensors, and a
     quantized source's packed weights, as they are); the `quantized` ones as mlx-lm quantizes
     them (name.weight packed uint32, name.scales, name.biases)."""
@@ -415,9 +467,11 @@ def _write_dense(src: SourceModel, names: list[str], path: Path, st_dtype: str, 
             rows, cols = info.shape
             groups = cols // quant.group_size
             stem = n[: -len("weight")]
-            planned += [PlannedTensor(n, "U32", (rows, cols * quant.bits // 32)),
-                        PlannedTensor(stem + "scales", st_dtype, (rows, groups)),
-                        PlannedTensor(stem + "biases", st_dtype, (rows, groups))]
+            planned += [
+                PlannedTensor(n, "U32", (rows, cols * quant.bits // 32)),
+                PlannedTensor(stem + "scales", st_dtype, (rows, groups)),
+                PlannedTensor(stem + "biases", st_dtype, (rows, groups)),
+            ]
         else:
             planned.append(PlannedTensor(n, dt, info.shape))
     with SafetensorsWriter(path, planned) as w:
@@ -439,8 +493,16 @@ def _write_dense(src: SourceModel, names: list[str], path: Path, st_dtype: str, 
 
 
 def _write_layer(
-    src: SourceModel, i: int, layer: FFNLayout, parts: tuple[Part, ...], folder: Path, st_dtype: str, bundle: bool, bar: tqdm,
-    quant: Quantization | None = None, origins: dict[str, set[str]] | None = None,
+    src: SourceModel,
+    i: int,
+    layer: FFNLayout,
+    parts: tuple[Part, ...],
+    folder: Path,
+    st_dtype: str,
+    bundle: bool,
+    bar: tqdm,
+    quant: Quantization | None = None,
+    origins: dict[str, set[str]] | None = None,
 ) -> LayerEntry:
     """Write layer i's neuron tensors: bundled rows (gate | up | down column) or one tensor per
     part, each with its data 16 KiB-aligned. Streams gate/up in row blocks; the down projection
@@ -472,17 +534,28 @@ def _write_layer(
     def rows(name: str, start: int, stop: int) -> np.ndarray:
         if quant is None:
             return float_rows(name, start, stop)
-        if name in layer.quant_names and name not in columns and layer.source_quant[name] == (quant.bits, quant.group_size):
+        if (
+            name in layer.quant_names
+            and name not in columns
+            and layer.source_quant[name] == (quant.bits, quant.group_size)
+        ):
             s_name, b_name = layer.quant_names[name]
             qw = src.read(layer.part_names[name], slice(start, stop))
-            qs, qb = (convert_raw(src.read(x, slice(start, stop)), src.info(x).dtype, st_dtype) for x in (s_name, b_name))
+            qs, qb = (
+                convert_raw(src.read(x, slice(start, stop)), src.info(x).dtype, st_dtype)
+                for x in (s_name, b_name)
+            )
             origin = "copied"
         else:
-            qw, qs, qb = q.quantize_rows(float_rows(name, start, stop), st_dtype, quant.bits, quant.group_size)
+            qw, qs, qb = q.quantize_rows(
+                float_rows(name, start, stop), st_dtype, quant.bits, quant.group_size
+            )
             origin = "requantized" if name in layer.quant_names else "quantized"
         if origins is not None:
             origins.setdefault(name, set()).add(origin)
-        return np.concatenate([np.ascontiguousarray(a).view(np.uint8).reshape(stop - start, -1) for a in (qw, qs, qb)], axis=1)
+        return np.concatenate(
+            [np.ascontiguousarray(a).view(np.uint8).reshape(stop - start, -1) for a in (qw, qs, qb)], axis=1
+        )
 
     rel = layout.layer_file(i)
     h = hashlib.new(layout.CHECKSUM)
@@ -491,7 +564,11 @@ def _write_layer(
             block = max(1, ROW_BLOCK_BYTES // (t.shape[1] * esize))
             for start in range(0, n, block):
                 stop = min(n, start + block)
-                chunk = np.concatenate([rows(p, start, stop) for p in g], axis=1) if len(g) > 1 else rows(g[0], start, stop)
+                chunk = (
+                    np.concatenate([rows(p, start, stop) for p in g], axis=1)
+                    if len(g) > 1
+                    else rows(g[0], start, stop)
+                )
                 chunk = np.ascontiguousarray(chunk)
                 w.write(t.name, chunk)
                 h.update(memoryview(chunk).cast("B"))
@@ -506,7 +583,9 @@ def _orientation(src: SourceModel, part: str) -> str:
     return next(p.orientation for p in src.arch.family.parts if p.name == part)
 
 
-def _float_source(src: SourceModel, layer: FFNLayout, part: str, st_dtype: str, rows: slice | None = None) -> np.ndarray:
+def _float_source(
+    src: SourceModel, layer: FFNLayout, part: str, st_dtype: str, rows: slice | None = None
+) -> np.ndarray:
     """A part's source weight (or rows of it) as raw `st_dtype` floats; a quantized source
     weight is dequantized (``mx.dequantize``) first."""
     name = layer.part_names[part]
@@ -515,8 +594,15 @@ def _float_source(src: SourceModel, layer: FFNLayout, part: str, st_dtype: str, 
     s_name, b_name = layer.quant_names[part]
     bits, group_size = layer.source_quant[part]
     scale_st = src.info(s_name).dtype
-    return q.dequantize_raw(src.read(name, rows), src.read(s_name, rows), src.read(b_name, rows), scale_st, bits,
-                            group_size, st_dtype)
+    return q.dequantize_raw(
+        src.read(name, rows),
+        src.read(s_name, rows),
+        src.read(b_name, rows),
+        scale_st,
+        bits,
+        group_size,
+        st_dtype,
+    )
 
 
 def _source_bytes(src: SourceModel, layer: FFNLayout, part: str) -> int:
@@ -537,9 +623,16 @@ def verify(folder: str | os.PathLike, progress: bool = True) -> Manifest:
     layout.check_files(folder, manifest)
     for e in tqdm(manifest.layers, desc="verify", unit="layer", disable=not progress, file=sys.stderr):
         if layout.layer_digest(folder, e) != e.checksum:
-            raise layout.FlashFormatError(f"{folder / e.file}: checksum mismatch in layer {e.layer}: the file is corrupt; re-run mlx_flash.convert")
-    if manifest.dense_checksum and layout.file_digest(folder / manifest.dense_file) != manifest.dense_checksum:
-        raise layout.FlashFormatError(f"{folder / manifest.dense_file}: checksum mismatch: the file is corrupt; re-run mlx_flash.convert")
+            raise layout.FlashFormatError(
+                f"{folder / e.file}: checksum mismatch in layer {e.layer}: the file is corrupt; re-run mlx_flash.convert"
+            )
+    if (
+        manifest.dense_checksum
+        and layout.file_digest(folder / manifest.dense_file) != manifest.dense_checksum
+    ):
+        raise layout.FlashFormatError(
+            f"{folder / manifest.dense_file}: checksum mismatch: the file is corrupt; re-run mlx_flash.convert"
+        )
     return manifest
 
 
@@ -556,32 +649,70 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="source model folder, or a Hugging Face repo id")
     p.add_argument("--out", help="destination flash folder")
     p.add_argument("--dtype", choices=sorted(DTYPE_TO_ST), help="dtype on flash (default: the source's)")
-    p.add_argument("--quantize", type=int, choices=layout.QUANT_BITS, metavar="BITS",
-                   help="quantize neuron bundles (and the dense part) to 4 or 8 bits, MLX affine along hidden "
-                        "(default: float; an MLX-quantized source keeps its bits)")
-    p.add_argument("--group-size", type=int, choices=layout.QUANT_GROUP_SIZES, metavar="N",
-                   help=f"elements per quantization group: 32, 64 or 128 (default {layout.DEFAULT_GROUP_SIZE}, or the source's)")
-    p.add_argument("--dense-bits", default=str(DEFAULT_DENSE_BITS), choices=("4", "8", "float"),
-                   help=f"with --quantize: bits of the dense part (attention, embeddings), or float (default {DEFAULT_DENSE_BITS})")
-    p.add_argument("--activation", choices=sorted(ACTIVATIONS),
-                   help="the FFN's activation, when config.json does not say it right (drelu: relu on gate and up, TurboSparse)")
-    p.add_argument("--no-bundle", action="store_true", help="store each FFN part as its own tensor (the paper's unbundled baseline)")
+    p.add_argument(
+        "--quantize",
+        type=int,
+        choices=layout.QUANT_BITS,
+        metavar="BITS",
+        help="quantize neuron bundles (and the dense part) to 4 or 8 bits, MLX affine along hidden "
+        "(default: float; an MLX-quantized source keeps its bits)",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        choices=layout.QUANT_GROUP_SIZES,
+        metavar="N",
+        help=f"elements per quantization group: 32, 64 or 128 (default {layout.DEFAULT_GROUP_SIZE}, or the source's)",
+    )
+    p.add_argument(
+        "--dense-bits",
+        default=str(DEFAULT_DENSE_BITS),
+        choices=("4", "8", "float"),
+        help=f"with --quantize: bits of the dense part (attention, embeddings), or float (default {DEFAULT_DENSE_BITS})",
+    )
+    p.add_argument(
+        "--activation",
+        choices=sorted(ACTIVATIONS),
+        help="the FFN's activation, when config.json does not say it right (drelu: relu on gate and up, TurboSparse)",
+    )
+    p.add_argument(
+        "--no-bundle",
+        action="store_true",
+        help="store each FFN part as its own tensor (the paper's unbundled baseline)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--verify", metavar="DIR", help="re-read a flash folder and check every checksum, then exit")
+    p.add_argument(
+        "--verify", metavar="DIR", help="re-read a flash folder and check every checksum, then exit"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.verify:
         m = verify(args.verify, progress=not args.quiet)
-        print(f"{args.verify}: OK ({m.num_layers} layers, {m.ffn_bytes() / 1e6:.1f} MB of FFN neurons, checksums match)")
+        print(
+            f"{args.verify}: OK ({m.num_layers} layers, {m.ffn_bytes() / 1e6:.1f} MB of FFN neurons, checksums match)"
+        )
         return 0
     if not args.model or not args.out:
         p.error("--model and --out are required (or --verify DIR)")
     t0 = time.perf_counter()
-    m = convert(args.model, args.out, dtype=args.dtype, bundle=not args.no_bundle, overwrite=args.overwrite,
-                progress=not args.quiet, quantize=args.quantize, group_size=args.group_size,
-                dense_bits=None if args.dense_bits == "float" else int(args.dense_bits), activation=args.activation)
+    m = convert(
+        args.model,
+        args.out,
+        dtype=args.dtype,
+        bundle=not args.no_bundle,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        quantize=args.quantize,
+        group_size=args.group_size,
+        dense_bits=None if args.dense_bits == "float" else int(args.dense_bits),
+        activation=args.activation,
+    )
     dt = time.perf_counter() - t0
-    kind = m.dtype if m.quantization is None else f"{m.quantization.bits}-bit, groups of {m.quantization.group_size}, {m.dtype} scales"
+    kind = (
+        m.dtype
+        if m.quantization is None
+        else f"{m.quantization.bits}-bit, groups of {m.quantization.group_size}, {m.dtype} scales"
+    )
     print(
         f"wrote {args.out}: {m.num_layers} layers x {m.layers[0].num_neurons} neurons, "
         f"{m.layers[0].bundle_bytes} B per neuron ({'bundled' if m.bundled else 'unbundled'}, {kind}), "

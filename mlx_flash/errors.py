@@ -8,7 +8,7 @@ is wrong and what to do. The CLIs print that line and exit non-zero, never a tra
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 
 class MlxFlashError(ValueError):
@@ -21,7 +21,9 @@ def one_line(text: object, limit: int = 300) -> str:
     return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
-def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None, prog: str = "mlx_flash") -> int:
+def run_cli(
+    main: Callable[[list[str] | None], int | None], argv: list[str] | None = None, prog: str = "mlx_flash"
+) -> int:
     """Run a CLI main function; print user errors and I/O errors as one line on stderr with
     exit code 1, and Ctrl-C as exit code 130."""
     try:

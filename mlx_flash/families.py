@@ -112,8 +112,12 @@ ARCHITECTURES: dict[str, Architecture] = {
         mt: Architecture(mt, GATED, "model.layers.{i}.", "intermediate_size", "hidden_act", "silu")
         for mt in _GATED_LLAMA_LIKE
     },
-    "phi": Architecture("phi", TWO_MATRIX_PHI, "model.layers.{i}.", "intermediate_size", "hidden_act", "gelu_new"),
-    "opt": Architecture("opt", TWO_MATRIX_OPT, "model.decoder.layers.{i}.", "ffn_dim", "activation_function", "relu"),
+    "phi": Architecture(
+        "phi", TWO_MATRIX_PHI, "model.layers.{i}.", "intermediate_size", "hidden_act", "gelu_new"
+    ),
+    "opt": Architecture(
+        "opt", TWO_MATRIX_OPT, "model.decoder.layers.{i}.", "ffn_dim", "activation_function", "relu"
+    ),
 }
 
 
@@ -122,8 +126,7 @@ def architecture_for(config: dict) -> Architecture:
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:
         raise UnsupportedModelError(
-            f"unsupported architecture {model_type!r} "
-            f"(supported: {', '.join(sorted(ARCHITECTURES))})"
+            f"unsupported architecture {model_type!r} (supported: {', '.join(sorted(ARCHITECTURES))})"
         )
     mlx_quantization(config)
     return ARCHITECTURES[model_type]
@@ -136,14 +139,24 @@ def mlx_quantization(config: dict) -> dict | None:
     q = config.get("quantization")
     if q is None:
         if config.get("quantization_config"):
-            method = config["quantization_config"].get("quant_method") if isinstance(config["quantization_config"], dict) else None
+            method = (
+                config["quantization_config"].get("quant_method")
+                if isinstance(config["quantization_config"], dict)
+                else None
+            )
             raise UnsupportedModelError(
                 f"quantization {method or 'quantization_config'!r} is not supported: convert from a float16/bfloat16/"
                 "float32 checkpoint or an MLX (mlx-community) affine-quantized one"
             )
         return None
-    if not isinstance(q, dict) or not isinstance(q.get("group_size"), int) or not isinstance(q.get("bits"), int):
-        raise UnsupportedModelError("config.json: malformed `quantization` (needs integer group_size and bits)")
+    if (
+        not isinstance(q, dict)
+        or not isinstance(q.get("group_size"), int)
+        or not isinstance(q.get("bits"), int)
+    ):
+        raise UnsupportedModelError(
+            "config.json: malformed `quantization` (needs integer group_size and bits)"
+        )
     if q.get("mode", "affine") != "affine":
         raise UnsupportedModelError(
             f"MLX quantization mode {q.get('mode')!r} is not supported (only affine): convert from a float checkpoint"

@@ -28,8 +28,9 @@ included.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -41,6 +42,7 @@ from .cache import CacheCapacityError
 if TYPE_CHECKING:  # pragma: no cover
     from .layout import Quantization
     from .runtime import FlashRuntime
+
 
 def drelu(x: mx.array) -> mx.array:
     """dReLU's activation: relu, applied to the up projection too (see `applies_to_up`)."""
@@ -63,8 +65,14 @@ def applies_to_up(act: Callable) -> bool:
     return getattr(act, "applies_to_up", False)
 
 
-def ffn_block(x: mx.array, parts: dict[str, mx.array], act: Callable, up_bias: mx.array | None = None,
-              mask: mx.array | None = None, quant: "Quantization | None" = None) -> mx.array:
+def ffn_block(
+    x: mx.array,
+    parts: dict[str, mx.array],
+    act: Callable,
+    up_bias: mx.array | None = None,
+    mask: mx.array | None = None,
+    quant: Quantization | None = None,
+) -> mx.array:
     """The FFN over a block of neurons whose rows are in `parts` (each [k, d]; "down" holds the
     down projection's columns as rows). Gated: down(act(gate x) * up x) (dReLU: act(up x));
     two-matrix:
@@ -86,14 +94,26 @@ def ffn_block(x: mx.array, parts: dict[str, mx.array], act: Callable, up_bias: m
     return project(h, parts, "down", quant, transpose=False)
 
 
-def project(x: mx.array, parts: dict[str, mx.array], name: str, quant: "Quantization | None" = None,
-            transpose: bool = True) -> mx.array:
+def project(
+    x: mx.array,
+    parts: dict[str, mx.array],
+    name: str,
+    quant: Quantization | None = None,
+    transpose: bool = True,
+) -> mx.array:
     """x @ part.T (transpose) or x @ part, the part's rows float or quantized (`quant`)."""
     if quant is None:
         w = parts[name]
         return x @ (w.T if transpose else w)
-    return mx.quantized_matmul(x, parts[f"{name}.weight"], parts[f"{name}.scales"], parts[f"{name}.biases"],
-                               transpose=transpose, group_size=quant.group_size, bits=quant.bits)
+    return mx.quantized_matmul(
+        x,
+        parts[f"{name}.weight"],
+        parts[f"{name}.scales"],
+        parts[f"{name}.biases"],
+        transpose=transpose,
+        group_size=quant.group_size,
+        bits=quant.bits,
+    )
 
 
 @dataclass
@@ -114,7 +134,7 @@ class LayerState:
 class FlashFFN(nn.Module):
     """Drop-in replacement for a model layer's `mlp`; holds no parameters of its own."""
 
-    def __init__(self, state: LayerState, runtime: "FlashRuntime"):
+    def __init__(self, state: LayerState, runtime: FlashRuntime):
         super().__init__()
         self._state = state
         self._rt = runtime
@@ -134,8 +154,13 @@ class FlashFFN(nn.Module):
                 else:
                     y = self._stream(x, start=st.num_resident)
                     if st.num_resident:
-                        y = y + ffn_block(x, st.resident, rt.act, _first(st.up_bias, st.num_resident),
-                                          quant=rt.manifest.quantization)
+                        y = y + ffn_block(
+                            x,
+                            st.resident,
+                            rt.act,
+                            _first(st.up_bias, st.num_resident),
+                            quant=rt.manifest.quantization,
+                        )
                 if st.down_bias is not None:
                     y = y + st.down_bias
                 y = y.astype(x.dtype)
@@ -164,10 +189,14 @@ class FlashFFN(nn.Module):
             wanted = st.cache.seed(sets)
             rt.add_time("memory", time.perf_counter() - t0)
             if len(wanted) and wanted[0] < start:
-                raise RuntimeError(f"layer {st.layer}: neurons below {start} are not streamed and cannot seed the cache")
+                raise RuntimeError(
+                    f"layer {st.layer}: neurons below {start} are not streamed and cannot seed the cache"
+                )
 
         def blocks():
-            for ids, rows, arrays in rt.stream_blocks(st.layer, np.arange(start, st.num_neurons, dtype=np.int64)):
+            for ids, rows, arrays in rt.stream_blocks(
+                st.layer, np.arange(start, st.num_neurons, dtype=np.int64)
+            ):
                 if len(wanted):
                     t0 = time.perf_counter()
                     lo, hi = ids[0], ids[-1] + 1  # a block is a range of neurons

@@ -18,15 +18,32 @@ DEFAULT_PROMPT = "The for statement"
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The options that choose and load a model, shared by the generate and chat CLIs."""
-    p.add_argument("--model", help="flash folder, model folder or Hugging Face repo id (default: the bundled demo model)")
-    p.add_argument("--mode", choices=MODES, default="flash", help="flash (the paper's method, default), hybrid or naive")
-    p.add_argument("--memory-budget", help="memory for the model: bytes, a size like 6GB, or a percentage like 50%% (default: no limit)")
+    p.add_argument(
+        "--model", help="flash folder, model folder or Hugging Face repo id (default: the bundled demo model)"
+    )
+    p.add_argument(
+        "--mode", choices=MODES, default="flash", help="flash (the paper's method, default), hybrid or naive"
+    )
+    p.add_argument(
+        "--memory-budget",
+        help="memory for the model: bytes, a size like 6GB, or a percentage like 50%% (default: no limit)",
+    )
     p.add_argument("--window", type=int, help="tokens whose neurons stay cached (default 5)")
-    p.add_argument("--selection", choices=SELECTIONS, help="how active neurons are chosen (default: exact, or predictor when the folder has predictors and the budget cannot hold the exact selector)")
+    p.add_argument(
+        "--selection",
+        choices=SELECTIONS,
+        help="how active neurons are chosen (default: exact, or predictor when the folder has predictors and the budget cannot hold the exact selector)",
+    )
     p.add_argument("--threads", type=int, help="flash reader threads")
-    p.add_argument("--context", type=int, help="most tokens a conversation or generation may hold: the KV cache is planned "
-                   "for it (default: 2048, or the model's maximum if smaller)")
-    p.add_argument("--verify", action="store_true", help="check every checksum of the flash folder before loading")
+    p.add_argument(
+        "--context",
+        type=int,
+        help="most tokens a conversation or generation may hold: the KV cache is planned "
+        "for it (default: 2048, or the model's maximum if smaller)",
+    )
+    p.add_argument(
+        "--verify", action="store_true", help="check every checksum of the flash folder before loading"
+    )
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
 
@@ -38,8 +55,14 @@ def load_from_args(args: argparse.Namespace):
 
     mx.random.seed(args.seed)
     return load(
-        args.model, mode=args.mode, memory_budget=args.memory_budget, window=args.window,
-        selection=args.selection, threads=args.threads, context=args.context, verify=args.verify,
+        args.model,
+        mode=args.mode,
+        memory_budget=args.memory_budget,
+        window=args.window,
+        selection=args.selection,
+        threads=args.threads,
+        context=args.context,
+        verify=args.verify,
         verbose=getattr(args, "stats", False),
     )
 
@@ -71,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
 
     model, tokenizer = load_from_args(args)
     print(args.prompt, end="", flush=True)
-    for response in stream_generate(model, tokenizer, args.prompt, max_tokens=args.max_tokens, sampler=make_sampler(args.temp)):
+    for response in stream_generate(
+        model, tokenizer, args.prompt, max_tokens=args.max_tokens, sampler=make_sampler(args.temp)
+    ):
         print(response.text, end="", flush=True)
     print()
     records = model.flash.records

@@ -53,12 +53,12 @@ class LatencyHistogram:
         self.total_seconds += float(np.sum(seconds))
         self.max_seconds = max(self.max_seconds, float(np.max(seconds)))
 
-    def merge(self, other: "LatencyHistogram") -> None:
+    def merge(self, other: LatencyHistogram) -> None:
         self.counts += other.counts
         self.total_seconds += other.total_seconds
         self.max_seconds = max(self.max_seconds, other.max_seconds)
 
-    def copy(self) -> "LatencyHistogram":
+    def copy(self) -> LatencyHistogram:
         h = LatencyHistogram()
         h.merge(self)
         return h
@@ -96,7 +96,7 @@ class LayerIOStats:
     read_latency: LatencyHistogram = field(default_factory=LatencyHistogram)  # one pread
     request_latency: LatencyHistogram = field(default_factory=LatencyHistogram)  # submit -> done
 
-    def merge(self, other: "LayerIOStats") -> None:
+    def merge(self, other: LayerIOStats) -> None:
         self.requests += other.requests
         self.neurons += other.neurons
         self.reads += other.reads
@@ -106,7 +106,7 @@ class LayerIOStats:
         self.read_latency.merge(other.read_latency)
         self.request_latency.merge(other.request_latency)
 
-    def copy(self) -> "LayerIOStats":
+    def copy(self) -> LayerIOStats:
         c = LayerIOStats()
         c.merge(self)
         return c

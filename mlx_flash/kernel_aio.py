@@ -31,15 +31,28 @@ class IOCB(ctypes.Structure):
     """struct iocb (little-endian field order)."""
 
     _fields_ = [
-        ("data", ctypes.c_uint64), ("key", ctypes.c_uint32), ("rw_flags", ctypes.c_int32),
-        ("opcode", ctypes.c_uint16), ("reqprio", ctypes.c_int16), ("fildes", ctypes.c_uint32),
-        ("buf", ctypes.c_uint64), ("nbytes", ctypes.c_uint64), ("offset", ctypes.c_int64),
-        ("reserved2", ctypes.c_uint64), ("flags", ctypes.c_uint32), ("resfd", ctypes.c_uint32),
+        ("data", ctypes.c_uint64),
+        ("key", ctypes.c_uint32),
+        ("rw_flags", ctypes.c_int32),
+        ("opcode", ctypes.c_uint16),
+        ("reqprio", ctypes.c_int16),
+        ("fildes", ctypes.c_uint32),
+        ("buf", ctypes.c_uint64),
+        ("nbytes", ctypes.c_uint64),
+        ("offset", ctypes.c_int64),
+        ("reserved2", ctypes.c_uint64),
+        ("flags", ctypes.c_uint32),
+        ("resfd", ctypes.c_uint32),
     ]
 
 
 class IOEvent(ctypes.Structure):
-    _fields_ = [("data", ctypes.c_uint64), ("obj", ctypes.c_uint64), ("res", ctypes.c_int64), ("res2", ctypes.c_int64)]
+    _fields_ = [
+        ("data", ctypes.c_uint64),
+        ("obj", ctypes.c_uint64),
+        ("res", ctypes.c_int64),
+        ("res2", ctypes.c_int64),
+    ]
 
 
 assert ctypes.sizeof(IOCB) == 64 and ctypes.sizeof(IOEvent) == 32
@@ -80,8 +93,12 @@ class KernelAIO:
         ptrs = (ctypes.c_void_p * len(iocbs))(*(ctypes.addressof(c) for c in iocbs))
         done = 0
         while done < len(iocbs):
-            n = self._syscall(self._nr[3], self._ctx, ctypes.c_long(len(iocbs) - done),
-                              ctypes.byref(ptrs, done * ctypes.sizeof(ctypes.c_void_p)))
+            n = self._syscall(
+                self._nr[3],
+                self._ctx,
+                ctypes.c_long(len(iocbs) - done),
+                ctypes.byref(ptrs, done * ctypes.sizeof(ctypes.c_void_p)),
+            )
             if n <= 0:
                 self.last_errno = ctypes.get_errno() if n < 0 else errno.EAGAIN
                 break
@@ -92,8 +109,12 @@ class KernelAIO:
         """Wait for at least `min_nr` completions; returns (data, res) pairs: res the bytes
         read, or -errno."""
         while True:
-            n = self._syscall(self._nr[2], self._ctx, ctypes.c_long(min_nr), ctypes.c_long(self.depth), self._events, None)
-            if n >= 0 or ctypes.get_errno() != errno.EINTR:  # EINTR: a signal arrived (Ctrl-C is handled by Python later)
+            n = self._syscall(
+                self._nr[2], self._ctx, ctypes.c_long(min_nr), ctypes.c_long(self.depth), self._events, None
+            )
+            if (
+                n >= 0 or ctypes.get_errno() != errno.EINTR
+            ):  # EINTR: a signal arrived (Ctrl-C is handled by Python later)
                 break
         self._check(n, "io_getevents")
         return [(self._events[i].data, self._events[i].res) for i in range(n)]

@@ -218,7 +218,10 @@ class Manifest:
         for name in seg.parts:
             p = by_name[name]
             if self.quantized:
-                cols += [Column(f"{name}.{f.name}", pos + f.offset, pos + f.offset + f.nbytes, f.dtype) for f in p.fields]
+                cols += [
+                    Column(f"{name}.{f.name}", pos + f.offset, pos + f.offset + f.nbytes, f.dtype)
+                    for f in p.fields
+                ]
             else:
                 cols.append(Column(name, pos, pos + p.elems * self.dtype_bytes, self.dtype))
             pos += self.part_bytes(name)
@@ -288,7 +291,12 @@ class Manifest:
                 "bundle_bytes": e.bundle_bytes,
                 "checksum": e.checksum,
                 "segments": [
-                    {"tensor": s.tensor, "parts": list(s.parts), "data_offset": s.data_offset, "row_bytes": s.row_bytes}
+                    {
+                        "tensor": s.tensor,
+                        "parts": list(s.parts),
+                        "data_offset": s.data_offset,
+                        "row_bytes": s.row_bytes,
+                    }
                     for s in e.segments
                 ],
             }
@@ -299,23 +307,29 @@ class Manifest:
         return d
 
     @classmethod
-    def from_json(cls, d: dict, where: str = MANIFEST_NAME) -> "Manifest":
+    def from_json(cls, d: dict, where: str = MANIFEST_NAME) -> Manifest:
         """Parse and validate a manifest dict; every problem is a one-line FlashFormatError."""
         if not isinstance(d, dict):
             raise FlashFormatError(f"{where}: not a JSON object")
         version = d.get("format_version")
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise FlashFormatError(f"{where}: missing or invalid format_version ({version!r}); re-run mlx_flash.convert")
+            raise FlashFormatError(
+                f"{where}: missing or invalid format_version ({version!r}); re-run mlx_flash.convert"
+            )
         if version > FORMAT_VERSION:
             raise FlashFormatError(
                 f"{where}: format_version {version} is newer than this mlx_flash reads ({FORMAT_VERSION}); upgrade mlx_flash"
             )
         try:
             parts = tuple(
-                Part(str(p["name"]), _pos_int(p["elems"]), tuple(
-                    Field(str(f["name"]), str(f["dtype"]), _pos_int(f["elems"]), _nonneg_int(f["offset"]))
-                    for f in p.get("fields") or ()
-                ))
+                Part(
+                    str(p["name"]),
+                    _pos_int(p["elems"]),
+                    tuple(
+                        Field(str(f["name"]), str(f["dtype"]), _pos_int(f["elems"]), _nonneg_int(f["offset"]))
+                        for f in p.get("fields") or ()
+                    ),
+                )
                 for p in d["parts"]
             )
             q = d.get("quantization")
@@ -323,18 +337,31 @@ class Manifest:
             if q is not None:
                 if version < QUANTIZED_FORMAT_VERSION:
                     raise ValueError(f"quantization needs format_version {QUANTIZED_FORMAT_VERSION}")
-                quantization = Quantization(_pos_int(q["bits"]), _pos_int(q["group_size"]), str(q.get("mode", QUANT_MODE)),
-                                            dict(q.get("origin") or {}))
+                quantization = Quantization(
+                    _pos_int(q["bits"]),
+                    _pos_int(q["group_size"]),
+                    str(q.get("mode", QUANT_MODE)),
+                    dict(q.get("origin") or {}),
+                )
             layers = []
             for e in d["layers"]:
                 segs = tuple(
-                    Segment(str(s["tensor"]), tuple(str(x) for x in s["parts"]), _nonneg_int(s["data_offset"]), _pos_int(s["row_bytes"]))
+                    Segment(
+                        str(s["tensor"]),
+                        tuple(str(x) for x in s["parts"]),
+                        _nonneg_int(s["data_offset"]),
+                        _pos_int(s["row_bytes"]),
+                    )
                     for s in e["segments"]
                 )
                 layers.append(
                     LayerEntry(
-                        _nonneg_int(e["layer"]), _rel_path(e["file"]), _pos_int(e["num_neurons"]),
-                        _pos_int(e["bundle_bytes"]), str(e["checksum"]), segs,
+                        _nonneg_int(e["layer"]),
+                        _rel_path(e["file"]),
+                        _pos_int(e["num_neurons"]),
+                        _pos_int(e["bundle_bytes"]),
+                        str(e["checksum"]),
+                        segs,
                     )
                 )
             m = cls(
@@ -357,9 +384,13 @@ class Manifest:
                 quantization=quantization,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise FlashFormatError(f"{where}: malformed manifest ({_describe(exc)}); re-run mlx_flash.convert") from None
+            raise FlashFormatError(
+                f"{where}: malformed manifest ({_describe(exc)}); re-run mlx_flash.convert"
+            ) from None
         if m.checksum_algorithm != CHECKSUM:
-            raise FlashFormatError(f"{where}: checksum_algorithm {m.checksum_algorithm!r} is not {CHECKSUM!r}; re-run mlx_flash.convert")
+            raise FlashFormatError(
+                f"{where}: checksum_algorithm {m.checksum_algorithm!r} is not {CHECKSUM!r}; re-run mlx_flash.convert"
+            )
         m.validate(where)
         return m
 
@@ -367,7 +398,9 @@ class Manifest:
         """Internal consistency: sizes, alignment, parts. Raises FlashFormatError."""
         if self.dtype not in DTYPE_BYTES:
             raise FlashFormatError(f"{where}: unknown dtype {self.dtype!r}")
-        if len(self.layers) != self.num_layers or [e.layer for e in self.layers] != list(range(self.num_layers)):
+        if len(self.layers) != self.num_layers or [e.layer for e in self.layers] != list(
+            range(self.num_layers)
+        ):
             raise FlashFormatError(f"{where}: layers do not list 0..{self.num_layers - 1} in order")
         names = self.part_names
         if len(set(names)) != len(names) or not names:
@@ -376,14 +409,20 @@ class Manifest:
         for e in self.layers:
             seg_parts = [p for s in e.segments for p in s.parts]
             if tuple(seg_parts) != names:
-                raise FlashFormatError(f"{where}: layer {e.layer} segments do not hold parts {names} in order")
+                raise FlashFormatError(
+                    f"{where}: layer {e.layer} segments do not hold parts {names} in order"
+                )
             if self.bundled and len(e.segments) != 1:
                 raise FlashFormatError(f"{where}: bundled layer {e.layer} has {len(e.segments)} tensors")
             for s in e.segments:
                 if s.row_bytes != sum(self.part_bytes(p) for p in s.parts):
-                    raise FlashFormatError(f"{where}: layer {e.layer} tensor {s.tensor}: row_bytes does not match its parts")
+                    raise FlashFormatError(
+                        f"{where}: layer {e.layer} tensor {s.tensor}: row_bytes does not match its parts"
+                    )
                 if s.data_offset % DATA_ALIGNMENT:
-                    raise FlashFormatError(f"{where}: layer {e.layer} tensor {s.tensor}: data_offset not {DATA_ALIGNMENT}-aligned")
+                    raise FlashFormatError(
+                        f"{where}: layer {e.layer} tensor {s.tensor}: data_offset not {DATA_ALIGNMENT}-aligned"
+                    )
             if e.bundle_bytes != sum(s.row_bytes for s in e.segments):
                 raise FlashFormatError(f"{where}: layer {e.layer}: bundle_bytes does not match its parts")
 
@@ -395,7 +434,9 @@ class Manifest:
                 raise FlashFormatError(f"{where}: parts have quantized fields but there is no quantization")
             return
         if self.format_version < QUANTIZED_FORMAT_VERSION:
-            raise FlashFormatError(f"{where}: a quantized folder needs format_version {QUANTIZED_FORMAT_VERSION}")
+            raise FlashFormatError(
+                f"{where}: a quantized folder needs format_version {QUANTIZED_FORMAT_VERSION}"
+            )
         if q.mode != QUANT_MODE or q.bits not in QUANT_BITS or q.group_size not in QUANT_GROUP_SIZES:
             raise FlashFormatError(
                 f"{where}: quantization {q.mode} {q.bits}-bit group {q.group_size} is not one this mlx_flash reads "
@@ -403,9 +444,13 @@ class Manifest:
             )
         for p in self.parts:
             if p.elems % q.group_size:
-                raise FlashFormatError(f"{where}: part {p.name!r} has {p.elems} elements, not a multiple of group size {q.group_size}")
+                raise FlashFormatError(
+                    f"{where}: part {p.name!r} has {p.elems} elements, not a multiple of group size {q.group_size}"
+                )
             if p.fields != quantized_fields(p.elems, q.bits, q.group_size, self.dtype):
-                raise FlashFormatError(f"{where}: part {p.name!r}: fields do not match {q.bits}-bit quantization in groups of {q.group_size}")
+                raise FlashFormatError(
+                    f"{where}: part {p.name!r}: fields do not match {q.bits}-bit quantization in groups of {q.group_size}"
+                )
 
 
 def _pos_int(x) -> int:
@@ -458,7 +503,9 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
     try:
         raw = path.read_text()
     except FileNotFoundError:
-        raise FlashFormatError(f"{folder}: not a flash folder (no {MANIFEST_NAME}); create one with python -m mlx_flash.convert") from None
+        raise FlashFormatError(
+            f"{folder}: not a flash folder (no {MANIFEST_NAME}); create one with python -m mlx_flash.convert"
+        ) from None
     except OSError as e:
         raise FlashFormatError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
@@ -501,7 +548,11 @@ def check_files(folder: str | os.PathLike, manifest: Manifest) -> None:
             headers[e.file] = read_header(path)[0]
         for s in e.segments:
             t = headers[e.file].get(s.tensor)
-            want = (manifest.storage_st_dtype, (e.num_neurons, s.row_bytes // manifest.storage_elem_bytes), s.data_offset)
+            want = (
+                manifest.storage_st_dtype,
+                (e.num_neurons, s.row_bytes // manifest.storage_elem_bytes),
+                s.data_offset,
+            )
             if t is None or (t.dtype, t.shape, t.offset) != want:
                 got = "missing" if t is None else f"{t.dtype} {list(t.shape)} at byte {t.offset}"
                 raise FlashFormatError(
@@ -513,7 +564,9 @@ def check_files(folder: str | os.PathLike, manifest: Manifest) -> None:
         raise FlashFormatError(f"{dense}: missing; re-run mlx_flash.convert")
 
 
-def file_digest(path: str | os.PathLike, ranges: list[tuple[int, int]] | None = None, chunk: int = 8 << 20) -> str:
+def file_digest(
+    path: str | os.PathLike, ranges: list[tuple[int, int]] | None = None, chunk: int = 8 << 20
+) -> str:
     """Checksum of byte ranges [start, end) of a file (the whole file when None), streamed."""
     h = hashlib.new(CHECKSUM)
     fd = os.open(path, os.O_RDONLY)

@@ -85,7 +85,9 @@ def check_config(folder: Path, manifest: layout.Manifest, config: dict):
         arch = architecture_for(config)
         act = arch.activation(config)
     except TypeError:  # an unhashable model_type or activation
-        raise layout.FlashFormatError(f"{folder / 'config.json'}: malformed model_type or activation") from None
+        raise layout.FlashFormatError(
+            f"{folder / 'config.json'}: malformed model_type or activation"
+        ) from None
     neurons = config.get(arch.intermediate_key)
     checks = [
         ("model_type", config.get("model_type"), manifest.model_type),
@@ -96,7 +98,9 @@ def check_config(folder: Path, manifest: layout.Manifest, config: dict):
         ("hidden_size", config.get("hidden_size"), manifest.hidden_size),
     ]
     checks += [(f"elements of part {p.name!r}", manifest.hidden_size, p.elems) for p in manifest.parts]
-    checks += [(f"{arch.intermediate_key} (layer {e.layer})", neurons, e.num_neurons) for e in manifest.layers]
+    checks += [
+        (f"{arch.intermediate_key} (layer {e.layer})", neurons, e.num_neurons) for e in manifest.layers
+    ]
     for what, want, got in checks:
         if want != got or type(want) is not type(got):
             raise layout.FlashFormatError(
@@ -113,11 +117,15 @@ def model_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
-def model_sizes(manifest: layout.Manifest, config: dict, dense_elems: int, model: nn.Module, dense_bytes: int = 0) -> ModelSizes:
+def model_sizes(
+    manifest: layout.Manifest, config: dict, dense_elems: int, model: nn.Module, dense_bytes: int = 0
+) -> ModelSizes:
     args = getattr(model, "args", None)
     heads = _config_int(config, "num_attention_heads")
     kv_heads = _config_int(config, "num_key_value_heads", heads)
-    head_dim = _config_int(config, "head_dim", getattr(args, "head_dim", None) or manifest.hidden_size // heads)
+    head_dim = _config_int(
+        config, "head_dim", getattr(args, "head_dim", None) or manifest.hidden_size // heads
+    )
     return ModelSizes(
         dense_elems=dense_elems,
         num_layers=manifest.num_layers,
@@ -151,7 +159,9 @@ def _config_int(config: dict, key: str, default: int | None = None) -> int:
     return value
 
 
-def load_flash_model(folder: str | Path, options: FlashOptions = FlashOptions()) -> tuple[nn.Module, FlashRuntime]:
+def load_flash_model(
+    folder: str | Path, options: FlashOptions = FlashOptions()
+) -> tuple[nn.Module, FlashRuntime]:
     """The model of a flash folder, its FFNs on flash; returns (model, runtime)."""
     folder = Path(folder)
     manifest = layout.read_manifest(folder)
@@ -166,7 +176,9 @@ def load_flash_model(folder: str | Path, options: FlashOptions = FlashOptions())
     try:
         sizes = model_sizes(manifest, config, dense.elems, model, dense.bytes)
     except (TypeError, ValueError, ZeroDivisionError) as e:
-        raise layout.FlashFormatError(f"{folder / 'config.json'}: malformed attention settings ({e})") from None
+        raise layout.FlashFormatError(
+            f"{folder / 'config.json'}: malformed attention settings ({e})"
+        ) from None
     mode = options.mode
     window = _positive_int("window", DEFAULT_WINDOW if options.window is None else options.window)
     if options.threads is not None:
@@ -184,8 +196,15 @@ def load_flash_model(folder: str | Path, options: FlashOptions = FlashOptions())
         from .predictors.store import predictor_elems
 
         sizes = replace(sizes, predictor_elems=predictor_elems(folder, manifest))
-    plan, selection = plan_with_selection(sizes, mode=mode, budget_bytes=budget, dtype_bytes=dtype.size, context=context,
-                                          selection=options.selection, has_predictors=sizes.predictor_elems > 0)
+    plan, selection = plan_with_selection(
+        sizes,
+        mode=mode,
+        budget_bytes=budget,
+        dtype_bytes=dtype.size,
+        context=context,
+        selection=options.selection,
+        has_predictors=sizes.predictor_elems > 0,
+    )
 
     act = ACTIVATION_FUNCTIONS[ACTIVATIONS[manifest.activation]]
     if row_checksums is not None:
@@ -194,7 +213,14 @@ def load_flash_model(folder: str | Path, options: FlashOptions = FlashOptions())
         reader = FlashReader(folder, manifest, threads=options.threads)
     try:
         runtime = FlashRuntime(
-            manifest, reader, mode=mode, selection=selection, window=window, plan=plan, act=act, compute_dtype=dtype
+            manifest,
+            reader,
+            mode=mode,
+            selection=selection,
+            window=window,
+            plan=plan,
+            act=act,
+            compute_dtype=dtype,
         )
         if mode == "flash" and selection == "predictor":
             from .predictors.store import Predictors
@@ -202,8 +228,14 @@ def load_flash_model(folder: str | Path, options: FlashOptions = FlashOptions())
             runtime.predictors = Predictors.load(folder, manifest, dtype)
             # Not ReLU: a cached neuron not predicted for this token is zeroed (see ffn.py).
             runtime.mask_inactive = ACTIVATIONS[manifest.activation] not in ("relu", "drelu")
-        weights = {n: a for n, a in mx.load(str(folder / manifest.dense_file)).items() if not n.startswith("__padding")}
-        weights = {n: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a for n, a in weights.items()}
+        weights = {
+            n: a
+            for n, a in mx.load(str(folder / manifest.dense_file)).items()
+            if not n.startswith("__padding")
+        }
+        weights = {
+            n: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a for n, a in weights.items()
+        }
         biases = {key: weights.pop(name) for key, name in dense.bias_names.items()}
         for i, layer in enumerate(layers):
             st = _layer_state(i, manifest, reader, runtime, biases)
@@ -214,7 +246,9 @@ def load_flash_model(folder: str | Path, options: FlashOptions = FlashOptions())
             quantize_loaded(model, config, weights)
             model.load_weights(list(weights.items()), strict=True)
         except (ValueError, TypeError) as e:
-            raise layout.FlashFormatError(f"{folder / manifest.dense_file}: weights do not match config.json ({one_line(e)}); re-run mlx_flash.convert") from None
+            raise layout.FlashFormatError(
+                f"{folder / manifest.dense_file}: weights do not match config.json ({one_line(e)}); re-run mlx_flash.convert"
+            ) from None
         mx.eval(model.parameters())
         mx.eval([st for l in layers for st in _state_arrays(l.mlp._state)])
     except BaseException:
@@ -228,7 +262,10 @@ def _verify(folder: Path, manifest: layout.Manifest) -> list:
     """verify=True: every checksum now (the dense file's and each neuron row's); returns the
     rows' checksums, against which every neuron read later is checked."""
     row_checksums = [layout.verify_layer(folder, e) for e in manifest.layers]
-    if manifest.dense_checksum and layout.file_digest(folder / manifest.dense_file) != manifest.dense_checksum:
+    if (
+        manifest.dense_checksum
+        and layout.file_digest(folder / manifest.dense_file) != manifest.dense_checksum
+    ):
         raise layout.FlashFormatError(
             f"{folder / manifest.dense_file}: checksum mismatch: the file is corrupt; re-run mlx_flash.convert"
         )
@@ -245,7 +282,7 @@ class _DenseFile:
     bias_names: dict[tuple[int, str], str]
 
     @classmethod
-    def read(cls, folder: Path, manifest: layout.Manifest, arch, dtype_bytes: int) -> "_DenseFile":
+    def read(cls, folder: Path, manifest: layout.Manifest, arch, dtype_bytes: int) -> _DenseFile:
         header, _ = read_header(folder / manifest.dense_file)
         bias_names = {
             (i, role): name
@@ -255,7 +292,7 @@ class _DenseFile:
             if name in header
         }
         bias_shapes = {"up_bias": (manifest.layers[0].num_neurons,), "down_bias": (manifest.hidden_size,)}
-        for (i, role), name in bias_names.items():
+        for (_i, role), name in bias_names.items():
             if header[name].shape != bias_shapes[role]:
                 raise layout.FlashFormatError(
                     f"{folder / manifest.dense_file}: {name} has shape {list(header[name].shape)}, expected "
@@ -265,8 +302,10 @@ class _DenseFile:
         return cls(
             elems=sum(t.numel for t in tensors),
             # in memory: integer tensors as stored, floats in the compute dtype
-            bytes=sum(t.numel * (dtype_bytes if t.dtype in ("F32", "F16", "BF16") else t.nbytes // max(t.numel, 1))
-                      for t in tensors),
+            bytes=sum(
+                t.numel * (dtype_bytes if t.dtype in ("F32", "F16", "BF16") else t.nbytes // max(t.numel, 1))
+                for t in tensors
+            ),
             bias_names=bias_names,
         )
 
@@ -288,8 +327,13 @@ def _context(config: dict, asked: int | None) -> int:
     return context
 
 
-def _layer_state(i: int, manifest: layout.Manifest, reader: FlashReader, runtime: FlashRuntime,
-                 biases: dict[tuple[int, str], mx.array]) -> LayerState:
+def _layer_state(
+    i: int,
+    manifest: layout.Manifest,
+    reader: FlashReader,
+    runtime: FlashRuntime,
+    biases: dict[tuple[int, str], mx.array],
+) -> LayerState:
     """Layer i's FFN state as the plan says: its biases, the resident rows (hybrid), and in
     flash mode the exact selector's rows and the neuron cache."""
     plan, dtype = runtime.plan, runtime.compute_dtype
@@ -315,7 +359,9 @@ def _layer_state(i: int, manifest: layout.Manifest, reader: FlashReader, runtime
                 st.selector = as_mx(rows[selector_part])
             del rows
         part_elems = {k: (e, np.dtype(t)) for k, (e, t) in manifest.row_fields().items()}
-        st.cache = NeuronCache(part_elems, capacity=plan.cache_capacity, window=runtime.window, num_neurons=st.num_neurons)
+        st.cache = NeuronCache(
+            part_elems, capacity=plan.cache_capacity, window=runtime.window, num_neurons=st.num_neurons
+        )
     return st
 
 
@@ -331,7 +377,13 @@ def _positive_int(what: str, value) -> int:
 
 def _state_arrays(st: LayerState) -> list[mx.array]:
     arrays = list(st.resident.values())
-    arrays += list(st.selector.values()) if isinstance(st.selector, dict) else [st.selector] if st.selector is not None else []
+    arrays += (
+        list(st.selector.values())
+        if isinstance(st.selector, dict)
+        else [st.selector]
+        if st.selector is not None
+        else []
+    )
     arrays += [a for a in (st.up_bias, st.down_bias) if a is not None]
     return arrays
 
@@ -347,7 +399,9 @@ class DenseActMLP(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         up = self.up_proj(x)
-        return self.down_proj(self._act(self.gate_proj(x)) * (self._act(up) if applies_to_up(self._act) else up))
+        return self.down_proj(
+            self._act(self.gate_proj(x)) * (self._act(up) if applies_to_up(self._act) else up)
+        )
 
 
 class RowQuantizedDown(nn.Module):
@@ -364,13 +418,26 @@ class RowQuantizedDown(nn.Module):
         self.freeze()
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = mx.quantized_matmul(x, self.weight, self.scales, self.biases, transpose=False,
-                                group_size=self.group_size, bits=self.bits)
+        y = mx.quantized_matmul(
+            x,
+            self.weight,
+            self.scales,
+            self.biases,
+            transpose=False,
+            group_size=self.group_size,
+            bits=self.bits,
+        )
         return y + self.bias if "bias" in self else y
 
 
-def load_dense(source: str | Path, dtype: mx.Dtype | None = mx.float32, *, quantize: int | None = None,
-               group_size: int | None = None, dense_bits: int | None = 8) -> nn.Module:
+def load_dense(
+    source: str | Path,
+    dtype: mx.Dtype | None = mx.float32,
+    *,
+    quantize: int | None = None,
+    group_size: int | None = None,
+    dense_bits: int | None = 8,
+) -> nn.Module:
     """A source model folder loaded whole in memory through mlx-lm (the `dense` baseline),
     honouring `hidden_act`, cast to `dtype` (fp32: the same compute dtype as the flash path).
 

@@ -13,7 +13,7 @@ model (`dense_predicate`, `quantize_dense`) and loads as mlx-lm loads one (`quan
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -39,18 +39,29 @@ def to_raw(a: mx.array, st_dtype: str) -> np.ndarray:
     return np.array(a)
 
 
-def quantize_rows(rows: np.ndarray, st_dtype: str, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def quantize_rows(
+    rows: np.ndarray, st_dtype: str, bits: int, group_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Quantize rows [k, d] of raw `st_dtype` values along d: (packed uint32 [k, d*bits/32],
     scales and biases [k, d/group_size] as raw `st_dtype`), exactly ``mx.quantize``'s output."""
     w, s, b = mx.quantize(to_mx(rows, st_dtype), group_size=group_size, bits=bits)
     return np.array(w), to_raw(s, st_dtype), to_raw(b, st_dtype)
 
 
-def dequantize_raw(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, scale_st: str, bits: int, group_size: int,
-                   out_st: str) -> np.ndarray:
+def dequantize_raw(
+    w: np.ndarray,
+    scales: np.ndarray,
+    biases: np.ndarray,
+    scale_st: str,
+    bits: int,
+    group_size: int,
+    out_st: str,
+) -> np.ndarray:
     """``mx.dequantize`` of a quantized source tensor (scales/biases raw `scale_st`), as raw
     `out_st` values: the float weights the quantization stands for."""
-    x = mx.dequantize(mx.array(w), to_mx(scales, scale_st), to_mx(biases, scale_st), group_size=group_size, bits=bits)
+    x = mx.dequantize(
+        mx.array(w), to_mx(scales, scale_st), to_mx(biases, scale_st), group_size=group_size, bits=bits
+    )
     return to_raw(x, out_st)
 
 
@@ -68,8 +79,14 @@ def unpack(w: np.ndarray, bits: int) -> np.ndarray:
     raise ValueError(f"unpack: {bits}-bit values are not supported")
 
 
-def dequantize(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int,
-               out: np.ndarray | None = None) -> np.ndarray:
+def dequantize(
+    w: np.ndarray,
+    scales: np.ndarray,
+    biases: np.ndarray,
+    bits: int,
+    group_size: int,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """float32 rows [k, d] from packed rows and float32 scales/biases [k, d/group_size]
     (numpy: runs in reader threads). Equals ``mx.dequantize`` computed in float32."""
     q = unpack(w, bits)
@@ -84,6 +101,7 @@ def dequantize(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int,
 
 
 # -- the dense part, as mlx-lm quantizes and loads it ----------------------------------------
+
 
 def dense_predicate(model: nn.Module, group_size: int) -> Callable[[str, nn.Module], bool]:
     """mlx-lm's rule (`mlx_lm.utils.quantize_model`): a module with `to_quantized` whose input
@@ -131,5 +149,10 @@ def quantize_loaded(model: nn.Module, config: dict, weights: dict[str, mx.array]
             return False
         return infer_quant_config(path, module, weights) if infer_quant_config else True
 
-    nn.quantize(model, group_size=quantization["group_size"], bits=quantization["bits"],
-                mode=quantization.get("mode", QUANT_MODE), class_predicate=predicate)
+    nn.quantize(
+        model,
+        group_size=quantization["group_size"],
+        bits=quantization["bits"],
+        mode=quantization.get("mode", QUANT_MODE),
+        class_predicate=predicate,
+    )

@@ -64,7 +64,12 @@ DEFAULT_COALESCE_GAP = 28 * 1024
 DEFAULT_MAX_READ = 1024 * 1024
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
-_RAW_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+_RAW_DTYPES = {
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "bfloat16": np.dtype("<u2"),
+    "uint32": np.dtype("<u4"),
+}
 
 
 class FlashReadError(OSError):
@@ -203,9 +208,17 @@ class ReadFuture(Future):
 class _Request:
     """One submitted request: its plan, outputs, progress, and the future to resolve."""
 
-    def __init__(self, layer: int, ids: np.ndarray, chunks: list[_Chunk], out: dict[str, np.ndarray],
-                 dest: np.ndarray | None, gather: tuple[np.ndarray, dict[str, np.ndarray]] | None,
-                 future: ReadFuture, align: int):
+    def __init__(
+        self,
+        layer: int,
+        ids: np.ndarray,
+        chunks: list[_Chunk],
+        out: dict[str, np.ndarray],
+        dest: np.ndarray | None,
+        gather: tuple[np.ndarray, dict[str, np.ndarray]] | None,
+        future: ReadFuture,
+        align: int,
+    ):
         """dest: output row of each sorted id (None: the same row); gather: (inverse, final)
         when ids repeat: the unique rows read into `out` are gathered into `final` at the end."""
         self.layer, self.ids, self.out, self.dest, self.gather = layer, ids, out, dest, gather
@@ -318,14 +331,18 @@ class FlashReader:
         if engine not in (None, "threads", "aio"):
             raise ValueError(f"engine must be 'threads' or 'aio', got {engine!r}")
         self.stats = IOStats()
-        self._fields = {k: (e, np.dtype(t)) for k, (e, t) in manifest.row_fields().items()}  # what a raw read returns
+        self._fields = {
+            k: (e, np.dtype(t)) for k, (e, t) in manifest.row_fields().items()
+        }  # what a raw read returns
         self._closed = False
         self._files: dict[str, _File] = {}
         self._requests: set[_Request] = set()
         self._lock = threading.Lock()
         self._local = threading.local()
         self.direct = direct is not False
-        self.align = 512 if self.direct and hasattr(os, "O_DIRECT") else SECTOR  # raised by _open as files need
+        self.align = (
+            512 if self.direct and hasattr(os, "O_DIRECT") else SECTOR
+        )  # raised by _open as files need
         try:
             for entry in manifest.layers:
                 if entry.file not in self._files:
@@ -416,8 +433,9 @@ class FlashReader:
 
     # -- requests ------------------------------------------------------------------------
 
-    def submit(self, layer: int, ids: np.ndarray, out: dict[str, np.ndarray] | None = None, *,
-               raw: bool = False) -> ReadFuture:
+    def submit(
+        self, layer: int, ids: np.ndarray, out: dict[str, np.ndarray] | None = None, *, raw: bool = False
+    ) -> ReadFuture:
         """Start reading neurons `ids` of `layer`; the future resolves to {part: float32
         [len(ids), elems]} with row j = neuron ids[j] (ids may be in any order, repeated).
 
@@ -458,14 +476,18 @@ class FlashReader:
         self._start(req)
         return future
 
-    def read(self, layer: int, ids: np.ndarray, out: dict[str, np.ndarray] | None = None, *,
-             raw: bool = False) -> dict[str, np.ndarray]:
+    def read(
+        self, layer: int, ids: np.ndarray, out: dict[str, np.ndarray] | None = None, *, raw: bool = False
+    ) -> dict[str, np.ndarray]:
         """`submit(layer, ids, out, raw=raw).result()`."""
         return self.submit(layer, ids, out, raw=raw).result()
 
     def empty_rows(self, n: int, *, raw: bool = False) -> dict[str, np.ndarray]:
         """Fresh 4 KiB-aligned arrays per output, as `submit` (with `raw`) fills them."""
-        return {name: _aligned_empty(n * e * t.itemsize).view(t).reshape(n, e) for name, (e, t) in self._outputs(raw).items()}
+        return {
+            name: _aligned_empty(n * e * t.itemsize).view(t).reshape(n, e)
+            for name, (e, t) in self._outputs(raw).items()
+        }
 
     def _outputs(self, raw: bool) -> dict[str, tuple[int, np.dtype]]:
         if raw or not self.manifest.quantized:
@@ -475,7 +497,13 @@ class FlashReader:
     def _check_out(self, out: dict[str, np.ndarray], n: int, raw: bool = True) -> dict[str, np.ndarray]:
         for name, (e, t) in self._outputs(raw).items():
             a = out.get(name)
-            if a is None or a.shape != (n, e) or a.dtype != t or not a.flags.c_contiguous or not a.flags.writeable:
+            if (
+                a is None
+                or a.shape != (n, e)
+                or a.dtype != t
+                or not a.flags.c_contiguous
+                or not a.flags.writeable
+            ):
                 raise ValueError(f"out[{name!r}] must be a writable C-contiguous {t} array of shape {(n, e)}")
         return out
 
@@ -493,8 +521,14 @@ class FlashReader:
                 fields = Future.result(f, 0)
                 for p in self.manifest.parts:
                     k = p.name
-                    dequantize(fields[f"{k}.weight"], fields[f"{k}.scales"], fields[f"{k}.biases"], q.bits, q.group_size,
-                               out=out[k])
+                    dequantize(
+                        fields[f"{k}.weight"],
+                        fields[f"{k}.scales"],
+                        fields[f"{k}.biases"],
+                        q.bits,
+                        q.group_size,
+                        out=out[k],
+                    )
             except BaseException as exc:  # the future must resolve, whatever happens
                 future.set_exception(exc)
             else:
@@ -522,8 +556,10 @@ class FlashReader:
 
     def _plan(self, entry: LayerEntry, seg: Segment, ids: np.ndarray) -> list[_Chunk]:
         cols = [(c.key, c.start, c.stop, c.dtype) for c in self.manifest.columns(seg)]
-        vectored = not self.manifest.quantized and self.manifest.dtype == "float32" and all(
-            (c1 - c0) % self.align == 0 for _, c0, c1, _ in cols
+        vectored = (
+            not self.manifest.quantized
+            and self.manifest.dtype == "float32"
+            and all((c1 - c0) % self.align == 0 for _, c0, c1, _ in cols)
         )
         reads = _SegmentReads(seg, self._files[entry.file], tuple(cols), vectored)
         starts = seg.data_offset + ids * seg.row_bytes
@@ -536,7 +572,10 @@ class FlashReader:
                 raise ReaderClosedError("FlashReader is closed")
             self._requests.add(req)
             req.future.add_done_callback(lambda _f: self._forget(req))
-            if self._aio is not None and getattr(self._pread_into, "__func__", None) is FlashReader._pread_into:
+            if (
+                self._aio is not None
+                and getattr(self._pread_into, "__func__", None) is FlashReader._pread_into
+            ):
                 try:
                     self._aio.start(req)
                 except OSError:
@@ -576,8 +615,11 @@ class FlashReader:
                 chunk = chunks[i]
                 reads = chunk.reads
                 vectored = self._vectored(req, chunk)
-                bufs = (self._span_buffers(req, self._row_spans(req, chunk), scratch_view) if vectored
-                        else [scratch_view[: chunk.length]])
+                bufs = (
+                    self._span_buffers(req, self._row_spans(req, chunk), scratch_view)
+                    if vectored
+                    else [scratch_view[: chunk.length]]
+                )
                 t0 = clock()
                 try:
                     got = pread(reads.file.fd, bufs, chunk.offset)
@@ -619,7 +661,11 @@ class FlashReader:
     def _vectored(req: _Request, chunk: _Chunk) -> bool:
         """Whether a read goes straight into the output rows (`_row_spans`), not via scratch."""
         reads = chunk.reads
-        return req.aligned and reads.vectored and (chunk.stop - chunk.first) * (len(reads.columns) + 1) <= _IOV_MAX
+        return (
+            req.aligned
+            and reads.vectored
+            and (chunk.stop - chunk.first) * (len(reads.columns) + 1) <= _IOV_MAX
+        )
 
     @staticmethod
     def _row_spans(req: _Request, chunk: _Chunk) -> list[tuple[str | None, int, int]]:
@@ -641,12 +687,16 @@ class FlashReader:
         return spans
 
     @staticmethod
-    def _span_buffers(req: _Request, spans: list[tuple[str | None, int, int]], scratch: memoryview) -> list[memoryview]:
+    def _span_buffers(
+        req: _Request, spans: list[tuple[str | None, int, int]], scratch: memoryview
+    ) -> list[memoryview]:
         """`_row_spans` as buffers for os.preadv."""
         out = req.out_bytes
         return [scratch[:n] if name is None else out[name][off : off + n] for name, off, n in spans]
 
-    def _read_rest(self, layer: int, chunk: _Chunk, bufs: list[memoryview], got: int, latencies: list[float]) -> int:
+    def _read_rest(
+        self, layer: int, chunk: _Chunk, bufs: list[memoryview], got: int, latencies: list[float]
+    ) -> int:
         """After a first read of `chunk` delivered only `got` bytes: read on from there until
         `chunk.need` bytes arrived, returning the bytes read. Raises FlashReadError naming file,
         offset and layer at end of file or on an error."""
@@ -656,7 +706,9 @@ class FlashReader:
                 raise FlashReadError(
                     f"{f.path}: short read at offset {chunk.offset + got} (layer {layer}): got {got} of "
                     f"{chunk.need} bytes{self._changed(f)}",
-                    path=f.path, offset=chunk.offset + got, layer=layer,
+                    path=f.path,
+                    offset=chunk.offset + got,
+                    layer=layer,
                 )
             while i < len(bufs) and n >= len(bufs[i]):  # skip what the last read filled
                 n -= len(bufs[i])
@@ -677,7 +729,10 @@ class FlashReader:
         return FlashReadError(
             f"{f.path}: read of {chunk.length - got} bytes at offset {at} (layer {layer}) failed: "
             f"{e.strerror or e}{self._changed(f)}",
-            path=f.path, offset=at, layer=layer, err=e.errno or errno.EIO,
+            path=f.path,
+            offset=at,
+            layer=layer,
+            err=e.errno or errno.EIO,
         )
 
     def _scatter(self, req: _Request, chunk: _Chunk, scratch: np.ndarray) -> None:
@@ -730,7 +785,7 @@ class FlashReader:
             os.close(f.fd)
         self._files.clear()
 
-    def __enter__(self) -> "FlashReader":
+    def __enter__(self) -> FlashReader:
         return self
 
     def __exit__(self, *exc) -> None:

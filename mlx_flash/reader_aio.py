@@ -41,11 +41,11 @@ class _Progress:
 class AioDriver:
     """Runs a reader's requests on one thread with up to `depth` reads in flight."""
 
-    def __init__(self, reader: "FlashReader", depth: int, iov_max: int):
+    def __init__(self, reader: FlashReader, depth: int, iov_max: int):
         self._reader = reader
         self._aio = KernelAIO(depth)  # OSError where the kernel refuses
         self._depth = depth
-        self._queue: deque["_Request"] = deque()
+        self._queue: deque[_Request] = deque()
         self._cv = threading.Condition()
         self._closing = False
         self._broken: BaseException | None = None
@@ -62,7 +62,7 @@ class AioDriver:
         self._thread = threading.Thread(target=self._run, name="mlx_flash-aio", daemon=True)
         self._thread.start()
 
-    def start(self, req: "_Request") -> None:
+    def start(self, req: _Request) -> None:
         """Queue a request; OSError if the AIO thread has stopped on an error (the reader is
         then unusable). Never resolves the request's future itself."""
         req.aio_progress = _Progress()
@@ -136,7 +136,7 @@ class AioDriver:
             batch.append(slot)
         return batch
 
-    def _prepare(self, req: "_Request", chunk: "_Chunk", slot: int) -> None:
+    def _prepare(self, req: _Request, chunk: _Chunk, slot: int) -> None:
         reads = chunk.reads
         vectored = self._reader._vectored(req, chunk)
         scratch = self._scratch[slot]
@@ -155,7 +155,12 @@ class AioDriver:
             v = iov[0]
             v.base, v.len = s0, chunk.length
         cb = self._cbs[slot]
-        cb.data, cb.fildes, cb.nbytes, cb.offset = slot, reads.file.fd, len(spans) if vectored else 1, chunk.offset
+        cb.data, cb.fildes, cb.nbytes, cb.offset = (
+            slot,
+            reads.file.fd,
+            len(spans) if vectored else 1,
+            chunk.offset,
+        )
         self._flights[slot] = (req, chunk, vectored, spans)
         req.aio_progress.inflight += 1
 
@@ -201,7 +206,7 @@ class AioDriver:
             req.fail(error)
         self._finish_if_done(req)
 
-    def _finish_if_done(self, req: "_Request") -> None:
+    def _finish_if_done(self, req: _Request) -> None:
         p = req.aio_progress
         if p.finished or not p.exhausted or p.inflight:
             return

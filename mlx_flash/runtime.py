@@ -10,8 +10,8 @@ import errno
 import threading
 import time
 import zlib
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from typing import Callable, Iterator
 
 import mlx.core as mx
 import numpy as np
@@ -63,8 +63,11 @@ class VerifyingReader(FlashReader):
     def _check(self, layer: int, ids: np.ndarray, rows: dict[str, np.ndarray]) -> None:
         entry = self.manifest.layers[layer]
         for seg, crc in zip(entry.segments, self.row_checksums[layer]):
-            stored = np.ascontiguousarray(np.concatenate(
-                [_stored(rows[c.key], c.dtype).view(np.uint8) for c in self.manifest.columns(seg)], axis=1))
+            stored = np.ascontiguousarray(
+                np.concatenate(
+                    [_stored(rows[c.key], c.dtype).view(np.uint8) for c in self.manifest.columns(seg)], axis=1
+                )
+            )
             want = crc[ids]
             for j in range(len(ids)):
                 if zlib.crc32(stored[j]) != want[j]:
@@ -73,7 +76,10 @@ class VerifyingReader(FlashReader):
                         f"{self.folder / entry.file}: neuron {n} of layer {layer} (tensor {seg.tensor}, byte "
                         f"{seg.row_offset(n)}) does not match the checksum taken at load: the file changed or is "
                         "corrupt; check it with python -m mlx_flash.convert --verify, or convert again",
-                        path=str(self.folder / entry.file), offset=seg.row_offset(n), layer=layer, err=errno.EIO,
+                        path=str(self.folder / entry.file),
+                        offset=seg.row_offset(n),
+                        layer=layer,
+                        err=errno.EIO,
                     )
 
 
@@ -115,7 +121,9 @@ class FlashRuntime:
         self.predictors = None  # set when predictor selection is loaded
         self.mask_inactive = False  # zero cached neurons not selected for this token (non-ReLU predictors)
         self._scratch: dict[str, np.ndarray] | None = None  # reused by read_missing
-        self._stream_buffers: list[tuple[dict[str, np.ndarray], dict[str, mx.array]]] = []  # see stream_blocks
+        self._stream_buffers: list[
+            tuple[dict[str, np.ndarray], dict[str, mx.array]]
+        ] = []  # see stream_blocks
         self.lock = threading.RLock()  # one generation at a time per model
 
     # -- statistics ---------------------------------------------------------------------------
@@ -143,7 +151,9 @@ class FlashRuntime:
         if self._current is not None:
             setattr(self._current, f"{key}_ms", getattr(self._current, f"{key}_ms") + seconds * 1e3)
 
-    def count_token_layer(self, layer: int, *, active: int, loaded: int, used: int, overflow: bool = False) -> None:
+    def count_token_layer(
+        self, layer: int, *, active: int, loaded: int, used: int, overflow: bool = False
+    ) -> None:
         cur = self._current
         if cur is not None:
             cur.neurons_active += active
@@ -158,8 +168,12 @@ class FlashRuntime:
 
     def stats(self) -> StatsSummary:
         self.end_pass()
-        s = summarize(self.records, resident_bytes=self.plan.total_bytes, peak_memory_bytes=mx.get_peak_memory(),
-                      peak_rss_bytes=peak_rss_bytes())
+        s = summarize(
+            self.records,
+            resident_bytes=self.plan.total_bytes,
+            peak_memory_bytes=mx.get_peak_memory(),
+            peak_rss_bytes=peak_rss_bytes(),
+        )
         s.extra["mode"] = self.mode
         s.extra["selection"] = self.selection
         s.extra["window"] = self.window
@@ -182,7 +196,9 @@ class FlashRuntime:
             self._scratch = self.reader.empty_rows(self.stream_block, raw=True)
         return self.reader.read(layer, ids, out={k: v[:n] for k, v in self._scratch.items()}, raw=True)
 
-    def read_blocks(self, layer: int, ids: np.ndarray, raw: bool = False) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    def read_blocks(
+        self, layer: int, ids: np.ndarray, raw: bool = False
+    ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
         """Neurons `ids` of a layer in blocks of the streaming buffer's size, as (block ids,
         rows); the next block's read runs while the caller computes on the current one. raw: a
         quantized folder's stored fields (see `FlashReader.submit`), not float32 rows."""
@@ -195,7 +211,9 @@ class FlashRuntime:
             pending = self.reader.submit(layer, blocks[i + 1], raw=raw) if i + 1 < len(blocks) else None
             yield block, rows
 
-    def stream_blocks(self, layer: int, ids: np.ndarray) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray], dict[str, mx.array]]]:
+    def stream_blocks(
+        self, layer: int, ids: np.ndarray
+    ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray], dict[str, mx.array]]]:
         """`read_blocks(raw=True)` for computing: each block is read straight into one of two MLX
         buffers that live as long as the runtime, alternately, and yielded as (block ids, numpy
         rows, MLX rows) over the same memory. No copy into MLX, no fresh memory per block (a
@@ -204,15 +222,23 @@ class FlashRuntime:
         the read of block i+1 goes into the buffer of block i-1."""
         if not self._stream_buffers:
             for _ in range(2):
-                fields = self.reader.empty_rows(0, raw=True)  # (0, elems) arrays: each field's width and dtype
-                pairs = {k: host_writable_buffer((self.stream_block, v.shape[1]), v.dtype, align=SECTOR)
-                         for k, v in fields.items()}  # aligned: O_DIRECT reads land in them directly
-                self._stream_buffers.append(({k: h for k, (_, h) in pairs.items()}, {k: b for k, (b, _) in pairs.items()}))
+                fields = self.reader.empty_rows(
+                    0, raw=True
+                )  # (0, elems) arrays: each field's width and dtype
+                pairs = {
+                    k: host_writable_buffer((self.stream_block, v.shape[1]), v.dtype, align=SECTOR)
+                    for k, v in fields.items()
+                }  # aligned: O_DIRECT reads land in them directly
+                self._stream_buffers.append(
+                    ({k: h for k, (_, h) in pairs.items()}, {k: b for k, (b, _) in pairs.items()})
+                )
         blocks = [ids[i : i + self.stream_block] for i in range(0, len(ids), self.stream_block)]
 
         def submit(i: int) -> ReadFuture:
             host = self._stream_buffers[i % 2][0]
-            return self.reader.submit(layer, blocks[i], out={k: v[: len(blocks[i])] for k, v in host.items()}, raw=True)
+            return self.reader.submit(
+                layer, blocks[i], out={k: v[: len(blocks[i])] for k, v in host.items()}, raw=True
+            )
 
         pending = submit(0) if blocks else None
         try:
@@ -224,7 +250,9 @@ class FlashRuntime:
                 n = len(block)
                 yield block, rows, {k: v[:n] for k, v in self._stream_buffers[i % 2][1].items()}
         finally:
-            if pending is not None:  # abandoned (an error, Ctrl-C): the read must not land in a buffer in use later
+            if (
+                pending is not None
+            ):  # abandoned (an error, Ctrl-C): the read must not land in a buffer in use later
                 try:
                     pending.result()
                 except BaseException:  # noqa: BLE001 - its error is not this caller's

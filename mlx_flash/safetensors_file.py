@@ -100,8 +100,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
             raise SafetensorsError(f"{path}: tensor {name!r} size does not match its shape")
         if data_start + end > size:
             raise SafetensorsError(
-                f"{path}: truncated: tensor {name!r} ends at byte {data_start + end}, "
-                f"file has {size}"
+                f"{path}: truncated: tensor {name!r} ends at byte {data_start + end}, file has {size}"
             )
         tensors[name] = info
     return tensors, meta
@@ -187,9 +186,7 @@ def plan_file(tensors: list[PlannedTensor], header_align: int = 8) -> tuple[byte
         if 8 + len(raw) <= data_start:
             raw = raw + b" " * (data_start - 8 - len(raw))
             offsets = {
-                name: data_start + b
-                for name, _, _, b, _ in entries
-                if not name.startswith(PADDING_PREFIX)
+                name: data_start + b for name, _, _, b, _ in entries if not name.startswith(PADDING_PREFIX)
             }
             return struct.pack("<Q", len(raw)) + raw, offsets
     raise AssertionError("could not lay out safetensors header")  # pragma: no cover
@@ -219,7 +216,7 @@ class SafetensorsWriter:
         self._index = 0
         self._written = 0  # bytes of the current tensor written
 
-    def __enter__(self) -> "SafetensorsWriter":
+    def __enter__(self) -> SafetensorsWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

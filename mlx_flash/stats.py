@@ -109,7 +109,9 @@ class StatsSummary:
         return "\n".join(lines)
 
 
-def summarize(records: list[PassStats], resident_bytes: int = 0, peak_memory_bytes: int = 0, peak_rss_bytes: int = 0) -> StatsSummary:
+def summarize(
+    records: list[PassStats], resident_bytes: int = 0, peak_memory_bytes: int = 0, peak_rss_bytes: int = 0
+) -> StatsSummary:
     dec = [r for r in records if not r.is_prefill]
     pre = [r for r in records if r.is_prefill]
     n = len(dec) or 1

@@ -13,8 +13,22 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "bench_flash.py"
-KEYS = ("name", "ms_per_token", "io_ms", "mem_ms", "compute_ms", "selection_ms", "bytes_per_token", "reads_per_token",
-        "flash_mbps", "peak_memory_bytes", "peak_rss_bytes", "tokens_per_s", "speedup_vs_naive", "decode_tokens")
+KEYS = (
+    "name",
+    "ms_per_token",
+    "io_ms",
+    "mem_ms",
+    "compute_ms",
+    "selection_ms",
+    "bytes_per_token",
+    "reads_per_token",
+    "flash_mbps",
+    "peak_memory_bytes",
+    "peak_rss_bytes",
+    "tokens_per_s",
+    "speedup_vs_naive",
+    "decode_tokens",
+)
 
 
 def _load(name: str, path: Path):
@@ -36,8 +50,21 @@ def tiny(tmp_path_factory):
 def test_every_row_end_to_end(tiny, tmp_path):
     bench = _load("bench_flash", BENCH)
     out = tmp_path / "out"
-    args = ["--model", str(tiny), "--out", str(out), "--memory-budget", "90%", "--prompt-tokens", "24",
-            "--max-tokens", "10", "--slow-tokens", "6", "--in-process"]
+    args = [
+        "--model",
+        str(tiny),
+        "--out",
+        str(out),
+        "--memory-budget",
+        "90%",
+        "--prompt-tokens",
+        "24",
+        "--max-tokens",
+        "10",
+        "--slow-tokens",
+        "6",
+        "--in-process",
+    ]
     assert bench.main(args) == 0
     result = json.loads((out / "bench_flash.json").read_text())
     rows = {r["name"]: r for r in result["rows"]}
@@ -50,7 +77,9 @@ def test_every_row_end_to_end(tiny, tmp_path):
         assert r["decode_tokens"] == (6 if name in ("naive", "hybrid") else 10)
     # sparse rows read less than naive; the window reuses neurons
     b = {n: rows[n]["bytes_per_token"] for n in rows}
-    assert b["naive"] > b["hybrid"] > 0 and b["naive"] > b["predictor"] > b["windowing"] > 0 and b["dense"] == 0
+    assert (
+        b["naive"] > b["hybrid"] > 0 and b["naive"] > b["predictor"] > b["windowing"] > 0 and b["dense"] == 0
+    )
     assert rows["windowing"]["window_hit_rate"] > 0.3 and rows["predictor"]["window_hit_rate"] == 0
     assert rows["bundling"]["reads_per_token"] < rows["windowing"]["reads_per_token"]
     assert rows["bundling"]["selection"] == "exact"  # no predictors trained in this folder
@@ -66,18 +95,37 @@ def test_every_row_end_to_end(tiny, tmp_path):
     from mlx_flash.convert import convert
 
     flash = out / "flash"
-    assert (flash / "bundled-float32" / "dense.safetensors").stat().st_ino == (flash / "unbundled-float32" / "dense.safetensors").stat().st_ino
+    assert (flash / "bundled-float32" / "dense.safetensors").stat().st_ino == (
+        flash / "unbundled-float32" / "dense.safetensors"
+    ).stat().st_ino
     ref = convert(tiny, tmp_path / "ref", dtype="float32", bundle=False, progress=False)
     got = layout.read_manifest(flash / "unbundled-float32")
-    assert not got.bundled and [(e.checksum, e.segments) for e in got.layers] == [(e.checksum, e.segments) for e in ref.layers]
+    assert not got.bundled and [(e.checksum, e.segments) for e in got.layers] == [
+        (e.checksum, e.segments) for e in ref.layers
+    ]
 
 
 def test_quantized_row(tiny, tmp_path):
     """--quantize 4 adds the full method on 4-bit bundles: fewer bytes a token than float32."""
     bench = _load("bench_flash", BENCH)
     out = tmp_path / "out"
-    args = ["--model", str(tiny), "--out", str(out), "--memory-budget", "80%", "--prompt-tokens", "16",
-            "--max-tokens", "6", "--in-process", "--rows", "bundling,bundling-q4", "--quantize", "4"]
+    args = [
+        "--model",
+        str(tiny),
+        "--out",
+        str(out),
+        "--memory-budget",
+        "80%",
+        "--prompt-tokens",
+        "16",
+        "--max-tokens",
+        "6",
+        "--in-process",
+        "--rows",
+        "bundling,bundling-q4",
+        "--quantize",
+        "4",
+    ]
     assert bench.main(args) == 0
     rows = {r["name"]: r for r in json.loads((out / "bench_flash.json").read_text())["rows"]}
     assert "error" not in rows["bundling-q4"], rows["bundling-q4"].get("error")
@@ -88,9 +136,26 @@ def test_quantized_row(tiny, tmp_path):
 
 
 def test_row_in_its_own_process(tiny, tmp_path):
-    r = subprocess.run([sys.executable, str(BENCH), "--model", str(tiny), "--out", str(tmp_path), "--memory-budget", "80%",
-                        "--prompt-tokens", "16", "--max-tokens", "6", "--rows", "bundling,naive"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH),
+            "--model",
+            str(tiny),
+            "--out",
+            str(tmp_path),
+            "--memory-budget",
+            "80%",
+            "--prompt-tokens",
+            "16",
+            "--max-tokens",
+            "6",
+            "--rows",
+            "bundling,naive",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     rows = json.loads((tmp_path / "bench_flash.json").read_text())["rows"]
     assert [x["name"] for x in rows] == ["bundling", "naive"] and all("error" not in x for x in rows)
@@ -106,8 +171,21 @@ def test_errors_are_one_line(tiny, tmp_path):
     r = run("--model", str(tmp_path / "nothing"), "--out", str(tmp_path))
     assert r.returncode == 2 and "not a model folder" in r.stderr
     # a budget too small for a row is that row's error, the others still run
-    r = run("--model", str(tiny), "--out", str(tmp_path / "small"), "--memory-budget", "1MB", "--rows", "naive,dense",
-            "--prompt-tokens", "8", "--max-tokens", "4", "--in-process")
+    r = run(
+        "--model",
+        str(tiny),
+        "--out",
+        str(tmp_path / "small"),
+        "--memory-budget",
+        "1MB",
+        "--rows",
+        "naive,dense",
+        "--prompt-tokens",
+        "8",
+        "--max-tokens",
+        "4",
+        "--in-process",
+    )
     assert r.returncode == 0, r.stderr
     rows = json.loads((tmp_path / "small" / "bench_flash.json").read_text())["rows"]
     assert "too small" in rows[0]["error"] and "error" not in rows[1]
@@ -126,8 +204,23 @@ def test_svd_predictors_installed_and_used(tiny, tmp_path):
     for layer in range(4):  # stand-in calibration inputs (the trainer's --keep-work leaves real ones)
         np.save(xdir / f"x_layer_{layer:03d}.npy", rng.standard_normal((512, 128)).astype(np.float32))
     out = tmp_path / "out"
-    args = ["--model", str(tiny), "--out", str(out), "--memory-budget", "80%", "--prompt-tokens", "16",
-            "--max-tokens", "6", "--rows", "windowing,bundling", "--in-process", "--svd-predictors", f"16:{xdir}"]
+    args = [
+        "--model",
+        str(tiny),
+        "--out",
+        str(out),
+        "--memory-budget",
+        "80%",
+        "--prompt-tokens",
+        "16",
+        "--max-tokens",
+        "6",
+        "--rows",
+        "windowing,bundling",
+        "--in-process",
+        "--svd-predictors",
+        f"16:{xdir}",
+    ]
     assert bench.main(args) == 0
     result = json.loads((out / "bench_flash.json").read_text())
     assert result["predictors"]["kind"] == "svd-16" and len(result["predictors"]["ranks"]) == 4

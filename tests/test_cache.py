@@ -22,7 +22,10 @@ N = 40
 def rows_of(ids) -> dict[str, np.ndarray]:
     """Each neuron's rows are a function of its id, so any row can be checked."""
     ids = np.asarray(ids, dtype=np.float32)[:, None]
-    return {name: ids * 10 + np.arange(e, dtype=np.float32) + k * 0.25 for k, (name, e) in enumerate(ELEMS.items())}
+    return {
+        name: ids * 10 + np.arange(e, dtype=np.float32) + k * 0.25
+        for k, (name, e) in enumerate(ELEMS.items())
+    }
 
 
 def step(cache: NeuronCache, active, order_seed: int = 0) -> np.ndarray:
@@ -166,7 +169,7 @@ def test_steady_state_updates_write_in_place_while_views_are_alive():
     data = {name: rng.standard_normal((1000, e)).astype(np.float32) for name, e in elems.items()}
     x = mx.array(rng.standard_normal((1, 64)).astype(np.float32))
     held = None
-    for t in range(60):
+    for _t in range(60):
         active = rng.choice(1000, size=40, replace=False)
         missing = cache.begin_token(active)
         cache.insert(missing, {k: v[missing] for k, v in data.items()})
@@ -174,8 +177,11 @@ def test_steady_state_updates_write_in_place_while_views_are_alive():
         y = (mx.maximum(x @ views["gate"].T, 0) * (x @ views["up"].T) * cache.active_mask()) @ views["down"]
         mx.eval(y)
         ids = cache.resident_ids()
-        ref = (np.maximum(np.array(x) @ data["gate"][ids].T, 0) * (np.array(x) @ data["up"][ids].T)
-               * np.isin(ids, active)) @ data["down"][ids]
+        ref = (
+            np.maximum(np.array(x) @ data["gate"][ids].T, 0)
+            * (np.array(x) @ data["up"][ids].T)
+            * np.isin(ids, active)
+        ) @ data["down"][ids]
         np.testing.assert_allclose(np.array(y), ref, rtol=1e-4, atol=1e-4)
         held = held if held is not None else views["gate"]  # an old view stays alive throughout
         assert {name: cache.buffer_address(name) for name in elems} == address

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
+from tiny_models import make_tiny_model
 
 from mlx_flash import layout
 from mlx_flash.convert import ConvertError, convert, verify
@@ -18,7 +19,6 @@ from mlx_flash.dtypes import convert_raw
 from mlx_flash.families import UnsupportedModelError
 from mlx_flash.layout import DTYPE_TO_ST
 from mlx_flash.safetensors_file import read_header, read_tensor
-from tiny_models import make_tiny_model
 
 CASES = [
     # (model_type, source dtype, flash dtype, shards, config overrides)
@@ -55,9 +55,13 @@ def read_rows_through_manifest(folder, manifest, entry, seg, ids):
 
 
 @pytest.mark.parametrize("bundle", [True, False], ids=["bundled", "unbundled"])
-@pytest.mark.parametrize("model_type,src_dtype,dtype,shards,over", CASES, ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in CASES])
+@pytest.mark.parametrize(
+    "model_type,src_dtype,dtype,shards,over", CASES, ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in CASES]
+)
 def test_round_trip(tmp_path, model_type, src_dtype, dtype, shards, over, bundle):
-    src = make_tiny_model(tmp_path / "src", model_type, dtype=src_dtype, shards=shards, tokenizer=False, **over)
+    src = make_tiny_model(
+        tmp_path / "src", model_type, dtype=src_dtype, shards=shards, tokenizer=False, **over
+    )
     out = tmp_path / "flash"
     m = convert(src, out, dtype=dtype, bundle=bundle, progress=False)
     assert m == layout.read_manifest(out)
@@ -113,7 +117,11 @@ def test_verify_catches_a_flipped_byte_anywhere(tmp_path):
     m = convert(src, out, progress=False)
     verify(out, progress=False)
     rng = np.random.default_rng(1)
-    targets = [(out / e.file, s.data_offset, s.data_offset + s.row_bytes * e.num_neurons) for e in m.layers for s in e.segments]
+    targets = [
+        (out / e.file, s.data_offset, s.data_offset + s.row_bytes * e.num_neurons)
+        for e in m.layers
+        for s in e.segments
+    ]
     dense_size = (out / m.dense_file).stat().st_size
     targets.append((out / m.dense_file, 0, dense_size))
     for path, start, end in targets:
@@ -152,9 +160,13 @@ def test_cli_converts_and_verifies(tmp_path):
 
 
 def test_cli_errors_are_one_line(tmp_path):
-    assert "no such folder" in one_line_error(run_cli("--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")))
+    assert "no such folder" in one_line_error(
+        run_cli("--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+    )
     (tmp_path / "empty").mkdir()
-    assert "config.json" in one_line_error(run_cli("--model", str(tmp_path / "empty"), "--out", str(tmp_path / "o")))
+    assert "config.json" in one_line_error(
+        run_cli("--model", str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
+    )
     src = make_tiny_model(tmp_path / "gpt", "llama", tokenizer=False)
     cfg = json.loads((src / "config.json").read_text())
     cfg["model_type"] = "gpt_bigcode"
@@ -201,7 +213,9 @@ def test_stale_partial_folders_of_dead_conversions_are_removed(tmp_path):
     from mlx_flash.convert import convert
 
     src = make_tiny_model(tmp_path / "src", "llama", tokenizer=False)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     stale = tmp_path / f".o.partial-{int(dead.stdout)}-abc"
     running = tmp_path / f".o.partial-{os.getpid()}-def"
     other = tmp_path / f".other.partial-{int(dead.stdout)}-ghi"

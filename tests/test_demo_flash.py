@@ -80,6 +80,8 @@ def test_demo_ffn_twice_its_budget_keeps_peak_memory_within_it(demo, mode):
     got = [r.token for r in mlx_flash.stream_generate(model, tok, PROMPT, max_tokens=48)]
     assert got == ref
     peak = mx.get_peak_memory()
-    print(f"{mode}: budget {budget / 1e6:.2f} MB, plan {model.flash.plan.total_bytes / 1e6:.2f} MB, MLX peak {peak / 1e6:.2f} MB")
+    print(
+        f"{mode}: budget {budget / 1e6:.2f} MB, plan {model.flash.plan.total_bytes / 1e6:.2f} MB, MLX peak {peak / 1e6:.2f} MB"
+    )
     assert peak <= budget + FIXED_OVERHEAD_BYTES, f"peak {peak / 1e6:.1f} MB, budget {budget / 1e6:.1f} MB"
     model.flash.close()

@@ -7,12 +7,12 @@ import sys
 
 import mlx_lm
 import pytest
+from tiny_models import TOKENIZER_TEXT, make_tiny_model
 
 import mlx_flash
 from mlx_flash.budget import KV_STEP, BudgetError, parse_budget, plan_memory
 from mlx_flash.convert import convert
 from mlx_flash.model import load_dense
-from tiny_models import TOKENIZER_TEXT, make_tiny_model
 
 FAMILIES = [
     ("llama", {"hidden_act": "relu"}),  # ReluLLaMA-style, GQA
@@ -27,7 +27,9 @@ PROMPT = TOKENIZER_TEXT[:160]  # about 40 tokens: longer than the window
 MAX_TOKENS = 24
 
 
-@pytest.fixture(scope="module", params=FAMILIES, ids=[f"{f[0]}-{f[1].get('hidden_act', 'default')}" for f in FAMILIES])
+@pytest.fixture(
+    scope="module", params=FAMILIES, ids=[f"{f[0]}-{f[1].get('hidden_act', 'default')}" for f in FAMILIES]
+)
 def family(request, tmp_path_factory):
     model_type, over = request.param
     root = tmp_path_factory.mktemp(model_type)
@@ -109,8 +111,12 @@ def test_flash_under_a_tight_budget_evicts_and_stays_exact(tmp_path):
 def test_budget_planner_arithmetic():
     from mlx_flash.budget import ModelSizes
 
-    sizes = ModelSizes(dense_elems=1000, num_layers=2, num_neurons=100, hidden_size=10, num_parts=3, kv_elems_per_token=40)
-    assert parse_budget("50%", 4000) == 2000 and parse_budget("2KB", 0) == 2048 and parse_budget(123, 0) == 123
+    sizes = ModelSizes(
+        dense_elems=1000, num_layers=2, num_neurons=100, hidden_size=10, num_parts=3, kv_elems_per_token=40
+    )
+    assert (
+        parse_budget("50%", 4000) == 2000 and parse_budget("2KB", 0) == 2048 and parse_budget(123, 0) == 123
+    )
     assert parse_budget("1.5GB", 0) == int(1.5 * (1 << 30))
     for bad in ("lots", "-5", "0", "5 parsecs"):
         with pytest.raises(BudgetError):
@@ -119,12 +125,19 @@ def test_budget_planner_arithmetic():
     # holds whole steps of 256), stream 3 blocks of 13 neurons*30*4 = 4680 B, selector
     # 2*100*10*4 = 8000 B
     kv = 40 * 256 * 4
-    plan = plan_memory(sizes, mode="flash", budget_bytes=4000 + kv + 4680 + 8000 + 50 * 240, dtype_bytes=4, context=10)
+    plan = plan_memory(
+        sizes, mode="flash", budget_bytes=4000 + kv + 4680 + 8000 + 50 * 240, dtype_bytes=4, context=10
+    )
     assert (plan.dense_bytes, plan.kv_bytes, plan.stream_bytes, plan.selector_bytes) == (4000, kv, 4680, 8000)
     assert plan.cache_capacity == 50 and plan.total_bytes == plan.budget_bytes
-    hybrid = plan_memory(sizes, mode="hybrid", budget_bytes=4000 + kv + 4680 + 30 * 240, dtype_bytes=4, context=10)
+    hybrid = plan_memory(
+        sizes, mode="hybrid", budget_bytes=4000 + kv + 4680 + 30 * 240, dtype_bytes=4, context=10
+    )
     assert hybrid.resident_neurons == 30 and hybrid.cache_capacity == 0
-    assert plan_memory(sizes, mode="naive", budget_bytes=10**6, dtype_bytes=4, context=257).kv_bytes == 40 * 512 * 4
+    assert (
+        plan_memory(sizes, mode="naive", budget_bytes=10**6, dtype_bytes=4, context=257).kv_bytes
+        == 40 * 512 * 4
+    )
     from mlx_lm.models.cache import KVCache
 
     assert KVCache.step == KV_STEP  # the planner's assumption about mlx-lm's KV cache
@@ -138,7 +151,9 @@ def run_generate(*args):
 
 def test_generate_cli(family):
     src, folder, _ = family
-    r = run_generate("--model", str(folder), "--prompt", "The quick", "--max-tokens", "5", "--stats", "--window", "2")
+    r = run_generate(
+        "--model", str(folder), "--prompt", "The quick", "--max-tokens", "5", "--stats", "--window", "2"
+    )
     assert r.returncode == 0, r.stderr
     assert "per token:" in r.stdout and "I/O wait" in r.stdout and "memory plan" in r.stderr
 
@@ -156,21 +171,37 @@ def test_generate_cli_errors(tmp_path):
     assert "rwkv" in one_line(run_generate("--model", str(bad)))
     src = make_tiny_model(tmp_path / "src", "llama")
     convert(src, tmp_path / "flash", progress=False)
-    assert "too small" in one_line(run_generate("--model", str(tmp_path / "flash"), "--memory-budget", "10KB"))
+    assert "too small" in one_line(
+        run_generate("--model", str(tmp_path / "flash"), "--memory-budget", "10KB")
+    )
 
 
 def test_chat_cli(family):
     src, folder, _ = family
     r = subprocess.run(
         [sys.executable, "-m", "mlx_flash.chat", "--model", str(folder), "--max-tokens", "4"],
-        input="hello there\n/stats\nmore\n/reset\n/nonsense\n/quit\n", capture_output=True, text=True,
+        input="hello there\n/stats\nmore\n/reset\n/nonsense\n/quit\n",
+        capture_output=True,
+        text=True,
     )
     assert r.returncode == 0, r.stderr
     assert "decode:" in r.stdout and "(conversation cleared)" in r.stdout and "commands:" in r.stdout
     # a turn past the context is refused with a note; /reset and the next turn work
     r = subprocess.run(
-        [sys.executable, "-m", "mlx_flash.chat", "--model", str(folder), "--max-tokens", "4", "--context", "24"],
-        input="hello there\n" + "and more words " * 6 + "\n/reset\nhi\n/quit\n", capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "mlx_flash.chat",
+            "--model",
+            str(folder),
+            "--max-tokens",
+            "4",
+            "--context",
+            "24",
+        ],
+        input="hello there\n" + "and more words " * 6 + "\n/reset\nhi\n/quit\n",
+        capture_output=True,
+        text=True,
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("(the conversation is full") == 1 and "(conversation cleared)" in r.stdout, r.stdout
@@ -180,8 +211,22 @@ def test_convert_activation_override_writes_config(tmp_path):
     """convert --activation drelu: the manifest and the flash folder's config.json say drelu, and
     the flash model computes relu on gate and up: it differs from the relu model it came from."""
     src = make_tiny_model(tmp_path / "src", "llama", hidden_act="relu", seed=5)
-    r = subprocess.run([sys.executable, "-m", "mlx_flash.convert", "--model", str(src), "--out", str(tmp_path / "f"),
-                        "--activation", "drelu", "--quiet"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_flash.convert",
+            "--model",
+            str(src),
+            "--out",
+            str(tmp_path / "f"),
+            "--activation",
+            "drelu",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     import json
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
+from tiny_models import make_tiny_model
 
 from mlx_flash.models import get_model_classes, opt
-from tiny_models import make_tiny_model
 
 ATOL = 1e-4
 
@@ -57,7 +57,9 @@ REF_ACTIVATIONS = {"relu": lambda x: np.maximum(x, 0), "gelu": _gelu, "gelu_new"
 
 
 def reference_logits(weights: dict[str, mx.array], config: dict, toks: np.ndarray) -> np.ndarray:
-    w = {k.removeprefix("model."): np.array(v.astype(mx.float32), dtype=np.float64) for k, v in weights.items()}
+    w = {
+        k.removeprefix("model."): np.array(v.astype(mx.float32), dtype=np.float64) for k, v in weights.items()
+    }
     act = REF_ACTIVATIONS[config.get("activation_function", "relu")]
     heads = config["num_attention_heads"]
 
@@ -75,7 +77,9 @@ def reference_logits(weights: dict[str, mx.array], config: dict, toks: np.ndarra
     for i in range(config["num_hidden_layers"]):
         p = f"decoder.layers.{i}"
         a = ln(x, f"{p}.self_attn_layer_norm")
-        q, k, v = (lin(a, f"{p}.self_attn.{n}_proj").reshape(B, L, heads, -1).transpose(0, 2, 1, 3) for n in "qkv")
+        q, k, v = (
+            lin(a, f"{p}.self_attn.{n}_proj").reshape(B, L, heads, -1).transpose(0, 2, 1, 3) for n in "qkv"
+        )
         q = q * q.shape[-1] ** -0.5
         s = np.where(causal, q @ k.transpose(0, 1, 3, 2), -np.inf)
         s = np.exp(s - s.max(-1, keepdims=True))
@@ -84,7 +88,11 @@ def reference_logits(weights: dict[str, mx.array], config: dict, toks: np.ndarra
         h = x + lin(o, f"{p}.self_attn.out_proj")
         x = h + lin(act(lin(ln(h, f"{p}.final_layer_norm"), f"{p}.fc1")), f"{p}.fc2")
     x = ln(x, "decoder.final_layer_norm")
-    head = w["lm_head.weight"] if "lm_head.weight" in w and not config["tie_word_embeddings"] else w["decoder.embed_tokens.weight"]
+    head = (
+        w["lm_head.weight"]
+        if "lm_head.weight" in w and not config["tie_word_embeddings"]
+        else w["decoder.embed_tokens.weight"]
+    )
     return x @ head.T
 
 
@@ -117,7 +125,9 @@ def test_logits_match_numpy_reference(tiny, model):
     toks = tokens(12, batch=2)
     out = logits(model, toks)
     assert out.shape == (2, 12, 300)
-    np.testing.assert_allclose(out, reference_logits(load_weights(tiny), config_of(tiny), toks), atol=ATOL, rtol=1e-4)
+    np.testing.assert_allclose(
+        out, reference_logits(load_weights(tiny), config_of(tiny), toks), atol=ATOL, rtol=1e-4
+    )
 
 
 @pytest.mark.parametrize("act", ["gelu", "gelu_new"])
@@ -126,17 +136,23 @@ def test_gelu_variants_match_reference(tmp_path, act):
     m = build(folder)
     assert m.layers[0].mlp.activation == act
     toks = tokens(7)
-    np.testing.assert_allclose(logits(m, toks), reference_logits(load_weights(folder), config_of(folder), toks), atol=ATOL, rtol=1e-4)
+    np.testing.assert_allclose(
+        logits(m, toks), reference_logits(load_weights(folder), config_of(folder), toks), atol=ATOL, rtol=1e-4
+    )
 
 
 def test_untied_lm_head(tmp_path):
     folder = make_tiny_model(tmp_path, "opt", tokenizer=False, tie_word_embeddings=False)
     weights = load_weights(folder)
-    weights["lm_head.weight"] = mx.array(np.random.default_rng(5).normal(0, 0.1, (300, 64)).astype(np.float32))
+    weights["lm_head.weight"] = mx.array(
+        np.random.default_rng(5).normal(0, 0.1, (300, 64)).astype(np.float32)
+    )
     m = build(folder, weights)
     assert "lm_head.weight" in dict(tree_flatten(m.parameters()))
     toks = tokens(6)
-    np.testing.assert_allclose(logits(m, toks), reference_logits(weights, config_of(folder), toks), atol=ATOL, rtol=1e-4)
+    np.testing.assert_allclose(
+        logits(m, toks), reference_logits(weights, config_of(folder), toks), atol=ATOL, rtol=1e-4
+    )
 
 
 def test_tied_checkpoint_with_lm_head_drops_it(tiny, model):
@@ -274,7 +290,9 @@ def test_unsupported_variants_are_clear_errors(over, match):
 def test_model_args_ignore_unknown_keys():
     from tiny_models import base_config
 
-    args = opt.ModelArgs.from_dict({**base_config("opt"), "_name_or_path": "x", "dropout": 0.1, "torch_dtype": "float16"})
+    args = opt.ModelArgs.from_dict(
+        {**base_config("opt"), "_name_or_path": "x", "dropout": 0.1, "torch_dtype": "float16"}
+    )
     assert args.hidden_size == 64 and args.word_embed_proj_dim == 64
 
 

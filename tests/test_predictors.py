@@ -9,6 +9,7 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
+from tiny_models import TOKENIZER_TEXT, make_tiny_model
 
 import mlx_flash
 from mlx_flash import layout
@@ -16,11 +17,11 @@ from mlx_flash.budget import ModelSizes, plan_with_selection
 from mlx_flash.convert import convert
 from mlx_flash.errors import MlxFlashError
 from mlx_flash.model import FlashOptions, load_dense, load_flash_model
-from mlx_flash.predictors import Predictors, calibration as cal, training
+from mlx_flash.predictors import Predictors, training
+from mlx_flash.predictors import calibration as cal
 from mlx_flash.predictors.__main__ import main as cli
 from mlx_flash.predictors.evaluation import agreement, evaluate, layer_metrics
 from mlx_flash.predictors.store import LayerPredictor, install_predictors
-from tiny_models import TOKENIZER_TEXT, make_tiny_model
 
 FAST = ["--epochs", "4", "--quiet"]
 
@@ -49,8 +50,12 @@ def calibration_data(folder, text, tokens=1024):
     tok = mlx_lm.utils.load_tokenizer(folder)
     ids = cal.read_tokens(tok, text, tokens)
     xs = [[] for _ in model.layers]
-    cal.run_windows(model, ids, cal.windows(len(ids), 128),
-                    lambda b, logits, layer_x: [xs[i].append(np.array(x)) for i, x in enumerate(layer_x)])
+    cal.run_windows(
+        model,
+        ids,
+        cal.windows(len(ids), 128),
+        lambda b, logits, layer_x: [xs[i].append(np.array(x)) for i, x in enumerate(layer_x)],
+    )
     x0 = np.concatenate(xs[0])
     y0 = cal.active_sets(cal.flash_layers(model)[0], x0, cal.ActiveRule("relu"))
     rt.close()
@@ -108,7 +113,9 @@ def test_train_resumes_per_layer(relu_flash, tmp_path):
     (work / "layer_001.npz").unlink()
     logs = []
     training.train(folder, text, log=logs.append, **args)
-    assert any("already collected" in s for s in logs) and any("1 layer(s) already trained" in s for s in logs)
+    assert any("already collected" in s for s in logs) and any(
+        "1 layer(s) already trained" in s for s in logs
+    )
     assert np.array_equal(Predictors.load(folder)._A[0], mx.array(first))
     assert not work.exists()
 
@@ -117,11 +124,18 @@ def test_fixed_rank_and_cli_errors(relu_flash, tmp_path, capsys):
     from mlx_flash.errors import run_cli
 
     _, folder, text = relu_flash
-    assert run_cli(cli, ["train", "--model", str(folder), "--data", str(tmp_path / "missing.txt")], prog="p") == 1
-    assert run_cli(cli, ["train", "--model", str(folder), "--data", str(text), "--recall", "1.5"], prog="p") == 1
+    assert (
+        run_cli(cli, ["train", "--model", str(folder), "--data", str(tmp_path / "missing.txt")], prog="p")
+        == 1
+    )
+    assert (
+        run_cli(cli, ["train", "--model", str(folder), "--data", str(text), "--recall", "1.5"], prog="p") == 1
+    )
     assert run_cli(cli, ["eval", "--model", str(folder), "--data", str(text)], prog="p") == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and "no such text file" in err[0] and "--recall" in err[1] and "no predictors" in err[2]
+    assert (
+        len(err) == 3 and "no such text file" in err[0] and "--recall" in err[1] and "no predictors" in err[2]
+    )
 
 
 # -- evaluation arithmetic ----------------------------------------------------------------------
@@ -139,12 +153,20 @@ def test_layer_metrics_by_hand():
 
 def test_threshold_choice_by_hand():
     # one token, x = [0]: z_i = bias_i; truly active neurons 0, 2, 4 (z = .1, .3, .5)
-    p = LayerPredictor(np.ones((1, 1), np.float32), np.ones((5, 1), np.float32),
-                       np.array([0.1, 0.2, 0.3, 0.4, 0.5], np.float32), 0.0)
+    p = LayerPredictor(
+        np.ones((1, 1), np.float32),
+        np.ones((5, 1), np.float32),
+        np.array([0.1, 0.2, 0.3, 0.4, 0.5], np.float32),
+        0.0,
+    )
     y = np.array([[1, 0, 1, 0, 1]], bool)
     t, m = training.choose_threshold(p, np.zeros((1, 1), np.float32), y, recall=0.6)
     assert t == pytest.approx(0.3)  # may miss floor(0.4 * 3) = 1 of 3: z >= .3 keeps 2 of them
-    assert m["recall"] == pytest.approx(2 / 3) and m["precision"] == pytest.approx(2 / 3) and m["ratio"] == pytest.approx(1.0)
+    assert (
+        m["recall"] == pytest.approx(2 / 3)
+        and m["precision"] == pytest.approx(2 / 3)
+        and m["ratio"] == pytest.approx(1.0)
+    )
     t, m = training.choose_threshold(p, np.zeros((1, 1), np.float32), y, recall=0.95)
     assert t == pytest.approx(0.1) and m["recall"] == 1.0 and m["predicted_fraction"] == 1.0
 
@@ -172,14 +194,20 @@ def test_eval_perplexities_match_dense_model_by_hand(relu_trained, tmp_path):
     assert r["predicted_positions"] == 93
     assert r["perplexity_dense"] == pytest.approx(math.exp(nll / 93), rel=1e-4)
     for layer in r["layers"]:
-        assert layer["ratio"] == pytest.approx(layer["predicted_fraction"] / layer["active_fraction"], rel=1e-4)
+        assert layer["ratio"] == pytest.approx(
+            layer["predicted_fraction"] / layer["active_fraction"], rel=1e-4
+        )
         assert 0 < layer["recall"] <= 1
 
     everything = tmp_path / "flash"
     convert(src, everything, progress=False)
     m = layout.read_manifest(everything)
     n, d = m.layers[0].num_neurons, m.hidden_size
-    all_on = [LayerPredictor(np.zeros((1, d), np.float32), np.zeros((n, 1), np.float32), np.zeros(n, np.float32), -1.0)] * m.num_layers
+    all_on = [
+        LayerPredictor(
+            np.zeros((1, d), np.float32), np.zeros((n, 1), np.float32), np.zeros(n, np.float32), -1.0
+        )
+    ] * m.num_layers
     install_predictors(everything, all_on, {"rule": "relu", "layers": []})
     r2 = evaluate(everything, text, tokens=96, seq_len=32, progress=False)
     assert r2["perplexity_predictor"] == pytest.approx(r2["perplexity_dense"], rel=1e-4)
@@ -190,10 +218,33 @@ def test_eval_perplexities_match_dense_model_by_hand(relu_trained, tmp_path):
 def test_eval_cli_json(relu_trained, tmp_path, capsys):
     _, folder, text = relu_trained
     out = tmp_path / "eval.json"
-    assert cli(["eval", "--model", str(folder), "--data", str(text), "--tokens", "64", "--seq-len", "32",
-                "--json", str(out), "--quiet"]) == 0
+    assert (
+        cli(
+            [
+                "eval",
+                "--model",
+                str(folder),
+                "--data",
+                str(text),
+                "--tokens",
+                "64",
+                "--seq-len",
+                "32",
+                "--json",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     r = json.loads(out.read_text())
-    assert {"layers", "perplexity_dense", "perplexity_predictor", "greedy_agreement", "predictor_elems"} <= set(r)
+    assert {
+        "layers",
+        "perplexity_dense",
+        "perplexity_predictor",
+        "greedy_agreement",
+        "predictor_elems",
+    } <= set(r)
     assert "pred/true" in capsys.readouterr().out
 
 
@@ -216,13 +267,17 @@ def test_missing_or_mismatched_predictors_file_is_one_line_error(relu_trained, t
     copy = tmp_path / "flash"
     shutil.copytree(folder, copy)
     p = Predictors.load(copy)
-    layers = [LayerPredictor(np.array(a)[:, :-1], np.array(b), np.array(c), t)  # A one column short
-              for a, b, c, t in zip(p._A, p._B, p._bias, p.thresholds)]
+    layers = [
+        LayerPredictor(np.array(a)[:, :-1], np.array(b), np.array(c), t)  # A one column short
+        for a, b, c, t in zip(p._A, p._B, p._bias, p.thresholds)
+    ]
     save_predictors(copy / layout.PREDICTORS_NAME, layers, p.info, np.dtype(np.float32))
     for broken in ("mismatched", "missing"):
         with pytest.raises(MlxFlashError) as e:
             mlx_flash.load(copy, selection="predictor")
-        assert "\n" not in str(e.value) and ("does not match" in str(e.value) if broken == "mismatched" else "missing" in str(e.value))
+        assert "\n" not in str(e.value) and (
+            "does not match" in str(e.value) if broken == "mismatched" else "missing" in str(e.value)
+        )
         (copy / layout.PREDICTORS_NAME).unlink(missing_ok=True)
 
 
@@ -254,15 +309,26 @@ def test_default_selection_is_predictor_when_exact_selector_does_not_fit(relu_tr
 
 
 def test_planner_counts_predictor_bytes():
-    sizes = ModelSizes(dense_elems=1000, num_layers=2, num_neurons=100, hidden_size=10, num_parts=3,
-                       kv_elems_per_token=40, predictor_elems=500)
+    sizes = ModelSizes(
+        dense_elems=1000,
+        num_layers=2,
+        num_neurons=100,
+        hidden_size=10,
+        num_parts=3,
+        kv_elems_per_token=40,
+        predictor_elems=500,
+    )
     kw = dict(mode="flash", dtype_bytes=4, context=10)
     plan, sel = plan_with_selection(sizes, budget_bytes=None, selection=None, has_predictors=True, **kw)
     assert sel == "exact" and plan.predictor_bytes == 0 and plan.selector_bytes == 2 * 100 * 10 * 4
-    plan, sel = plan_with_selection(sizes, budget_bytes=None, selection="predictor", has_predictors=True, **kw)
+    plan, sel = plan_with_selection(
+        sizes, budget_bytes=None, selection="predictor", has_predictors=True, **kw
+    )
     assert sel == "predictor" and plan.predictor_bytes == 2000 and plan.selector_bytes == 0
     fixed = plan.total_bytes - plan.cache_bytes
-    plan, sel = plan_with_selection(sizes, budget_bytes=fixed + 10 * 240, selection=None, has_predictors=True, **kw)
+    plan, sel = plan_with_selection(
+        sizes, budget_bytes=fixed + 10 * 240, selection=None, has_predictors=True, **kw
+    )
     assert sel == "predictor" and plan.cache_capacity == 10
 
 
@@ -276,7 +342,9 @@ def silu_trained(tmp_path_factory):
     convert(src, root / "flash", progress=False)
     text = root / "text.txt"
     text.write_text(TOKENIZER_TEXT)
-    assert cli(["train", "--model", str(root / "flash"), "--data", str(text), "--sparsity", "0.7", *FAST]) == 0
+    assert (
+        cli(["train", "--model", str(root / "flash"), "--data", str(text), "--sparsity", "0.7", *FAST]) == 0
+    )
     return src, root / "flash", text
 
 
@@ -303,14 +371,23 @@ def test_swiglu_predictor_output_does_not_depend_on_window(silu_trained):
     for window in (1, 5):
         model, _ = mlx_flash.load(folder, selection="predictor", window=window, context=128)
         assert model.flash.mask_inactive
-        outs.append([(r.token, r.logprobs[r.token].item()) for r in mlx_lm.stream_generate(model, tok, TOKENIZER_TEXT[:60], max_tokens=12)])
+        outs.append(
+            [
+                (r.token, r.logprobs[r.token].item())
+                for r in mlx_lm.stream_generate(model, tok, TOKENIZER_TEXT[:60], max_tokens=12)
+            ]
+        )
         model.flash.close()
     assert [t for t, _ in outs[0]] == [t for t, _ in outs[1]]
-    assert np.allclose([lp for _, lp in outs[0]], [lp for _, lp in outs[1]], atol=1e-4)  # unmasked: ~0.5 apart
+    assert np.allclose(
+        [lp for _, lp in outs[0]], [lp for _, lp in outs[1]], atol=1e-4
+    )  # unmasked: ~0.5 apart
 
 
-@pytest.mark.parametrize("model_type,over,rule", [("opt", {}, "relu"), ("phi", {}, "threshold"),
-                                                  ("llama", {"hidden_act": "drelu"}, "relu")])
+@pytest.mark.parametrize(
+    "model_type,over,rule",
+    [("opt", {}, "relu"), ("phi", {}, "threshold"), ("llama", {"hidden_act": "drelu"}, "relu")],
+)
 def test_other_families_train_and_generate(model_type, over, rule, tmp_path):
     """OPT (ReLU, FFN biases) learns activation > 0; Phi (GELU) thresholded active sets; dReLU
     (relu on gate and up) the neurons where both fire, fewer than where the gate alone does."""
@@ -319,7 +396,25 @@ def test_other_families_train_and_generate(model_type, over, rule, tmp_path):
     convert(src, folder, progress=False)
     text = tmp_path / "text.txt"
     text.write_text(TOKENIZER_TEXT)
-    assert cli(["train", "--model", str(folder), "--data", str(text), "--tokens", "512", "--rank", "8", "--epochs", "1", "--quiet"]) == 0
+    assert (
+        cli(
+            [
+                "train",
+                "--model",
+                str(folder),
+                "--data",
+                str(text),
+                "--tokens",
+                "512",
+                "--rank",
+                "8",
+                "--epochs",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     info = Predictors.load(folder).info
     assert info["rule"] == rule
     if over.get("hidden_act") == "drelu":  # random weights: half the gates fire, a quarter of both

@@ -14,8 +14,18 @@ import numpy as np
 import pytest
 
 from mlx_flash.layout import (
-    DATA_ALIGNMENT, SECTOR, FlashFormatError, LayerEntry, Manifest, Part, Segment,
-    bundle_tensor_name, layer_digest, layer_file, part_tensor_name, write_manifest,
+    DATA_ALIGNMENT,
+    SECTOR,
+    FlashFormatError,
+    LayerEntry,
+    Manifest,
+    Part,
+    Segment,
+    bundle_tensor_name,
+    layer_digest,
+    layer_file,
+    part_tensor_name,
+    write_manifest,
 )
 from mlx_flash.reader import FlashReader, FlashReadError, ReaderClosedError, plan_chunks
 from mlx_flash.safetensors_file import PlannedTensor, SafetensorsWriter
@@ -24,8 +34,9 @@ ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 RAW = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 
 
-def make_flash_folder(folder, *, dtype="float16", bundled=True, elems=(40, 40, 40), num_neurons=300,
-                      num_layers=2, seed=0):
+def make_flash_folder(
+    folder, *, dtype="float16", bundled=True, elems=(40, 40, 40), num_neurons=300, num_layers=2, seed=0
+):
     """Write random neuron data as a flash folder; returns (manifest, raw) where raw[layer][part]
     is the [num_neurons, elems] array of the stored values (bfloat16 as uint16 bits)."""
     rng = np.random.default_rng(seed)
@@ -38,15 +49,26 @@ def make_flash_folder(folder, *, dtype="float16", bundled=True, elems=(40, 40, 4
         data = {}
         for p in parts:
             x = rng.standard_normal((num_neurons, p.elems)).astype(np.float32)
-            data[p.name] = (x.view(np.uint32) >> 16).astype(np.uint16) if dtype == "bfloat16" else x.astype(RAW[dtype])
+            data[p.name] = (
+                (x.view(np.uint32) >> 16).astype(np.uint16) if dtype == "bfloat16" else x.astype(RAW[dtype])
+            )
         raw.append(data)
-        groups = [(bundle_tensor_name(layer), names)] if bundled else [(part_tensor_name(layer, n), (n,)) for n in names]
-        planned = [PlannedTensor(t, ST[dtype], (num_neurons, sum(data[n].shape[1] for n in ps)), DATA_ALIGNMENT) for t, ps in groups]
+        groups = (
+            [(bundle_tensor_name(layer), names)]
+            if bundled
+            else [(part_tensor_name(layer, n), (n,)) for n in names]
+        )
+        planned = [
+            PlannedTensor(t, ST[dtype], (num_neurons, sum(data[n].shape[1] for n in ps)), DATA_ALIGNMENT)
+            for t, ps in groups
+        ]
         path = folder / layer_file(layer)
         with SafetensorsWriter(path, planned) as w:
-            for (t, ps) in groups:
+            for t, ps in groups:
                 w.write(t, np.concatenate([data[n] for n in ps], axis=1))
-        segs = tuple(Segment(t, ps, w.offsets[t], sum(data[n].shape[1] for n in ps) * esize) for t, ps in groups)
+        segs = tuple(
+            Segment(t, ps, w.offsets[t], sum(data[n].shape[1] for n in ps) * esize) for t, ps in groups
+        )
         entry = LayerEntry(layer, layer_file(layer), num_neurons, sum(s.row_bytes for s in segs), "", segs)
         layers.append(LayerEntry(**{**entry.__dict__, "checksum": layer_digest(folder, entry)}))
     m = Manifest("test", "llama", "gated", "relu", dtype, 64, num_layers, bundled, parts, layers)
@@ -210,8 +232,10 @@ def test_reads_small_bundles_at_the_device_alignment(tmp_path):
         r.stats.take()
         check_rows(r.read(0, ids), raw[0], ids, "float16")
         s = r.stats.take()[0]
-        want = sum(len(range(o // r.align, -(-(o + 240) // r.align))) * r.align
-                   for o in {m.layers[0].segments[0].row_offset(int(i)) for i in ids})
+        want = sum(
+            len(range(o // r.align, -(-(o + 240) // r.align))) * r.align
+            for o in {m.layers[0].segments[0].row_offset(int(i)) for i in ids}
+        )
         # 40 and 41 may share a block (one read); each read is its rows widened to whole blocks
         assert s.bytes_read <= want  # (the read at the end of the file returns what is there)
         if r.direct and r.align < SECTOR:

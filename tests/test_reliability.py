@@ -27,6 +27,7 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
+from tiny_models import TOKENIZER_TEXT, make_tiny_model
 
 import mlx_flash
 from mlx_flash import layout
@@ -38,13 +39,14 @@ from mlx_flash.layout import FlashFormatError
 from mlx_flash.model import load_dense, load_flash_model
 from mlx_flash.reader import FlashReadError
 from mlx_flash.runtime import FlashChecksumError
-from tiny_models import TOKENIZER_TEXT, make_tiny_model
 
 PROMPT = TOKENIZER_TEXT[:60]
 MAX_TOKENS = 10
 
 
-def tokens(model, tok, prompt=PROMPT, max_tokens=MAX_TOKENS, generate=mlx_flash.stream_generate, **kw) -> list[int]:
+def tokens(
+    model, tok, prompt=PROMPT, max_tokens=MAX_TOKENS, generate=mlx_flash.stream_generate, **kw
+) -> list[int]:
     return [r.token for r in generate(model, tok, prompt, max_tokens=max_tokens, **kw)]
 
 
@@ -136,21 +138,45 @@ def _patch_bytes(path: Path, old: bytes, new: bytes) -> None:
 
 BAD_FOLDERS = {
     # name: (edit(folder, scratch root), what the message must say)
-    "config hidden_size": (lambda f, r: _edit_json(f / "config.json", hidden_size=128), ["hidden_size", "config.json", "convert"]),
-    "config intermediate_size": (lambda f, r: _edit_json(f / "config.json", intermediate_size=512), ["intermediate_size", "convert"]),
-    "config num_hidden_layers": (lambda f, r: _edit_json(f / "config.json", num_hidden_layers=3), ["num_hidden_layers", "convert"]),
-    "config activation": (lambda f, r: _edit_json(f / "config.json", hidden_act="silu"), ["activation", "convert"]),
-    "config model_type": (lambda f, r: _edit_json(f / "config.json", model_type="qwen2"), ["model_type", "convert"]),
+    "config hidden_size": (
+        lambda f, r: _edit_json(f / "config.json", hidden_size=128),
+        ["hidden_size", "config.json", "convert"],
+    ),
+    "config intermediate_size": (
+        lambda f, r: _edit_json(f / "config.json", intermediate_size=512),
+        ["intermediate_size", "convert"],
+    ),
+    "config num_hidden_layers": (
+        lambda f, r: _edit_json(f / "config.json", num_hidden_layers=3),
+        ["num_hidden_layers", "convert"],
+    ),
+    "config activation": (
+        lambda f, r: _edit_json(f / "config.json", hidden_act="silu"),
+        ["activation", "convert"],
+    ),
+    "config model_type": (
+        lambda f, r: _edit_json(f / "config.json", model_type="qwen2"),
+        ["model_type", "convert"],
+    ),
     "config not JSON": (lambda f, r: (f / "config.json").write_text("{nope"), ["config.json", "JSON"]),
     "config missing": (lambda f, r: (f / "config.json").unlink(), ["config.json", "convert"]),
-    "shard truncated": (lambda f, r: _truncate(f / "ffn/layer_001.safetensors", 4096), ["layer_001", "truncated", "convert"]),
-    "shard missing": (lambda f, r: (f / "ffn/layer_000.safetensors").unlink(), ["layer_000", "missing", "convert"]),
+    "shard truncated": (
+        lambda f, r: _truncate(f / "ffn/layer_001.safetensors", 4096),
+        ["layer_001", "truncated", "convert"],
+    ),
+    "shard missing": (
+        lambda f, r: (f / "ffn/layer_000.safetensors").unlink(),
+        ["layer_000", "missing", "convert"],
+    ),
     "shard of another layer": (
         lambda f, r: shutil.copy(f / "ffn/layer_001.safetensors", f / "ffn/layer_000.safetensors"),
         ["layer_000", "layers.0.bundles", "not from this conversion", "convert"],
     ),
     "shard of a float16 conversion": (
-        lambda f, r: shutil.copy(_other_conversion(r, r.parent / "src", dtype="float16") / "ffn/layer_001.safetensors", f / "ffn/layer_001.safetensors"),
+        lambda f, r: shutil.copy(
+            _other_conversion(r, r.parent / "src", dtype="float16") / "ffn/layer_001.safetensors",
+            f / "ffn/layer_001.safetensors",
+        ),
         ["layer_001", "truncated", "convert"],
     ),
     "shard header of another dtype": (
@@ -158,21 +184,47 @@ BAD_FOLDERS = {
         ["layer_000", "I32", "not from this conversion", "convert"],
     ),
     "shard of an unbundled conversion": (
-        lambda f, r: shutil.copy(_other_conversion(r, r.parent / "src", bundle=False) / "ffn/layer_000.safetensors", f / "ffn/layer_000.safetensors"),
+        lambda f, r: shutil.copy(
+            _other_conversion(r, r.parent / "src", bundle=False) / "ffn/layer_000.safetensors",
+            f / "ffn/layer_000.safetensors",
+        ),
         ["layer_000", "missing", "convert"],
     ),
     "dense of another model": (
-        lambda f, r: shutil.copy(_other_conversion(r, make_tiny_model(r / "wide", "llama", tokenizer=False, vocab_size=280)) / "dense.safetensors", f / "dense.safetensors"),
+        lambda f, r: shutil.copy(
+            _other_conversion(r, make_tiny_model(r / "wide", "llama", tokenizer=False, vocab_size=280))
+            / "dense.safetensors",
+            f / "dense.safetensors",
+        ),
         ["dense.safetensors", "do not match", "convert"],
     ),
-    "dense truncated": (lambda f, r: _truncate(f / "dense.safetensors", 100), ["dense.safetensors", "truncated"]),
-    "dense missing": (lambda f, r: (f / "dense.safetensors").unlink(), ["dense.safetensors", "missing", "convert"]),
-    "manifest newer": (_manifest_edit(lambda d: d.update(format_version=layout.FORMAT_VERSION + 1)), ["format_version", "newer", "upgrade mlx_flash"]),
-    "manifest version 0": (_manifest_edit(lambda d: d.update(format_version=0)), ["format_version", "convert"]),
-    "manifest not JSON": (lambda f, r: (f / layout.MANIFEST_NAME).write_text('{"format_version": 1,'), ["flash_manifest.json", "JSON", "convert"]),
+    "dense truncated": (
+        lambda f, r: _truncate(f / "dense.safetensors", 100),
+        ["dense.safetensors", "truncated"],
+    ),
+    "dense missing": (
+        lambda f, r: (f / "dense.safetensors").unlink(),
+        ["dense.safetensors", "missing", "convert"],
+    ),
+    "manifest newer": (
+        _manifest_edit(lambda d: d.update(format_version=layout.FORMAT_VERSION + 1)),
+        ["format_version", "newer", "upgrade mlx_flash"],
+    ),
+    "manifest version 0": (
+        _manifest_edit(lambda d: d.update(format_version=0)),
+        ["format_version", "convert"],
+    ),
+    "manifest not JSON": (
+        lambda f, r: (f / layout.MANIFEST_NAME).write_text('{"format_version": 1,'),
+        ["flash_manifest.json", "JSON", "convert"],
+    ),
     "manifest missing": (lambda f, r: (f / layout.MANIFEST_NAME).unlink(), ["not a flash folder", "convert"]),
     "manifest offset moved": (
-        _manifest_edit(lambda d: d["layers"][0]["segments"][0].update(data_offset=d["layers"][0]["segments"][0]["data_offset"] - 16384)),
+        _manifest_edit(
+            lambda d: d["layers"][0]["segments"][0].update(
+                data_offset=d["layers"][0]["segments"][0]["data_offset"] - 16384
+            )
+        ),
         ["layer_000", "not from this conversion", "convert"],
     ),
     "manifest neuron count": (
@@ -180,7 +232,10 @@ BAD_FOLDERS = {
         ["layer_001", "convert"],
     ),
     "manifest activation": (_manifest_edit(lambda d: d.update(activation="silu")), ["activation", "convert"]),
-    "manifest checksum algorithm": (_manifest_edit(lambda d: d.update(checksum_algorithm="md5")), ["md5", "convert"]),
+    "manifest checksum algorithm": (
+        _manifest_edit(lambda d: d.update(checksum_algorithm="md5")),
+        ["md5", "convert"],
+    ),
 }
 
 
@@ -386,11 +441,16 @@ def test_shard_replaced_under_a_loaded_model_keeps_the_file_it_opened(tiny, tmp_
 
 def test_read_errors_are_one_line_in_the_cli(capsys):
     def main(argv):
-        raise FlashReadError("/x/ffn/layer_003.safetensors: short read at offset 16384 (layer 3)", path="/x", offset=0, layer=3)
+        raise FlashReadError(
+            "/x/ffn/layer_003.safetensors: short read at offset 16384 (layer 3)", path="/x", offset=0, layer=3
+        )
 
     assert run_cli(main, [], prog="mlx_flash.generate") == 1
     err = capsys.readouterr().err
-    assert err.strip() == "mlx_flash.generate: error: /x/ffn/layer_003.safetensors: short read at offset 16384 (layer 3)"
+    assert (
+        err.strip()
+        == "mlx_flash.generate: error: /x/ffn/layer_003.safetensors: short read at offset 16384 (layer 3)"
+    )
 
 
 # -- bad input -----------------------------------------------------------------------------------
@@ -427,7 +487,9 @@ def test_a_token_needing_more_neurons_than_the_cache_holds(tiny):
     plan = m.flash.plan
     m.flash.close()
     n = m.flash.manifest.layers[0].num_neurons
-    model, _ = load(folder, context=128, memory_budget=plan.total_bytes - (n - 4) * plan.neuron_bytes_all_layers)
+    model, _ = load(
+        folder, context=128, memory_budget=plan.total_bytes - (n - 4) * plan.neuron_bytes_all_layers
+    )
     assert model.flash.plan.cache_capacity == 4
     for _ in range(2):
         assert tokens(model, tok) == ref
@@ -490,8 +552,13 @@ def test_two_threads_generating_on_one_model(tiny):
     never corrupts a neuron cache: every thread gets the dense model's tokens."""
     _, folder, tok, ref = tiny
     model, _ = load(folder, window=3)
-    flash = lambda: tokens(model, tok, max_tokens=MAX_TOKENS)
-    direct = lambda: tokens(model, tok, max_tokens=MAX_TOKENS, generate=mlx_lm.stream_generate)
+
+    def flash():
+        return tokens(model, tok, max_tokens=MAX_TOKENS)
+
+    def direct():
+        return tokens(model, tok, max_tokens=MAX_TOKENS, generate=mlx_lm.stream_generate)
+
     for fns in ([flash, flash], [direct, direct], [flash, direct, direct]):
         for _ in range(2):
             assert run_threads(fns) == [ref] * len(fns)
@@ -520,7 +587,14 @@ class _Evil:
 def _plant(folder: Path, marker: Path) -> None:
     (folder / "evil.py").write_text(EVIL.format(marker=str(marker)))
     cfg = json.loads((folder / "config.json").read_text())
-    cfg.update(model_file="evil.py", auto_map={"AutoConfig": "evil.Config", "AutoModelForCausalLM": "evil.Model", "AutoTokenizer": ["evil.Tok", None]})
+    cfg.update(
+        model_file="evil.py",
+        auto_map={
+            "AutoConfig": "evil.Config",
+            "AutoModelForCausalLM": "evil.Model",
+            "AutoTokenizer": ["evil.Tok", None],
+        },
+    )
     (folder / "config.json").write_text(json.dumps(cfg))
     tc = folder / "tokenizer_config.json"
     if tc.exists():
@@ -549,8 +623,11 @@ def test_no_code_from_a_model_folder_runs_and_no_pickle_loads(tiny, tmp_path):
     with pytest.raises(MlxFlashError, match="no \\*.safetensors") as info:
         mlx_flash.load(pt)
     one_line(info.value)
-    r = subprocess.run([sys.executable, "-m", "mlx_flash.convert", "--model", str(pt), "--out", str(tmp_path / "o")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "mlx_flash.convert", "--model", str(pt), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 1 and "safetensors" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not marker.exists()
 
@@ -612,7 +689,9 @@ def test_conversion_interrupted_at_any_write_leaves_nothing(tiny, tmp_path, monk
     model, _ = load(good)
     assert tokens(model, tok) == ref
     model.flash.close()
-    convert(src, good, progress=False, overwrite=True)  # and a replacement that finishes leaves nothing behind
+    convert(
+        src, good, progress=False, overwrite=True
+    )  # and a replacement that finishes leaves nothing behind
     assert sorted(p.name for p in tmp_path.iterdir()) == ["count", "good"]
     # interrupted after every file, while the manifest is written
     monkeypatch.setattr(layout, "write_manifest", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
@@ -642,7 +721,9 @@ def test_conversion_killed_midway_leaves_no_folder_that_loads(tiny, tmp_path, si
     ready, out = tmp_path / "ready", tmp_path / "out"
     p = subprocess.Popen(
         [sys.executable, "-c", CONVERT_SLOWLY, str(ready), "--model", str(src), "--out", str(out), "--quiet"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     while not ready.exists() and p.poll() is None:
         time.sleep(0.05)

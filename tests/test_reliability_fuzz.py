@@ -12,17 +12,28 @@ import threading
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tiny_models import TOKENIZER_TEXT, make_tiny_model
 
 import mlx_flash
 from mlx_flash import layout
 from mlx_flash.convert import convert
 from mlx_flash.errors import MlxFlashError
-from tiny_models import TOKENIZER_TEXT, make_tiny_model
 
 PROMPT = TOKENIZER_TEXT[:40]
 MAX_TOKENS = 4
-ADDED_KEYS = ["model_file", "auto_map", "quantization", "quantization_config", "head_dim", "num_key_value_heads",
-              "rope_scaling", "architectures", "extra", "predictors_file", "max_position_embeddings"]
+ADDED_KEYS = [
+    "model_file",
+    "auto_map",
+    "quantization",
+    "quantization_config",
+    "head_dim",
+    "num_key_value_heads",
+    "rope_scaling",
+    "architectures",
+    "extra",
+    "predictors_file",
+    "max_position_embeddings",
+]
 
 
 def tokens(model, tok) -> list[int]:
@@ -65,9 +76,17 @@ def _get(obj, path):
     return obj
 
 
-json_scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**63) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12)
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12)
+)
 json_values = st.recursive(
-    json_scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3), max_leaves=6
+    json_scalars,
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
+    max_leaves=6,
 )
 
 
@@ -76,7 +95,9 @@ def mutated(draw, doc):
     """`doc` with 1-3 mutations; or, now and then, text that is not a JSON object at all."""
     if draw(st.integers(0, 19)) == 0:
         text = json.dumps(doc)
-        return draw(st.sampled_from([text[: draw(st.integers(0, len(text) - 1))], "[]", "null", "", "\xff\xfe"]))
+        return draw(
+            st.sampled_from([text[: draw(st.integers(0, len(text) - 1))], "[]", "null", "", "\xff\xfe"])
+        )
     doc = json.loads(json.dumps(doc))
     for _ in range(draw(st.integers(1, 3))):
         paths = [p for p in _paths(doc) if p]
@@ -91,7 +112,21 @@ def mutated(draw, doc):
         elif op == "replace":
             parent[key] = draw(json_values)
         elif op == "tweak" and isinstance(value, int) and not isinstance(value, bool):
-            parent[key] = draw(st.sampled_from([value + 1, value - 1, value * 2, value // 2, 0, -value, value + 4096, value - 16384, 2**40]))
+            parent[key] = draw(
+                st.sampled_from(
+                    [
+                        value + 1,
+                        value - 1,
+                        value * 2,
+                        value // 2,
+                        0,
+                        -value,
+                        value + 4096,
+                        value - 16384,
+                        2**40,
+                    ]
+                )
+            )
         elif op == "retype":
             parent[key] = draw(st.sampled_from([str(value), [value], {"v": value}, None, True, 1.5]))
         elif op == "add" and isinstance(parent, dict):
@@ -132,7 +167,9 @@ def _leaks_checked(fn):
     return run
 
 
-FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 
 
 def test_fuzzed_manifest(base):

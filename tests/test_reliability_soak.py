@@ -9,10 +9,10 @@ import os
 import mlx.core as mx
 import numpy as np
 from safetensors.numpy import load_file, save_file
+from tiny_models import make_tiny_model
 
 import mlx_flash
 from mlx_flash.convert import convert
-from tiny_models import make_tiny_model
 
 TOKENS = 2000
 CONTEXT = 2048
@@ -22,7 +22,9 @@ CHECK_EVERY = 250
 def sparse_relu_opt(folder):
     """A tiny ReLU OPT whose fc1 biases are pushed down: about 10% of neurons fire per token,
     and which ones changes from token to token (the paper's regime, in miniature)."""
-    src = make_tiny_model(folder, "opt", num_hidden_layers=2, ffn_dim=256, max_position_embeddings=CONTEXT + 64)
+    src = make_tiny_model(
+        folder, "opt", num_hidden_layers=2, ffn_dim=256, max_position_embeddings=CONTEXT + 64
+    )
     f = src / "model.safetensors"
     w = load_file(str(f))
     for name in w:
@@ -38,7 +40,12 @@ def flash_rows(folder, manifest):
     cols = manifest.part_columns()
     for e in manifest.layers:
         (seg,) = e.segments
-        data = np.fromfile(folder / e.file, dtype=np.float32, count=e.num_neurons * seg.row_bytes // 4, offset=seg.data_offset)
+        data = np.fromfile(
+            folder / e.file,
+            dtype=np.float32,
+            count=e.num_neurons * seg.row_bytes // 4,
+            offset=seg.data_offset,
+        )
         data = data.reshape(e.num_neurons, -1)
         out.append({p: data[:, c0:c1] for p, (c0, c1) in cols.items()})
     return out
@@ -81,9 +88,12 @@ def test_soak_2000_tokens_heavy_churn(tmp_path):
     mx.random.seed(0)
     count, warm = 0, None
     vocab = model.args.vocab_size
+
     # the next token drawn uniformly (never end-of-text, id 0): inputs vary, so active sets do
-    sampler = lambda logprobs: mx.random.randint(1, vocab, logprobs.shape[:1])
-    for r in mlx_flash.stream_generate(model, tok, "The", max_tokens=TOKENS, sampler=sampler):
+    def sampler(logprobs):
+        return mx.random.randint(1, vocab, logprobs.shape[:1])
+
+    for _r in mlx_flash.stream_generate(model, tok, "The", max_tokens=TOKENS, sampler=sampler):
         count += 1
         if count % CHECK_EVERY == 0:
             for cache, t in zip(caches, truth):
@@ -97,7 +107,9 @@ def test_soak_2000_tokens_heavy_churn(tmp_path):
 
     stats = [c.stats for c in caches]
     assert all(s.tokens >= TOKENS for s in stats)
-    assert all(s.evicted >= 5 * TOKENS and s.inserted >= 5 * TOKENS for s in stats), "too little churn to mean anything"
+    assert all(s.evicted >= 5 * TOKENS and s.inserted >= 5 * TOKENS for s in stats), (
+        "too little churn to mean anything"
+    )
     assert any(s.moved for s in stats) and any(s.window_shrinks for s in stats)
 
     mx.clear_cache()

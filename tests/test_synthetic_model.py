@@ -18,7 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("make_synthetic_model", ROOT / "tools" / "make_synthetic_model.py")
+    spec = importlib.util.spec_from_file_location(
+        "make_synthetic_model", ROOT / "tools" / "make_synthetic_model.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("make_synthetic_model", mod)
     spec.loader.exec_module(mod)
@@ -140,8 +142,11 @@ def test_cli_errors(tmp_path):
     import subprocess
 
     def run(*args):
-        return subprocess.run([sys.executable, str(ROOT / "tools" / "make_synthetic_model.py"), *args],
-                              capture_output=True, text=True)
+        return subprocess.run(
+            [sys.executable, str(ROOT / "tools" / "make_synthetic_model.py"), *args],
+            capture_output=True,
+            text=True,
+        )
 
     r = run("--preset", "opt-175b", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "unknown preset" in r.stderr and "Traceback" not in r.stderr

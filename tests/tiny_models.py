@@ -42,7 +42,9 @@ def base_config(model_type: str, **over) -> dict:
     if model_type == "qwen3":
         cfg["head_dim"] = 16
     if model_type == "phi":
-        cfg.update(partial_rotary_factor=0.5, layer_norm_eps=1e-5, hidden_act="gelu_new", num_key_value_heads=4)
+        cfg.update(
+            partial_rotary_factor=0.5, layer_norm_eps=1e-5, hidden_act="gelu_new", num_key_value_heads=4
+        )
     if model_type == "opt":
         cfg = {
             "model_type": "opt",
@@ -95,7 +97,9 @@ def make_tiny_model(
             part = {n: weights[n] for n in names[s::shards]}
             mx.save_safetensors(str(folder / fname), part)
             weight_map.update({n: fname for n in part})
-        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map})
+        )
     cfg["torch_dtype"] = dtype
     (folder / "config.json").write_text(json.dumps(cfg, indent=1))
     if tokenizer:
@@ -152,8 +156,15 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
     fast.save_pretrained(str(folder))
 
 
-def make_mlx_quantized_model(folder: Path, model_type: str = "llama", *, bits: int = 4, group_size: int = 64,
-                             seed: int = 0, **config_over) -> Path:
+def make_mlx_quantized_model(
+    folder: Path,
+    model_type: str = "llama",
+    *,
+    bits: int = 4,
+    group_size: int = 64,
+    seed: int = 0,
+    **config_over,
+) -> Path:
     """An mlx-community-style quantized folder: a tiny float model quantized by mlx-lm itself
     (`mlx_lm.utils.quantize_model`), saved as mlx_lm.convert saves one: packed `*.weight`
     (uint32), `*.scales`, `*.biases`, and `quantization` in config.json."""
@@ -168,7 +179,9 @@ def make_mlx_quantized_model(folder: Path, model_type: str = "llama", *, bits: i
     model, config = load_model(float_src, get_model_classes=get_model_classes)
     model, config = quantize_model(model, config, group_size, bits)
     folder.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())), metadata={"format": "mlx"})
+    mx.save_safetensors(
+        str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())), metadata={"format": "mlx"}
+    )
     save_config(config, folder / "config.json")
     for f in float_src.iterdir():
         if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":

@@ -99,7 +99,9 @@ class Preset:
 
 PRESETS = {
     "tiny": Preset("opt", 128, 4, 4, 2048, 1024, 512, rank=16, calib_seqs=12, eval_seqs=1, seq_len=256),
-    "tiny-llama": Preset("llama", 128, 4, 4, 2048, 1024, 512, rank=16, calib_seqs=12, eval_seqs=1, seq_len=256, kv_heads=2),
+    "tiny-llama": Preset(
+        "llama", 128, 4, 4, 2048, 1024, 512, rank=16, calib_seqs=12, eval_seqs=1, seq_len=256, kv_heads=2
+    ),
     "opt-1.3b": Preset("opt", 2048, 24, 32, 8192, 50272, 2048, rank=128),
     "opt-6.7b": Preset("opt", 4096, 32, 32, 16384, 50272, 2048, rank=128),
     "relu-llama-7b": Preset("llama", 4096, 32, 32, 11008, 32000, 4096, rank=128),
@@ -113,6 +115,7 @@ class ToolError(Exception):
 
 
 # -- real text ----------------------------------------------------------------------------------
+
 
 def topics() -> dict[str, str]:
     import pydoc_data.topics
@@ -139,7 +142,10 @@ def train_tokenizer(folder: Path, vocab_size: int) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(list(topics().values()), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT)
@@ -159,6 +165,7 @@ def token_batches(folder: Path, text: str, seqs: int, seq_len: int) -> np.ndarra
 
 
 # -- numpy forward ------------------------------------------------------------------------------
+
 
 def f16(a: np.ndarray) -> np.ndarray:
     """Round to fp16 (what is written) and back: the forward sees the stored weights."""
@@ -217,6 +224,7 @@ def attention(x: np.ndarray, w: dict, p: Preset, use_rope: bool) -> np.ndarray:
 
 
 # -- weights ------------------------------------------------------------------------------------
+
 
 class Rng:
     """Independent, reproducible streams per (layer, purpose)."""
@@ -313,12 +321,25 @@ def activation_stats(active: np.ndarray, window: int = WINDOW) -> dict:
         ov.append(both / max(1, A[1:].sum()))
     counts = a.reshape(-1, n).sum(0)
     hot = np.sort(counts)[::-1][: max(1, n // 100)].sum() / max(1.0, counts.sum())
-    return {"active": float(a.mean()), "overlap_prev": float(np.mean(ov)), "window_union": float(np.mean(un)),
-            "new_per_token": float(np.mean(new)), "hot_share": float(hot)}
+    return {
+        "active": float(a.mean()),
+        "overlap_prev": float(np.mean(ov)),
+        "window_union": float(np.mean(un)),
+        "new_per_token": float(np.mean(new)),
+        "hot_share": float(hot),
+    }
 
 
-def low_rank_prediction(W: np.ndarray, bias: np.ndarray | None, x: np.ndarray, x_mean: np.ndarray, active: np.ndarray,
-                        rank: int, seed: int, offset: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+def low_rank_prediction(
+    W: np.ndarray,
+    bias: np.ndarray | None,
+    x: np.ndarray,
+    x_mean: np.ndarray,
+    active: np.ndarray,
+    rank: int,
+    seed: int,
+    offset: np.ndarray | None = None,
+) -> tuple[float, np.ndarray]:
     """A rank-`rank` linear predictor with a per-neuron bias that keeps the PREDICT_FRACTION
     highest-scoring neurons per token: (recall of the true active set, the predicted sets as a
     bool [tokens, n]). Its factors are the selector's truncated SVD (randomized); its bias is
@@ -351,41 +372,57 @@ def low_rank_prediction(W: np.ndarray, bias: np.ndarray | None, x: np.ndarray, x
 
 # -- the model, layer by layer --------------------------------------------------------------
 
+
 def tensor_plan(p: Preset) -> list[PlannedTensor]:
     """Every tensor, in writing order, with Hugging Face names."""
     d, n, V = p.hidden, p.neurons, p.vocab
     hd, H, Hkv = p.head_dim, p.heads, p.kv_heads or p.heads
     out = []
     if p.family == "opt":
-        out += [PlannedTensor("model.decoder.embed_tokens.weight", "F16", (V, d)),
-                PlannedTensor("model.decoder.embed_positions.weight", "F16", (p.max_positions + 2, d))]
+        out += [
+            PlannedTensor("model.decoder.embed_tokens.weight", "F16", (V, d)),
+            PlannedTensor("model.decoder.embed_positions.weight", "F16", (p.max_positions + 2, d)),
+        ]
         for i in range(p.layers):
             pre = f"model.decoder.layers.{i}."
             for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-                out += [PlannedTensor(pre + f"self_attn.{proj}.weight", "F16", (d, d)),
-                        PlannedTensor(pre + f"self_attn.{proj}.bias", "F16", (d,))]
-            out += [PlannedTensor(pre + "self_attn_layer_norm.weight", "F16", (d,)),
-                    PlannedTensor(pre + "self_attn_layer_norm.bias", "F16", (d,)),
-                    PlannedTensor(pre + "fc1.weight", "F16", (n, d)), PlannedTensor(pre + "fc1.bias", "F16", (n,)),
-                    PlannedTensor(pre + "fc2.weight", "F16", (d, n)), PlannedTensor(pre + "fc2.bias", "F16", (d,)),
-                    PlannedTensor(pre + "final_layer_norm.weight", "F16", (d,)),
-                    PlannedTensor(pre + "final_layer_norm.bias", "F16", (d,))]
-        out += [PlannedTensor("model.decoder.final_layer_norm.weight", "F16", (d,)),
-                PlannedTensor("model.decoder.final_layer_norm.bias", "F16", (d,))]
+                out += [
+                    PlannedTensor(pre + f"self_attn.{proj}.weight", "F16", (d, d)),
+                    PlannedTensor(pre + f"self_attn.{proj}.bias", "F16", (d,)),
+                ]
+            out += [
+                PlannedTensor(pre + "self_attn_layer_norm.weight", "F16", (d,)),
+                PlannedTensor(pre + "self_attn_layer_norm.bias", "F16", (d,)),
+                PlannedTensor(pre + "fc1.weight", "F16", (n, d)),
+                PlannedTensor(pre + "fc1.bias", "F16", (n,)),
+                PlannedTensor(pre + "fc2.weight", "F16", (d, n)),
+                PlannedTensor(pre + "fc2.bias", "F16", (d,)),
+                PlannedTensor(pre + "final_layer_norm.weight", "F16", (d,)),
+                PlannedTensor(pre + "final_layer_norm.bias", "F16", (d,)),
+            ]
+        out += [
+            PlannedTensor("model.decoder.final_layer_norm.weight", "F16", (d,)),
+            PlannedTensor("model.decoder.final_layer_norm.bias", "F16", (d,)),
+        ]
     else:
         out.append(PlannedTensor("model.embed_tokens.weight", "F16", (V, d)))
         for i in range(p.layers):
             pre = f"model.layers.{i}."
-            out += [PlannedTensor(pre + "input_layernorm.weight", "F16", (d,)),
-                    PlannedTensor(pre + "self_attn.q_proj.weight", "F16", (H * hd, d)),
-                    PlannedTensor(pre + "self_attn.k_proj.weight", "F16", (Hkv * hd, d)),
-                    PlannedTensor(pre + "self_attn.v_proj.weight", "F16", (Hkv * hd, d)),
-                    PlannedTensor(pre + "self_attn.o_proj.weight", "F16", (d, H * hd)),
-                    PlannedTensor(pre + "post_attention_layernorm.weight", "F16", (d,)),
-                    PlannedTensor(pre + "mlp.gate_proj.weight", "F16", (n, d)),
-                    PlannedTensor(pre + "mlp.up_proj.weight", "F16", (n, d)),
-                    PlannedTensor(pre + "mlp.down_proj.weight", "F16", (d, n))]
-        out += [PlannedTensor("model.norm.weight", "F16", (d,)), PlannedTensor("lm_head.weight", "F16", (V, d))]
+            out += [
+                PlannedTensor(pre + "input_layernorm.weight", "F16", (d,)),
+                PlannedTensor(pre + "self_attn.q_proj.weight", "F16", (H * hd, d)),
+                PlannedTensor(pre + "self_attn.k_proj.weight", "F16", (Hkv * hd, d)),
+                PlannedTensor(pre + "self_attn.v_proj.weight", "F16", (Hkv * hd, d)),
+                PlannedTensor(pre + "self_attn.o_proj.weight", "F16", (d, H * hd)),
+                PlannedTensor(pre + "post_attention_layernorm.weight", "F16", (d,)),
+                PlannedTensor(pre + "mlp.gate_proj.weight", "F16", (n, d)),
+                PlannedTensor(pre + "mlp.up_proj.weight", "F16", (n, d)),
+                PlannedTensor(pre + "mlp.down_proj.weight", "F16", (d, n)),
+            ]
+        out += [
+            PlannedTensor("model.norm.weight", "F16", (d,)),
+            PlannedTensor("lm_head.weight", "F16", (V, d)),
+        ]
     return out
 
 
@@ -404,7 +441,9 @@ class ShardedWriter:
             groups[-1].append(t)
             size += t.nbytes
         k = len(groups)
-        self.files = [f"model-{i + 1:05d}-of-{k:05d}.safetensors" if k > 1 else "model.safetensors" for i in range(k)]
+        self.files = [
+            f"model-{i + 1:05d}-of-{k:05d}.safetensors" if k > 1 else "model.safetensors" for i in range(k)
+        ]
         self.groups = groups
         self.shard_of = {t.name: i for i, g in enumerate(groups) for t in g}
         self.total = sum(t.nbytes for t in plan)
@@ -424,25 +463,52 @@ class ShardedWriter:
         if self._writer is not None:
             self._writer.close()
         if len(self.files) > 1:
-            index = {"metadata": {"total_size": self.total},
-                     "weight_map": {t.name: self.files[i] for i, g in enumerate(self.groups) for t in g}}
+            index = {
+                "metadata": {"total_size": self.total},
+                "weight_map": {t.name: self.files[i] for i, g in enumerate(self.groups) for t in g},
+            }
             (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
 
 
 def config_for(p: Preset, seed: int) -> dict:
-    common = {"vocab_size": p.vocab, "hidden_size": p.hidden, "num_hidden_layers": p.layers,
-              "num_attention_heads": p.heads, "max_position_embeddings": p.max_positions,
-              "torch_dtype": "float16", "bos_token_id": 0, "eos_token_id": 0,
-              "synthetic": {"tool": "tools/make_synthetic_model.py", "seed": seed}}
+    common = {
+        "vocab_size": p.vocab,
+        "hidden_size": p.hidden,
+        "num_hidden_layers": p.layers,
+        "num_attention_heads": p.heads,
+        "max_position_embeddings": p.max_positions,
+        "torch_dtype": "float16",
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "synthetic": {"tool": "tools/make_synthetic_model.py", "seed": seed},
+    }
     if p.family == "opt":
-        return {"architectures": ["OPTForCausalLM"], "model_type": "opt", "ffn_dim": p.neurons,
-                "activation_function": "relu", "do_layer_norm_before": True, "enable_bias": True,
-                "layer_norm_elementwise_affine": True, "word_embed_proj_dim": p.hidden,
-                "tie_word_embeddings": True, "pad_token_id": 0, **common}
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "intermediate_size": p.neurons,
-            "hidden_act": "relu", "num_key_value_heads": p.kv_heads or p.heads, "rms_norm_eps": 1e-5,
-            "rope_theta": ROPE_BASE, "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
-            **common}
+        return {
+            "architectures": ["OPTForCausalLM"],
+            "model_type": "opt",
+            "ffn_dim": p.neurons,
+            "activation_function": "relu",
+            "do_layer_norm_before": True,
+            "enable_bias": True,
+            "layer_norm_elementwise_affine": True,
+            "word_embed_proj_dim": p.hidden,
+            "tie_word_embeddings": True,
+            "pad_token_id": 0,
+            **common,
+        }
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "intermediate_size": p.neurons,
+        "hidden_act": "relu",
+        "num_key_value_heads": p.kv_heads or p.heads,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": ROPE_BASE,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+        **common,
+    }
 
 
 class Builder:
@@ -521,7 +587,10 @@ class Builder:
         w: dict[str, np.ndarray] = {}
 
         # -- attention ---------------------------------------------------------------
-        g1 = self.put(pre + ("self_attn_layer_norm.weight" if opt else "input_layernorm.weight"), 1 + normal(rng("ln1w"), d, 0.05))
+        g1 = self.put(
+            pre + ("self_attn_layer_norm.weight" if opt else "input_layernorm.weight"),
+            1 + normal(rng("ln1w"), d, 0.05),
+        )
         if opt:
             b1n = self.put(pre + "self_attn_layer_norm.bias", normal(rng("ln1b"), d, 0.02))
             xs = [layer_norm(h, g1, b1n) for h in hs]
@@ -561,7 +630,10 @@ class Builder:
         del att, xs
 
         # -- FFN -----------------------------------------------------------------------
-        g2 = self.put(pre + ("final_layer_norm.weight" if opt else "post_attention_layernorm.weight"), 1 + normal(rng("ln2w"), d, 0.05))
+        g2 = self.put(
+            pre + ("final_layer_norm.weight" if opt else "post_attention_layernorm.weight"),
+            1 + normal(rng("ln2w"), d, 0.05),
+        )
         if opt:
             b2n = self.put(pre + "final_layer_norm.bias", normal(rng("ln2b"), d, 0.02))
             xs = [layer_norm(h, g2, b2n) for h in hs]
@@ -570,7 +642,9 @@ class Builder:
         r = p.rank
         V = orthonormal(rng("V"), d, r)
         U = normal(rng("U"), (n, r), r**-0.5 * math.sqrt(d))
-        sel = (U @ V.T) * (1 / math.sqrt(1 + NOISE**2)) + normal(rng("noise"), (n, d), NOISE / math.sqrt(1 + NOISE**2))
+        sel = (U @ V.T) * (1 / math.sqrt(1 + NOISE**2)) + normal(
+            rng("noise"), (n, d), NOISE / math.sqrt(1 + NOISE**2)
+        )
         sel *= d**-0.5  # rows of norm ~1: pre-activations of order |x| / sqrt(d) ~ 1
         rates = firing_rates(rng("rates"), n, self.active)
         xc = xs[0].reshape(-1, d)
@@ -602,10 +676,22 @@ class Builder:
         # statistics on the evaluation text
         ev_active = (pres[1] > 0).reshape(hs[1].shape[0], hs[1].shape[1], n)
         st = activation_stats(ev_active)
-        recall, predicted = low_rank_prediction(sel, bias, xs[1].reshape(-1, d), xc.mean(0), pres[1] > 0, r, self.seed + i,
-                                                None if opt else self.offset)
+        recall, predicted = low_rank_prediction(
+            sel,
+            bias,
+            xs[1].reshape(-1, d),
+            xc.mean(0),
+            pres[1] > 0,
+            r,
+            self.seed + i,
+            None if opt else self.offset,
+        )
         pst = activation_stats(predicted.reshape(ev_active.shape))
-        st.update(predictor_recall=recall, predicted_window_union=pst["window_union"], predicted_new_per_token=pst["new_per_token"])
+        st.update(
+            predictor_recall=recall,
+            predicted_window_union=pst["window_union"],
+            predicted_new_per_token=pst["new_per_token"],
+        )
         self.stats.append(LayerStats(**st))
         out = []
         for h, a in zip(hs, acts):
@@ -641,12 +727,15 @@ def _column_quantiles(z: np.ndarray, q: np.ndarray) -> np.ndarray:
 
 # -- the tool -----------------------------------------------------------------------------------
 
+
 def summarize(stats: list[LayerStats]) -> dict:
     keys = [f for f in asdict(stats[0])]
     return {k: float(np.mean([getattr(s, k) for s in stats])) for k in keys}
 
 
-def build(preset: str | Preset, out: Path | None, *, seed: int = 0, active: float = ACTIVE, log=print) -> dict:
+def build(
+    preset: str | Preset, out: Path | None, *, seed: int = 0, active: float = ACTIVE, log=print
+) -> dict:
     """Build a synthetic model (written to `out` when given) and return its statistics card."""
     p = PRESETS[preset] if isinstance(preset, str) else preset
     name = preset if isinstance(preset, str) else "custom"
@@ -671,16 +760,27 @@ def build(preset: str | Preset, out: Path | None, *, seed: int = 0, active: floa
         for i in range(p.layers):
             hs = b.layer(i, hs)
             s = b.stats[-1]
-            log(f"layer {i:3d}: active {100 * s.active:5.2f}%  overlap with previous token {100 * s.overlap_prev:5.1f}%  "
+            log(
+                f"layer {i:3d}: active {100 * s.active:5.2f}%  overlap with previous token {100 * s.overlap_prev:5.1f}%  "
                 f"window-{WINDOW} union {100 * s.window_union:5.1f}%  new/token {100 * s.new_per_token:5.2f}%  "
                 f"rank-{p.rank} predictor recall@{100 * PREDICT_FRACTION:.0f}% {100 * s.predictor_recall:5.1f}%  "
-                f"[{time.perf_counter() - t0:6.0f} s]")
+                f"[{time.perf_counter() - t0:6.0f} s]"
+            )
         b.finish(hs)
-        card = {"preset": name, "seed": seed, "target_active": active, "shape": asdict(p),
-                "params": int(sum(t.nbytes // 2 for t in tensor_plan(p))),
-                "calibration_tokens": int(cal.size), "evaluation_tokens": int(ev.size), "window": WINDOW,
-                "predictor_fraction": PREDICT_FRACTION, "mean": summarize(b.stats),
-                "per_layer": [asdict(s) for s in b.stats], "seconds": time.perf_counter() - t0}
+        card = {
+            "preset": name,
+            "seed": seed,
+            "target_active": active,
+            "shape": asdict(p),
+            "params": int(sum(t.nbytes // 2 for t in tensor_plan(p))),
+            "calibration_tokens": int(cal.size),
+            "evaluation_tokens": int(ev.size),
+            "window": WINDOW,
+            "predictor_fraction": PREDICT_FRACTION,
+            "mean": summarize(b.stats),
+            "per_layer": [asdict(s) for s in b.stats],
+            "seconds": time.perf_counter() - t0,
+        }
         if folder is not None:
             writer.close()
             (folder / "config.json").write_text(json.dumps(config_for(p, seed), indent=1))
@@ -697,16 +797,18 @@ def build(preset: str | Preset, out: Path | None, *, seed: int = 0, active: floa
 
 def format_card(card: dict) -> str:
     m = card["mean"]
-    return (f"{card['preset']}: {card['params'] / 1e6:,.0f} M parameters; FFN activations on {card['evaluation_tokens']} tokens of "
-            f"held-out text, mean over layers:\n"
-            f"  active per token {100 * m['active']:.2f}% of neurons (target {100 * card['target_active']:.1f}%), "
-            f"overlap with previous token {100 * m['overlap_prev']:.1f}%,\n"
-            f"  window of {card['window']} tokens holds {100 * m['window_union']:.1f}%, new per token {100 * m['new_per_token']:.2f}%, "
-            f"top 1% of neurons give {100 * m['hot_share']:.0f}% of activations,\n"
-            f"  rank-{card['shape']['rank']} predictor keeping {100 * card['predictor_fraction']:.0f}% of neurons recalls "
-            f"{100 * m['predictor_recall']:.1f}% of active ones;\n"
-            f"  its sets: a window of {card['window']} holds {100 * m['predicted_window_union']:.1f}%, new per token {100 * m['predicted_new_per_token']:.2f}%\n"
-            f"  (paper, OPT-6.7B: ~3% active; predictor keeps ~10%, window of 5 holds ~24%, ~2.4% new per token)")
+    return (
+        f"{card['preset']}: {card['params'] / 1e6:,.0f} M parameters; FFN activations on {card['evaluation_tokens']} tokens of "
+        f"held-out text, mean over layers:\n"
+        f"  active per token {100 * m['active']:.2f}% of neurons (target {100 * card['target_active']:.1f}%), "
+        f"overlap with previous token {100 * m['overlap_prev']:.1f}%,\n"
+        f"  window of {card['window']} tokens holds {100 * m['window_union']:.1f}%, new per token {100 * m['new_per_token']:.2f}%, "
+        f"top 1% of neurons give {100 * m['hot_share']:.0f}% of activations,\n"
+        f"  rank-{card['shape']['rank']} predictor keeping {100 * card['predictor_fraction']:.0f}% of neurons recalls "
+        f"{100 * m['predictor_recall']:.1f}% of active ones;\n"
+        f"  its sets: a window of {card['window']} holds {100 * m['predicted_window_union']:.1f}%, new per token {100 * m['predicted_new_per_token']:.2f}%\n"
+        f"  (paper, OPT-6.7B: ~3% active; predictor keeps ~10%, window of 5 holds ~24%, ~2.4% new per token)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -714,7 +816,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", required=True, help=f"one of {', '.join(PRESETS)}")
     ap.add_argument("--out", type=Path, help="destination folder (Hugging Face layout)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--active", type=float, default=ACTIVE, help=f"mean fraction of FFN neurons active per token (default {ACTIVE})")
+    ap.add_argument(
+        "--active",
+        type=float,
+        default=ACTIVE,
+        help=f"mean fraction of FFN neurons active per token (default {ACTIVE})",
+    )
     ap.add_argument("--stats-only", action="store_true", help="build and measure without writing anything")
     ap.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = ap.parse_args(argv)
@@ -735,7 +842,10 @@ def main(argv: list[str] | None = None) -> int:
         need = sum(t.nbytes for t in tensor_plan(PRESETS[args.preset]))
         free = shutil.disk_usage(out.parent if out.parent.exists() else Path.cwd()).free
         if free < need * 1.05:
-            print(f"error: {need / 1e9:.1f} GB needed in {out.parent}, {free / 1e9:.1f} GB free", file=sys.stderr)
+            print(
+                f"error: {need / 1e9:.1f} GB needed in {out.parent}, {free / 1e9:.1f} GB free",
+                file=sys.stderr,
+            )
             return 2
     try:
         card = build(args.preset, out, seed=args.seed, active=args.active)

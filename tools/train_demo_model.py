@@ -257,8 +257,10 @@ def save_weights(model, path: Path) -> None:
 def load_folder(folder: Path):
     config = json.loads((folder / "config.json").read_text())
     if config.get("hidden_act") != "relu":
-        raise SystemExit(f"error: {folder}/config.json has hidden_act={config.get('hidden_act')!r}; "
-                         "this tool only evaluates ReLU-gated demo models")
+        raise SystemExit(
+            f"error: {folder}/config.json has hidden_act={config.get('hidden_act')!r}; "
+            "this tool only evaluates ReLU-gated demo models"
+        )
     model = build_model(shape_from_config(config))
     model.load_weights(str(folder / "model.safetensors"), strict=True)
     mx.eval(model.parameters())
@@ -315,8 +317,10 @@ def held_out_stream(tokenizer, held: list[str]) -> np.ndarray:
 
 def cmd_evaluate(folder: Path) -> None:
     if not (folder / "config.json").exists() or not (folder / "model.safetensors").exists():
-        raise SystemExit(f"error: {folder} has no config.json/model.safetensors; "
-                         "pass a folder written by this tool (e.g. mlx_flash/demo_model)")
+        raise SystemExit(
+            f"error: {folder} has no config.json/model.safetensors; "
+            "pass a folder written by this tool (e.g. mlx_flash/demo_model)"
+        )
     model, _config = load_folder(folder)
     tokenizer = load_tokenizer(folder)
     card_path = folder / "demo_model_card.json"
@@ -330,8 +334,10 @@ def cmd_evaluate(folder: Path) -> None:
         print(f"layer {i}: {100 * v:.2f}% of FFN neurons inactive per token")
     print(f"mean: {100 * result['inactive_fraction_mean']:.2f}%")
     if card.get("held_out"):
-        print(f"(card says: perplexity {card['held_out']['perplexity']:.4f}, "
-              f"mean inactive {100 * card['held_out']['inactive_fraction_mean']:.2f}%)")
+        print(
+            f"(card says: perplexity {card['held_out']['perplexity']:.4f}, "
+            f"mean inactive {100 * card['held_out']['inactive_fraction_mean']:.2f}%)"
+        )
 
 
 # ------------------------------------------------------------------------- training
@@ -388,8 +394,11 @@ def cmd_train(out: Path, cfg: TrainConfig, shape: Shape, command: str) -> None:
     held_stream = held_out_stream(tokenizer, held_names)
     train_chars = sum(map(len, train_texts))
     held_chars = sum(len(topics[n]) for n in held_names)
-    print(f"topics: {len(train_names)} train ({train_chars} chars, {len(train_stream)} tokens), "
-          f"{len(held_names)} held out ({held_chars} chars, {len(held_stream)} tokens)", flush=True)
+    print(
+        f"topics: {len(train_names)} train ({train_chars} chars, {len(train_stream)} tokens), "
+        f"{len(held_names)} held out ({held_chars} chars, {len(held_stream)} tokens)",
+        flush=True,
+    )
 
     model = build_model(shape)
     mx.eval(model.parameters())
@@ -467,17 +476,23 @@ def cmd_train(out: Path, cfg: TrainConfig, shape: Shape, command: str) -> None:
                 "s_per_step": round(elapsed / step, 3),
             }
             history.append(row)
-            print(f"step {step:5d}/{cfg.steps} ce {row['ce']:.4f} "
-                  f"sparsity {' '.join(f'{v:.3f}' for v in sparsity_ema)} "
-                  f"lambda {' '.join(f'{v:.4f}' for v in lam)} lr {row['lr']:.2e} "
-                  f"{row['s_per_step']:.2f} s/step", flush=True)
+            print(
+                f"step {step:5d}/{cfg.steps} ce {row['ce']:.4f} "
+                f"sparsity {' '.join(f'{v:.3f}' for v in sparsity_ema)} "
+                f"lambda {' '.join(f'{v:.4f}' for v in lam)} lr {row['lr']:.2e} "
+                f"{row['s_per_step']:.2f} s/step",
+                flush=True,
+            )
             ce_acc, n_acc = 0.0, 0
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             r = evaluate(model, held_stream, cfg.seq_len)
             history[-1]["held_out_perplexity"] = round(r["perplexity"], 3)
             history[-1]["held_out_inactive"] = r["inactive_fraction_per_layer"]
-            print(f"  held-out perplexity {r['perplexity']:.3f} inactive "
-                  f"{' '.join(f'{v:.3f}' for v in r['inactive_fraction_per_layer'])}", flush=True)
+            print(
+                f"  held-out perplexity {r['perplexity']:.3f} inactive "
+                f"{' '.join(f'{v:.3f}' for v in r['inactive_fraction_per_layer'])}",
+                flush=True,
+            )
     train_seconds = time.time() - t_train
 
     config = hf_config(shape, eot_id)
@@ -486,17 +501,19 @@ def cmd_train(out: Path, cfg: TrainConfig, shape: Shape, command: str) -> None:
     # measure what was saved, exactly as --evaluate does
     saved, _ = load_folder(out)
     result = evaluate(saved, held_out_stream(load_tokenizer(out), held_names), cfg.seq_len)
-    print(f"held-out perplexity {result['perplexity']:.3f}, inactive per layer "
-          f"{result['inactive_fraction_per_layer']} (mean {result['inactive_fraction_mean']:.4f})",
-          flush=True)
+    print(
+        f"held-out perplexity {result['perplexity']:.3f}, inactive per layer "
+        f"{result['inactive_fraction_per_layer']} (mean {result['inactive_fraction_mean']:.4f})",
+        flush=True,
+    )
 
     import mlx_lm
     import tokenizers
 
     card = {
         "description": "Demo Llama-architecture causal LM with a ReLU-gated FFN "
-                       "(down(relu(gate x) * up x)), trained with an activation-sparsity penalty "
-                       "on the text of Python's pydoc_data.topics; see tools/train_demo_model.py.",
+        "(down(relu(gate x) * up x)), trained with an activation-sparsity penalty "
+        "on the text of Python's pydoc_data.topics; see tools/train_demo_model.py.",
         "command": command,
         "evaluate_command": f"python tools/train_demo_model.py --evaluate {out}",
         "seed": cfg.seed,
@@ -523,7 +540,7 @@ def cmd_train(out: Path, cfg: TrainConfig, shape: Shape, command: str) -> None:
             "inactive_fraction_per_layer": result["inactive_fraction_per_layer"],
             "inactive_fraction_mean": result["inactive_fraction_mean"],
             "definition": "per token and layer, the fraction of FFN neurons with "
-                          "relu(gate_proj(x)) == 0 exactly; averaged over held-out tokens",
+            "relu(gate_proj(x)) == 0 exactly; averaged over held-out tokens",
         },
         "train_log": history,
         "train_seconds": round(train_seconds, 1),
@@ -541,8 +558,11 @@ def cmd_train(out: Path, cfg: TrainConfig, shape: Shape, command: str) -> None:
     print(f"wrote {out} ({size / 1e6:.1f} MB) in {time.time() - t_start:.0f} s", flush=True)
     low = [i for i, v in enumerate(result["inactive_fraction_per_layer"]) if v < 0.90]
     if low:
-        print(f"warning: layers {low} are less than 90% inactive on the held-out text; "
-              "train for more steps (the default gets every layer above 94%)", flush=True)
+        print(
+            f"warning: layers {low} are less than 90% inactive on the held-out text; "
+            "train for more steps (the default gets every layer above 94%)",
+            flush=True,
+        )
 
 
 # ------------------------------------------------------------------------------ CLI
@@ -550,17 +570,30 @@ def cmd_train(out: Path, cfg: TrainConfig, shape: Shape, command: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("mlx_flash/demo_model"),
-                   help="folder to write the model to (default: mlx_flash/demo_model)")
-    p.add_argument("--evaluate", type=Path, metavar="DIR",
-                   help="do not train: measure held-out perplexity and sparsity of DIR")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("mlx_flash/demo_model"),
+        help="folder to write the model to (default: mlx_flash/demo_model)",
+    )
+    p.add_argument(
+        "--evaluate",
+        type=Path,
+        metavar="DIR",
+        help="do not train: measure held-out perplexity and sparsity of DIR",
+    )
     d = TrainConfig()
     p.add_argument("--steps", type=int, default=d.steps, help=f"training steps (default {d.steps})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
-    p.add_argument("--target-sparsity", type=float, default=d.target_sparsity,
-                   help=f"fraction of inactive FFN neurons to steer to (default {d.target_sparsity})")
+    p.add_argument(
+        "--target-sparsity",
+        type=float,
+        default=d.target_sparsity,
+        help=f"fraction of inactive FFN neurons to steer to (default {d.target_sparsity})",
+    )
     args = p.parse_args(argv)
 
     if args.evaluate is not None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -44,7 +44,7 @@ class ModelArgs(BaseModelArgs):
     max_position_embeddings: int = 2048
     activation_function: str = "relu"
     do_layer_norm_before: bool = True
-    word_embed_proj_dim: Optional[int] = None
+    word_embed_proj_dim: int | None = None
     enable_bias: bool = True
     layer_norm_elementwise_affine: bool = True
     tie_word_embeddings: bool = True
@@ -96,7 +96,7 @@ class OPTAttention(nn.Module):
         self.v_proj = nn.Linear(d, d, bias=bias)
         self.out_proj = nn.Linear(d, d, bias=bias)
 
-    def __call__(self, x: mx.array, mask: Optional[Any] = None, cache: Optional[Any] = None) -> mx.array:
+    def __call__(self, x: mx.array, mask: Any | None = None, cache: Any | None = None) -> mx.array:
         B, L, _ = x.shape
         q = self.q_proj(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
@@ -129,7 +129,7 @@ class OPTDecoderLayer(nn.Module):
         self.mlp = OPTMLP(args)
         self.final_layer_norm = _layer_norm(args)
 
-    def __call__(self, x: mx.array, mask: Optional[Any] = None, cache: Optional[Any] = None) -> mx.array:
+    def __call__(self, x: mx.array, mask: Any | None = None, cache: Any | None = None) -> mx.array:
         h = x + self.self_attn(self.self_attn_layer_norm(x), mask, cache)
         return h + self.mlp(self.final_layer_norm(h))
 
@@ -143,7 +143,7 @@ class OPTDecoder(nn.Module):
         self.layers = [OPTDecoderLayer(args) for _ in range(args.num_hidden_layers)]
         self.final_layer_norm = _layer_norm(args)
 
-    def __call__(self, inputs: mx.array, cache=None, input_embeddings: Optional[mx.array] = None) -> mx.array:
+    def __call__(self, inputs: mx.array, cache=None, input_embeddings: mx.array | None = None) -> mx.array:
         h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
         L = h.shape[1]
         if cache is None:
@@ -172,7 +172,7 @@ class OPTModel(nn.Module):
         super().__init__()
         self.decoder = OPTDecoder(args)
 
-    def __call__(self, inputs: mx.array, cache=None, input_embeddings: Optional[mx.array] = None) -> mx.array:
+    def __call__(self, inputs: mx.array, cache=None, input_embeddings: mx.array | None = None) -> mx.array:
         return self.decoder(inputs, cache, input_embeddings)
 
 
@@ -189,7 +189,7 @@ class Model(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def __call__(self, inputs: mx.array, cache=None, input_embeddings: Optional[mx.array] = None) -> mx.array:
+    def __call__(self, inputs: mx.array, cache=None, input_embeddings: mx.array | None = None) -> mx.array:
         out = self.model(inputs, cache, input_embeddings)
         if self.args.tie_word_embeddings:
             return self.model.decoder.embed_tokens.as_linear(out)

@@ -30,41 +30,104 @@ def _parser() -> argparse.ArgumentParser:
     from .training import TrainOptions
 
     d = TrainOptions()
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 2)[2],
+    )
     sub = p.add_subparsers(dest="command", metavar="{train,eval}")
-    t = sub.add_parser("train", help="train and save the predictors", description="Train a flash folder's predictors.")
-    t.add_argument("--model", required=True, type=Path, metavar="FLASHDIR", help="a flash folder (from mlx_flash.convert)")
+    t = sub.add_parser(
+        "train", help="train and save the predictors", description="Train a flash folder's predictors."
+    )
+    t.add_argument(
+        "--model",
+        required=True,
+        type=Path,
+        metavar="FLASHDIR",
+        help="a flash folder (from mlx_flash.convert)",
+    )
     t.add_argument("--data", required=True, type=Path, metavar="TEXTFILE", help="calibration text (UTF-8)")
-    t.add_argument("--tokens", type=int, default=65536, help="calibration tokens to use (default: %(default)s)")
-    t.add_argument("--seq-len", type=int, default=None, help="tokens per forward window (default: min(256, the model's context))")
+    t.add_argument(
+        "--tokens", type=int, default=65536, help="calibration tokens to use (default: %(default)s)"
+    )
+    t.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="tokens per forward window (default: min(256, the model's context))",
+    )
     g = t.add_mutually_exclusive_group()
-    g.add_argument("--recall", type=float, default=d.recall,
-                   help="recall of truly active neurons each layer's threshold must reach on validation tokens (default: %(default)s)")
-    g.add_argument("--rank", type=int, default=None, help="one fixed rank for every layer (its threshold still reaches --recall 0.95)")
-    t.add_argument("--max-ratio", type=float, default=d.max_ratio,
-                   help="rank search: the smallest rank whose predicted set is at most this many times the true one (default: %(default)s)")
-    t.add_argument("--max-size", type=float, default=d.max_size,
-                   help="all predictors at most this fraction of the model's bytes (default: %(default)s)")
-    t.add_argument("--sparsity", type=float, default=d.sparsity,
-                   help="non-ReLU models: fraction of activations counted as inactive (default: %(default)s)")
-    t.add_argument("--epochs", type=int, default=d.epochs, help="training epochs per rank tried (default: %(default)s)")
+    g.add_argument(
+        "--recall",
+        type=float,
+        default=d.recall,
+        help="recall of truly active neurons each layer's threshold must reach on validation tokens (default: %(default)s)",
+    )
+    g.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help="one fixed rank for every layer (its threshold still reaches --recall 0.95)",
+    )
+    t.add_argument(
+        "--max-ratio",
+        type=float,
+        default=d.max_ratio,
+        help="rank search: the smallest rank whose predicted set is at most this many times the true one (default: %(default)s)",
+    )
+    t.add_argument(
+        "--max-size",
+        type=float,
+        default=d.max_size,
+        help="all predictors at most this fraction of the model's bytes (default: %(default)s)",
+    )
+    t.add_argument(
+        "--sparsity",
+        type=float,
+        default=d.sparsity,
+        help="non-ReLU models: fraction of activations counted as inactive (default: %(default)s)",
+    )
+    t.add_argument(
+        "--epochs", type=int, default=d.epochs, help="training epochs per rank tried (default: %(default)s)"
+    )
     t.add_argument("--batch", type=int, default=d.batch, help="tokens per Adam step (default: %(default)s)")
     t.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default: %(default)s)")
     t.add_argument("--seed", type=int, default=d.seed)
-    t.add_argument("--work", type=Path, default=None, help="work folder for resuming (default: FLASHDIR/predictors.work)")
+    t.add_argument(
+        "--work", type=Path, default=None, help="work folder for resuming (default: FLASHDIR/predictors.work)"
+    )
     t.add_argument("--fresh", action="store_true", help="ignore the work of an interrupted run")
     t.add_argument("--keep-work", action="store_true", help="keep the work folder when done")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    e = sub.add_parser("eval", help="measure the predictors on held-out text", description="Measure a flash folder's predictors.")
-    e.add_argument("--model", required=True, type=Path, metavar="FLASHDIR", help="a flash folder with predictors")
+    e = sub.add_parser(
+        "eval",
+        help="measure the predictors on held-out text",
+        description="Measure a flash folder's predictors.",
+    )
+    e.add_argument(
+        "--model", required=True, type=Path, metavar="FLASHDIR", help="a flash folder with predictors"
+    )
     e.add_argument("--data", required=True, type=Path, metavar="TEXTFILE", help="held-out text (UTF-8)")
-    e.add_argument("--tokens", type=int, default=16384, help="tokens of the text to use (default: %(default)s; 0: all)")
-    e.add_argument("--seq-len", type=int, default=None, help="tokens per window, each starting with an empty KV cache (default: as trained)")
-    e.add_argument("--window", type=int, default=None, help="the flash model's neuron window in tokens (default: 5)")
-    e.add_argument("--no-sweep", action="store_true", help="non-ReLU models: skip the perplexity-against-sparsity sweep")
-    e.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results as JSON to OUT")
+    e.add_argument(
+        "--tokens", type=int, default=16384, help="tokens of the text to use (default: %(default)s; 0: all)"
+    )
+    e.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="tokens per window, each starting with an empty KV cache (default: as trained)",
+    )
+    e.add_argument(
+        "--window", type=int, default=None, help="the flash model's neuron window in tokens (default: 5)"
+    )
+    e.add_argument(
+        "--no-sweep", action="store_true", help="non-ReLU models: skip the perplexity-against-sparsity sweep"
+    )
+    e.add_argument(
+        "--json", type=Path, default=None, metavar="OUT", help="also write the results as JSON to OUT"
+    )
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -78,25 +141,54 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         from .training import TrainOptions, train
 
-        opts = TrainOptions(recall=args.recall, max_ratio=args.max_ratio, rank=args.rank, max_size=args.max_size,
-                            sparsity=args.sparsity, epochs=args.epochs, batch=args.batch, lr=args.lr, seed=args.seed)
-        info = train(args.model, args.data, tokens=args.tokens, seq_len=args.seq_len, opts=opts, work=args.work,
-                     fresh=args.fresh, keep_work=args.keep_work, progress=not args.quiet)
-        print(f"wrote {args.model / 'predictors.safetensors'}: {len(info['layers'])} layers, ranks "
-              f"{[r['rank'] for r in info['layers']]}, {info['elems']} weights "
-              f"({100 * info['fraction_of_model']:.2f}% of the model's {info['model_bytes']} bytes)")
+        opts = TrainOptions(
+            recall=args.recall,
+            max_ratio=args.max_ratio,
+            rank=args.rank,
+            max_size=args.max_size,
+            sparsity=args.sparsity,
+            epochs=args.epochs,
+            batch=args.batch,
+            lr=args.lr,
+            seed=args.seed,
+        )
+        info = train(
+            args.model,
+            args.data,
+            tokens=args.tokens,
+            seq_len=args.seq_len,
+            opts=opts,
+            work=args.work,
+            fresh=args.fresh,
+            keep_work=args.keep_work,
+            progress=not args.quiet,
+        )
+        print(
+            f"wrote {args.model / 'predictors.safetensors'}: {len(info['layers'])} layers, ranks "
+            f"{[r['rank'] for r in info['layers']]}, {info['elems']} weights "
+            f"({100 * info['fraction_of_model']:.2f}% of the model's {info['model_bytes']} bytes)"
+        )
         for r in info["layers"]:
             v = r["validation"]
-            print(f"  layer {r['layer']}: rank {r['rank']}, threshold p >= {r['threshold_probability']:.4f}, "
-                  f"validation recall {100 * v['recall']:.2f}%, predicted {100 * v['predicted_fraction']:.2f}% vs "
-                  f"active {100 * v['active_fraction']:.2f}% ({v['ratio']:.2f}x)")
+            print(
+                f"  layer {r['layer']}: rank {r['rank']}, threshold p >= {r['threshold_probability']:.4f}, "
+                f"validation recall {100 * v['recall']:.2f}%, predicted {100 * v['predicted_fraction']:.2f}% vs "
+                f"active {100 * v['active_fraction']:.2f}% ({v['ratio']:.2f}x)"
+            )
         return 0
     from .evaluation import evaluate, format_result
 
     if args.tokens < 0:
         raise MlxFlashError(f"--tokens must be >= 0, got {args.tokens}")
-    result = evaluate(args.model, args.data, tokens=args.tokens or None, seq_len=args.seq_len, window=args.window,
-                      sweep=not args.no_sweep, progress=not args.quiet)
+    result = evaluate(
+        args.model,
+        args.data,
+        tokens=args.tokens or None,
+        seq_len=args.seq_len,
+        window=args.window,
+        sweep=not args.no_sweep,
+        progress=not args.quiet,
+    )
     print(format_result(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

@@ -15,10 +15,10 @@ What counts as *active* (an `ActiveRule`):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -142,7 +142,9 @@ class LayerInputs:
 
     def __init__(self, paths: list[Path], rows: int, hidden: int, model_dtype: str):
         dtype = np.float32 if model_dtype == "float32" else np.float16
-        self.arrays = [np.lib.format.open_memmap(p, mode="w+", dtype=dtype, shape=(rows, hidden)) for p in paths]
+        self.arrays = [
+            np.lib.format.open_memmap(p, mode="w+", dtype=dtype, shape=(rows, hidden)) for p in paths
+        ]
         self.rows = 0
 
     def add(self, layer_x: list[mx.array]) -> None:
@@ -180,7 +182,9 @@ def rule_kind_for(activation: str) -> str:
     return "relu" if ACTIVATIONS.get(activation, activation) in ("relu", "drelu") else "threshold"
 
 
-def activation_blocks(ffn: FlashFFN, x: np.ndarray, token_chunk: int = 4096) -> Iterator[tuple[int, int, np.ndarray]]:
+def activation_blocks(
+    ffn: FlashFFN, x: np.ndarray, token_chunk: int = 4096
+) -> Iterator[tuple[int, int, np.ndarray]]:
     """The layer's neuron activations for inputs x [N, d], a block of neurons at a time:
     yields (lo, hi, act [N, hi - lo] float32), the block's rows streamed from flash."""
     st, rt = ffn._state, ffn._rt
@@ -213,8 +217,9 @@ def active_sets(ffn: FlashFFN, x: np.ndarray, rule: ActiveRule) -> np.ndarray:
     return y
 
 
-def activation_quantiles(ffn: FlashFFN, x: np.ndarray, sparsities: list[float], max_tokens: int = 2048,
-                         seed: int = 0) -> list[float]:
+def activation_quantiles(
+    ffn: FlashFFN, x: np.ndarray, sparsities: list[float], max_tokens: int = 2048, seed: int = 0
+) -> list[float]:
     """Per target sparsity s, the |activation| under which a fraction s of the layer's
     activations fall (on at most `max_tokens` of the inputs, drawn at random)."""
     if len(x) > max_tokens:

@@ -137,15 +137,21 @@ def evaluate(
     predictors = Predictors.load(folder, manifest)
     kind = info.get("rule", "relu")
     layer_info = info.get("layers", [])
-    rule = cal.ActiveRule(kind, {i: float(r.get("activation_threshold", 0.0)) for i, r in enumerate(layer_info)})
+    rule = cal.ActiveRule(
+        kind, {i: float(r.get("activation_threshold", 0.0)) for i, r in enumerate(layer_info)}
+    )
 
     # 1. dense: teacher-forced logits, and every layer's FFN inputs
     model, rt = load_flash_model(folder, FlashOptions(mode="naive", context=seq_len))
     dense = _Scorer(token_ids)
     n_rows = sum(hi - lo for lo, hi in spans)
     with tempfile.TemporaryDirectory(prefix="mlx_flash_eval_") as tmp:
-        inputs = cal.LayerInputs([Path(tmp) / f"x{i}.npy" for i in range(manifest.num_layers)], n_rows,
-                                 manifest.hidden_size, manifest.dtype)
+        inputs = cal.LayerInputs(
+            [Path(tmp) / f"x{i}.npy" for i in range(manifest.num_layers)],
+            n_rows,
+            manifest.hidden_size,
+            manifest.dtype,
+        )
         xs = inputs.arrays
 
         def keep(batch, logits, layer_x):
@@ -160,14 +166,20 @@ def evaluate(
             # 2. per layer: predicted against truly active
             layers = []
             ffns = cal.flash_layers(model)
-            for i in tqdm(range(manifest.num_layers), desc="per-layer metrics", unit="layer", disable=not progress):
+            for i in tqdm(
+                range(manifest.num_layers), desc="per-layer metrics", unit="layer", disable=not progress
+            ):
                 x = xs[i]
                 counts = np.zeros(4, np.int64)
                 for lo in range(0, n_rows, 4096):
                     xb = np.asarray(x[lo : lo + 4096], dtype=np.float32)
                     counts += mask_counts(predictors.predict_mask(i, xb), cal.active_sets(ffns[i], xb, rule))
-                c = set_counts(hit=int(counts[0]), predicted=int(counts[1]), active=int(counts[2]), total=int(counts[3]))
-                layers.append({"layer": i, "rank": predictors.ranks()[i], **{k: round(v, 6) for k, v in c.items()}})
+                c = set_counts(
+                    hit=int(counts[0]), predicted=int(counts[1]), active=int(counts[2]), total=int(counts[3])
+                )
+                layers.append(
+                    {"layer": i, "rank": predictors.ranks()[i], **{k: round(v, 6) for k, v in c.items()}}
+                )
 
             # 3. the thresholded model's perplexity against sparsity
             curve = []
@@ -179,10 +191,16 @@ def evaluate(
                     for layer, ffn, rec in zip(model.layers, saved, layer_info):
                         layer.mlp = ThresholdFFN(ffn, float(rec["activation_quantiles"][s]))
                     try:
-                        cal.run_windows(model, token_ids, spans,
-                                        lambda batch, logits, _x: [sc.add(_positions(lo, hi), logits[b, : hi - lo - 1])
-                                                                   for b, (lo, hi) in enumerate(batch)],
-                                        batch_tokens=batch_tokens)
+                        cal.run_windows(
+                            model,
+                            token_ids,
+                            spans,
+                            lambda batch, logits, _x: [
+                                sc.add(_positions(lo, hi), logits[b, : hi - lo - 1])  # noqa: B023 (called within this iteration)
+                                for b, (lo, hi) in enumerate(batch)
+                            ],
+                            batch_tokens=batch_tokens,
+                        )
                     finally:
                         for layer, ffn in zip(model.layers, saved):
                             layer.mlp = ffn
@@ -193,10 +211,14 @@ def evaluate(
             del xs
 
     # 4. flash with predictors, token by token through the decode path
-    fmodel, frt = load_flash_model(folder, FlashOptions(mode="flash", selection="predictor", window=window, context=seq_len))
+    fmodel, frt = load_flash_model(
+        folder, FlashOptions(mode="flash", selection="predictor", window=window, context=seq_len)
+    )
     flash = _Scorer(token_ids)
     try:
-        with tqdm(total=n_rows - len(spans), desc="flash decode (predictors)", unit="tok", disable=not progress) as bar:
+        with tqdm(
+            total=n_rows - len(spans), desc="flash decode (predictors)", unit="tok", disable=not progress
+        ) as bar:
             for lo, hi in spans:
                 cache = make_prompt_cache(fmodel)
                 for j in range(lo, hi - 1):
@@ -228,7 +250,9 @@ def evaluate(
         "predictor_elems": predictors.num_elems,
         "predictor_bytes": predictor_bytes,
         "model_bytes": info.get("model_bytes"),
-        "predictor_fraction_of_model": predictor_bytes / info["model_bytes"] if info.get("model_bytes") else None,
+        "predictor_fraction_of_model": predictor_bytes / info["model_bytes"]
+        if info.get("model_bytes")
+        else None,
         "decode": {
             "ms_per_token": stats.ms_per_token,
             "neurons_loaded_per_token": stats.neurons_loaded_per_token,
@@ -242,23 +266,37 @@ def evaluate(
 
 
 def format_result(r: dict) -> str:
-    active = "activation > 0" if r["rule"] == "relu" else f"|activation| above the sparsity-{r['sparsity']} threshold"
+    active = (
+        "activation > 0"
+        if r["rule"] == "relu"
+        else f"|activation| above the sparsity-{r['sparsity']} threshold"
+    )
     lines = [
         f"{r['model']}: {r['tokens']} tokens of {r['data']} (windows of {r['seq_len']}, active = {active})",
         f"{'layer':>5} {'rank':>5} {'recall':>8} {'precision':>9} {'predicted':>9} {'active':>8} {'pred/true':>9}",
     ]
     for l in r["layers"]:
-        lines.append(f"{l['layer']:>5} {l['rank']:>5} {100 * l['recall']:>7.2f}% {100 * l['precision']:>8.2f}% "
-                     f"{100 * l['predicted_fraction']:>8.2f}% {100 * l['active_fraction']:>7.2f}% {l['ratio']:>9.2f}")
-    lines.append(f"perplexity: dense {r['perplexity_dense']:.3f}, flash with predictors {r['perplexity_predictor']:.3f} "
-                 f"({100 * r['perplexity_change']:+.2f}%), window {r['window']}")
-    lines.append(f"greedy-token agreement: {100 * r['greedy_agreement']:.2f}% of {r['predicted_positions']} positions")
+        lines.append(
+            f"{l['layer']:>5} {l['rank']:>5} {100 * l['recall']:>7.2f}% {100 * l['precision']:>8.2f}% "
+            f"{100 * l['predicted_fraction']:>8.2f}% {100 * l['active_fraction']:>7.2f}% {l['ratio']:>9.2f}"
+        )
+    lines.append(
+        f"perplexity: dense {r['perplexity_dense']:.3f}, flash with predictors {r['perplexity_predictor']:.3f} "
+        f"({100 * r['perplexity_change']:+.2f}%), window {r['window']}"
+    )
+    lines.append(
+        f"greedy-token agreement: {100 * r['greedy_agreement']:.2f}% of {r['predicted_positions']} positions"
+    )
     if r.get("predictor_fraction_of_model") is not None:
-        lines.append(f"predictors: {r['predictor_bytes']} bytes ({r['predictor_elems']} weights), "
-                     f"{100 * r['predictor_fraction_of_model']:.2f}% of the model's {r['model_bytes']} bytes")
+        lines.append(
+            f"predictors: {r['predictor_bytes']} bytes ({r['predictor_elems']} weights), "
+            f"{100 * r['predictor_fraction_of_model']:.2f}% of the model's {r['model_bytes']} bytes"
+        )
     dec = r["decode"]
-    lines.append(f"decode: {dec['ms_per_token']:.1f} ms/token, {dec['neurons_loaded_per_token']:.0f} neurons "
-                 f"({dec['bytes_per_token'] / 1e3:.1f} KB) read per token")
+    lines.append(
+        f"decode: {dec['ms_per_token']:.1f} ms/token, {dec['neurons_loaded_per_token']:.0f} neurons "
+        f"({dec['bytes_per_token'] / 1e3:.1f} KB) read per token"
+    )
     if r.get("sparsity_curve"):
         lines.append("thresholded model (exact active sets): sparsity -> perplexity")
         lines += [f"  {100 * c['sparsity']:5.1f}% -> {c['perplexity']:.3f}" for c in r["sparsity_curve"]]

@@ -72,16 +72,20 @@ class LayerPredictor:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """z for a batch of inputs x [N, d] (float32)."""
-        return (np.asarray(x, np.float32) @ self.A.T.astype(np.float32)) @ self.B.T.astype(np.float32) + self.bias.astype(np.float32)
+        return (np.asarray(x, np.float32) @ self.A.T.astype(np.float32)) @ self.B.T.astype(
+            np.float32
+        ) + self.bias.astype(np.float32)
 
-    def rounded(self, dtype: np.dtype) -> "LayerPredictor":
+    def rounded(self, dtype: np.dtype) -> LayerPredictor:
         """The same predictor with its factors rounded to `dtype` and held as float32 (what
         is applied after a save and load)."""
         r = lambda a: np.asarray(a).astype(dtype).astype(np.float32)  # noqa: E731
         return LayerPredictor(r(self.A), r(self.B), r(self.bias), float(self.threshold))
 
 
-def save_predictors(path: str | os.PathLike, layers: list[LayerPredictor], info: dict, dtype: np.dtype) -> None:
+def save_predictors(
+    path: str | os.PathLike, layers: list[LayerPredictor], info: dict, dtype: np.dtype
+) -> None:
     """Write `layers` (one per model layer, in order) and the JSON `info` to `path`."""
     from safetensors.numpy import save_file
 
@@ -98,7 +102,9 @@ def save_predictors(path: str | os.PathLike, layers: list[LayerPredictor], info:
     os.replace(tmp, path)
 
 
-def install_predictors(folder: str | os.PathLike, layers: list[LayerPredictor], info: dict, summary: dict | None = None) -> Path:
+def install_predictors(
+    folder: str | os.PathLike, layers: list[LayerPredictor], info: dict, summary: dict | None = None
+) -> Path:
     """Save `layers` as the folder's predictors file and record it in the manifest
     (``predictors_file``; ``extra["predictors"]`` = `summary`). Returns the file's path."""
     manifest = layout.read_manifest(folder)
@@ -124,7 +130,9 @@ def read_predictors_header(folder: str | os.PathLike, manifest: layout.Manifest)
     manifest's shapes without reading the tensors. Raises a one-line PredictorError."""
     path = predictors_path(folder, manifest)
     if not path.is_file():
-        raise PredictorError(f"{path}: missing (the manifest names it); re-run python -m mlx_flash.predictors train")
+        raise PredictorError(
+            f"{path}: missing (the manifest names it); re-run python -m mlx_flash.predictors train"
+        )
     try:
         tensors, meta = read_header(path)
     except SafetensorsError as e:
@@ -132,13 +140,21 @@ def read_predictors_header(folder: str | os.PathLike, manifest: layout.Manifest)
     try:
         info = json.loads(meta[METADATA_KEY])
     except (KeyError, json.JSONDecodeError):
-        raise PredictorError(f"{path}: no {METADATA_KEY} metadata; not written by mlx_flash.predictors") from None
+        raise PredictorError(
+            f"{path}: no {METADATA_KEY} metadata; not written by mlx_flash.predictors"
+        ) from None
     if info.get("format", 0) > FORMAT:
-        raise PredictorError(f"{path}: predictors format {info.get('format')} is newer than this mlx_flash reads; upgrade")
+        raise PredictorError(
+            f"{path}: predictors format {info.get('format')} is newer than this mlx_flash reads; upgrade"
+        )
     d = manifest.hidden_size
     for e in manifest.layers:
         n = e.num_neurons
-        shapes = {name: tensors[tensor_name(e.layer, name)].shape for name in TENSORS if tensor_name(e.layer, name) in tensors}
+        shapes = {
+            name: tensors[tensor_name(e.layer, name)].shape
+            for name in TENSORS
+            if tensor_name(e.layer, name) in tensors
+        }
         r = shapes.get("A", (0,))[0]
         want = {"A": (r, d), "B": (n, r), "bias": (n,), "threshold": (1,)}
         if shapes != want or r < 1:
@@ -169,15 +185,21 @@ class Predictors:
         mx.eval(self._A, self._B, self._bias)
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, manifest: layout.Manifest | None = None, dtype: mx.Dtype = mx.float32) -> "Predictors":
+    def load(
+        cls, folder: str | os.PathLike, manifest: layout.Manifest | None = None, dtype: mx.Dtype = mx.float32
+    ) -> Predictors:
         from safetensors.numpy import load_file
 
         manifest = manifest or layout.read_manifest(folder)
         _, info = read_predictors_header(folder, manifest)
         raw = load_file(str(predictors_path(folder, manifest)))
         layers = [
-            LayerPredictor(raw[tensor_name(i, "A")], raw[tensor_name(i, "B")], raw[tensor_name(i, "bias")],
-                           float(raw[tensor_name(i, "threshold")][0]))
+            LayerPredictor(
+                raw[tensor_name(i, "A")],
+                raw[tensor_name(i, "B")],
+                raw[tensor_name(i, "bias")],
+                float(raw[tensor_name(i, "threshold")][0]),
+            )
             for i in range(manifest.num_layers)
         ]
         return cls(layers, info, dtype)

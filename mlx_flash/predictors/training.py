@@ -103,8 +103,15 @@ def class_weights(y: np.ndarray) -> tuple[float, float]:
     return 0.5 / p, 0.5 / (1 - p)
 
 
-def fit(x: np.ndarray, y: np.ndarray, rank: int, opts: TrainOptions, progress: bool = False, desc: str = "",
-        epochs: int | None = None) -> LayerPredictor:
+def fit(
+    x: np.ndarray,
+    y: np.ndarray,
+    rank: int,
+    opts: TrainOptions,
+    progress: bool = False,
+    desc: str = "",
+    epochs: int | None = None,
+) -> LayerPredictor:
     """Train one rank-`rank` predictor on inputs x [N, d] and labels y [N, n] (bool) for
     `epochs` (default opts.epochs; 0: the untrained initialization); returns it with threshold
     0 (P >= 0.5), the standardization folded in."""
@@ -206,8 +213,16 @@ def predictor_elems(d: int, n: int, rank: int) -> int:
     return rank * (d + n) + n + 1
 
 
-def train_layer(x: np.ndarray, y: np.ndarray, opts: TrainOptions, max_rank: int, *, store_dtype: np.dtype,
-                progress: bool = False, layer: int = 0) -> tuple[LayerPredictor, dict]:
+def train_layer(
+    x: np.ndarray,
+    y: np.ndarray,
+    opts: TrainOptions,
+    max_rank: int,
+    *,
+    store_dtype: np.dtype,
+    progress: bool = False,
+    layer: int = 0,
+) -> tuple[LayerPredictor, dict]:
     """Train the layer's predictor: a rank from the ladder (or opts.rank) and its threshold."""
     n_val = max(1, int(round(len(x) * opts.val_fraction)))
     xt, yt, xv, yv = x[:-n_val], y[:-n_val], x[-n_val:], y[-n_val:]
@@ -295,8 +310,12 @@ def train(
         d = manifest.hidden_size
         n_tok = len(token_ids)
         work = Path(work) if work else folder / WORK_DIR_NAME
-        model_fp = _fingerprint({"dense": manifest.dense_checksum, "layers": [e.checksum for e in manifest.layers]})
-        collect_fp = _fingerprint({"model": model_fp, "data": _file_sha(Path(data)), "tokens": n_tok, "seq_len": seq_len})
+        model_fp = _fingerprint(
+            {"dense": manifest.dense_checksum, "layers": [e.checksum for e in manifest.layers]}
+        )
+        collect_fp = _fingerprint(
+            {"model": model_fp, "data": _file_sha(Path(data)), "tokens": n_tok, "seq_len": seq_len}
+        )
         train_opts = asdict(opts)
         if kind == "relu":
             train_opts.pop("sparsity")
@@ -309,8 +328,14 @@ def train(
             n_rows = sum(hi - lo for lo, hi in spans)
             inputs = cal.LayerInputs(xs_paths, n_rows, d, manifest.dtype)
             with tqdm(total=n_rows, desc="calibration forward", unit="tok", disable=not progress) as bar:
-                cal.run_windows(model, token_ids, spans, lambda _b, _l, layer_x: inputs.add(layer_x),
-                                batch_tokens=batch_tokens, progress=bar)
+                cal.run_windows(
+                    model,
+                    token_ids,
+                    spans,
+                    lambda _b, _l, layer_x: inputs.add(layer_x),
+                    batch_tokens=batch_tokens,
+                    progress=bar,
+                )
             inputs.flush()
             del inputs
             meta["collected"] = True
@@ -340,8 +365,10 @@ def train(
                 qs = cal.activation_quantiles(ffn, x, list(SPARSITY_GRID) + [opts.sparsity], seed=opts.seed)
                 t_act = qs[-1]
                 rule = cal.ActiveRule("threshold", {i: t_act})
-                rec_extra = {"activation_threshold": t_act,
-                             "activation_quantiles": {str(s): q for s, q in zip(SPARSITY_GRID, qs)}}
+                rec_extra = {
+                    "activation_threshold": t_act,
+                    "activation_quantiles": {str(s): q for s, q in zip(SPARSITY_GRID, qs)},
+                }
             y = cal.active_sets(ffn, x, rule)
             n = y.shape[1]
             used = sum(p.num_elems for p in predictors)
@@ -355,10 +382,16 @@ def train(
             predictors.append(p)
             records.append(rec)
             v = rec["validation"]
-            log(f"layer {i}: rank {rec['rank']}, recall {v['recall']:.4f}, predicted/true {v['ratio']:.2f} "
+            log(
+                f"layer {i}: rank {rec['rank']}, recall {v['recall']:.4f}, predicted/true {v['ratio']:.2f} "
                 f"({100 * v['predicted_fraction']:.1f}% vs {100 * v['active_fraction']:.1f}% of neurons)"
-                + ("" if rec["met_max_ratio"] else f" (ratio above --max-ratio {opts.max_ratio}: "
-                   + ("the rank is fixed by --rank)" if opts.rank else "the size budget capped the rank)")))
+                + (
+                    ""
+                    if rec["met_max_ratio"]
+                    else f" (ratio above --max-ratio {opts.max_ratio}: "
+                    + ("the rank is fixed by --rank)" if opts.rank else "the size budget capped the rank)")
+                )
+            )
         layer_bar.close()
 
         elems = sum(p.num_elems for p in predictors)
@@ -382,9 +415,18 @@ def train(
             "recall_target": opts.recall,
             "fraction_of_model": info["fraction_of_model"],
             "layers": [
-                {"layer": r["layer"], "rank": r["rank"], "threshold": r["threshold"],
-                 "recall": r["validation"]["recall"], "ratio": r["validation"]["ratio"],
-                 **({"activation_threshold": r["activation_threshold"]} if "activation_threshold" in r else {})}
+                {
+                    "layer": r["layer"],
+                    "rank": r["rank"],
+                    "threshold": r["threshold"],
+                    "recall": r["validation"]["recall"],
+                    "ratio": r["validation"]["ratio"],
+                    **(
+                        {"activation_threshold": r["activation_threshold"]}
+                        if "activation_threshold" in r
+                        else {}
+                    ),
+                }
                 for r in records
             ],
         }
