@@ -6,90 +6,19 @@ statistics: FlashFFN layers report time and counts here, and `stats()` reads the
 
 from __future__ import annotations
 
-import errno
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 
 import mlx.core as mx
 import numpy as np
 
 from .budget import MemoryPlan, stream_block_neurons
 from .cache import host_writable_buffer
-from .errors import MlxFlashError
 from .layout import SECTOR, Manifest
-from .reader import FlashReader, FlashReadError, ReadFuture
+from .reader import FlashReader, ReadFuture
+from .reader.checksums import FlashChecksumError, VerifyingReader  # noqa: F401 - importable from here
 from .stats import PassStats, StatsSummary, peak_rss_bytes, summarize
-
-
-class FlashChecksumError(FlashReadError, MlxFlashError):
-    """A neuron read from flash does not match the checksum taken when the folder was verified."""
-
-
-class VerifyingReader(FlashReader):
-    """A FlashReader (`verify=True`) that checks every neuron row it delivers against the crc32
-    of that row taken while the whole folder's checksums were verified at load
-    (`layout.verify_layer`): a file changed or corrupted after load is caught at the read.
-
-    The check runs on the float32 rows the reader returns, converted back to the stored dtype
-    (exact for float32, float16 and bfloat16), one crc32 per row; in a quantized folder, on the
-    stored fields (packed weights as they are, scales and biases converted back), before any
-    dequantization."""
-
-    def __init__(self, folder, manifest: Manifest, row_checksums: list[list[np.ndarray]], **kwargs):
-        super().__init__(folder, manifest, **kwargs)
-        self.row_checksums = row_checksums
-
-    def _submit(self, layer: int, ids: np.ndarray, *args, **kwargs) -> ReadFuture:
-        inner = super()._submit(layer, ids, *args, **kwargs)
-        ids = np.asarray(ids).astype(np.int64, copy=False)
-        checked = ReadFuture(self.stats, layer)
-        checked.set_running_or_notify_cancel()
-
-        def check(f: Future) -> None:
-            try:
-                rows = Future.result(f, 0)
-                self._check(layer, ids, rows)
-            except BaseException as exc:
-                checked.set_exception(exc)
-            else:
-                checked.set_result(rows)
-
-        inner.add_done_callback(check)
-        return checked
-
-    def _check(self, layer: int, ids: np.ndarray, rows: dict[str, np.ndarray]) -> None:
-        entry = self.manifest.layers[layer]
-        for seg, crc in zip(entry.segments, self.row_checksums[layer]):
-            stored = np.ascontiguousarray(
-                np.concatenate(
-                    [_stored(rows[c.key], c.dtype).view(np.uint8) for c in self.manifest.columns(seg)], axis=1
-                )
-            )
-            want = crc[ids]
-            for j in range(len(ids)):
-                if zlib.crc32(stored[j]) != want[j]:
-                    n = int(ids[j])
-                    raise FlashChecksumError(
-                        f"{self.folder / entry.file}: neuron {n} of layer {layer} (tensor {seg.tensor}, byte "
-                        f"{seg.row_offset(n)}) does not match the checksum taken at load: the file changed or is "
-                        "corrupt; check it with python -m mlx_flash.convert --verify, or convert again",
-                        path=str(self.folder / entry.file),
-                        offset=seg.row_offset(n),
-                        layer=layer,
-                        err=errno.EIO,
-                    )
-
-
-def _stored(rows: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 rows as they are stored on flash (the inverse of the reader's exact conversion)."""
-    if dtype == "float16":
-        return rows.astype(np.float16)
-    if dtype == "bfloat16":
-        return (np.ascontiguousarray(rows).view(np.uint32) >> 16).astype(np.uint16)
-    return rows
 
 
 class FlashRuntime:

@@ -27,7 +27,16 @@ from mlx_flash.layout import (
     part_tensor_name,
     write_manifest,
 )
-from mlx_flash.reader import FlashReader, FlashReadError, ReaderClosedError, plan_chunks
+from mlx_flash.reader import (
+    Fault,
+    FlashReader,
+    FlashReadError,
+    ReaderClosedError,
+    ThreadEngine,
+    available_engines,
+    make_engine,
+    plan_chunks,
+)
 from mlx_flash.safetensors_file import PlannedTensor, SafetensorsWriter
 
 ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -84,11 +93,11 @@ def as_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
     return np.array(a.astype(mx.float32))
 
 
-ENGINES = ["threads", "aio"]
+ENGINES = available_engines()  # every engine that loads here: the same results from each
 
 
 def open_reader(folder, manifest, engine, **kw) -> FlashReader:
-    """A FlashReader on `engine`; skips the test where Linux native AIO is not to be had."""
+    """A FlashReader on `engine`; skips the test where Linux native AIO is refused."""
     try:
         return FlashReader(folder, manifest, engine=engine, **kw)
     except OSError as e:
@@ -167,17 +176,16 @@ def test_caller_buffers_filled_aligned_or_not(tmp_path, elems, engine):
             r.read(0, [1, 2], out=r.empty_rows(3))
 
 
-class SlowAndFailingReader(FlashReader):
+class SlowAndFailingRead:
     """The fourth read fails at once, while the three before it (one per other thread) are still
     running: the error must not reach the caller while any read is still writing into its
     buffers."""
 
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
+    def __init__(self):
         self.calls, self.running = 0, 0
         self._count_lock = threading.Lock()
 
-    def _pread_into(self, fd, bufs, offset):
+    def __call__(self, fd, bufs, offset):
         with self._count_lock:
             self.calls += 1
             fail = self.calls == 4
@@ -186,7 +194,7 @@ class SlowAndFailingReader(FlashReader):
             if fail:
                 raise OSError(errno.EIO, "Input/output error")
             time.sleep(0.2)
-            return super()._pread_into(fd, bufs, offset)
+            return os.preadv(fd, bufs, offset)
         finally:
             with self._count_lock:
                 self.running -= 1
@@ -194,10 +202,11 @@ class SlowAndFailingReader(FlashReader):
 
 def test_failed_request_resolves_after_its_last_read(tmp_path):
     m, raw = make_flash_folder(tmp_path)
-    with SlowAndFailingReader(tmp_path, m, threads=4, coalesce_gap=-1) as r:
+    pread = SlowAndFailingRead()
+    with FlashReader(tmp_path, m, coalesce_gap=-1, engine=ThreadEngine(4, pread=pread)) as r:
         with pytest.raises(FlashReadError):
             r.read(1, np.arange(0, 300, 5))
-        assert r.running == 0 and r.calls >= 4
+        assert pread.running == 0 and pread.calls >= 4
 
 
 @pytest.mark.parametrize("align", [512, SECTOR])
@@ -242,33 +251,20 @@ def test_reads_small_bundles_at_the_device_alignment(tmp_path):
             assert s.bytes_read < len(ids) * SECTOR
 
 
-class FaultyReader(FlashReader):
-    """Injects a fault into the n-th low-level read: an errno, a short read (0 bytes: end of
-    file) or a partial read (the first block only, which the reader must continue)."""
-
-    def __init__(self, *a, fail_at: int, fault: str, **kw):
-        super().__init__(*a, **kw)
-        self.calls, self.fail_at, self.fault = 0, fail_at, fault
-        self._count_lock = threading.Lock()
-
-    def _pread_into(self, fd, bufs, offset):
-        with self._count_lock:
-            self.calls += 1
-            hit = self.calls == self.fail_at
-        if hit and self.fault == "eio":
-            raise OSError(errno.EIO, "Input/output error")
-        if hit and self.fault == "short":
-            return 0
-        if hit and self.fault == "partial":
-            return super()._pread_into(fd, [bufs[0][: self.align]], offset)
-        return super()._pread_into(fd, bufs, offset)
+def faulty(engine: str, threads: int, kind: str, at: int):
+    """An engine (by name) whose `at`-th low-level read gets the fault `kind`."""
+    try:
+        return make_engine(engine, threads, faults=(Fault(kind, at),))
+    except OSError as e:
+        pytest.skip(f"engine {engine} refused here: {e}")
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("fault", ["eio", "short"])
-def test_fault_raises_clear_error_and_pool_keeps_working(tmp_path, fault):
+def test_fault_raises_clear_error_and_pool_keeps_working(tmp_path, fault, engine):
     m, raw = make_flash_folder(tmp_path)
     ids = np.arange(0, 300, 5)
-    with FaultyReader(tmp_path, m, threads=4, coalesce_gap=-1, fail_at=7, fault=fault) as r:
+    with FlashReader(tmp_path, m, threads=4, coalesce_gap=-1, engine=faulty(engine, 4, fault, 7)) as r:
         with pytest.raises(FlashReadError) as ei:
             r.read(1, ids)
         e = ei.value
@@ -278,13 +274,18 @@ def test_fault_raises_clear_error_and_pool_keeps_working(tmp_path, fault):
             check_rows(r.read(1, ids), raw[1], ids, "float16")
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("fault", ["partial", "eintr"])
 @pytest.mark.parametrize("elems", [(1400, 1400, 1400), (1024, 2048, 1024)])
-def test_partial_read_is_continued(tmp_path, elems):
+def test_partial_or_interrupted_read_is_continued(tmp_path, elems, fault, engine):
     m, raw = make_flash_folder(tmp_path, dtype="float32", elems=elems)
-    with FaultyReader(tmp_path, m, threads=2, max_read=65536, fail_at=2, fault="partial") as r:
+    with FlashReader(tmp_path, m, threads=2, max_read=65536, engine=faulty(engine, 2, fault, 2)) as r:
         ids = np.arange(100, 140)
+        r.stats.take()
         check_rows(r.read(0, ids), raw[0], ids, "float32")
-        assert r.calls > 2  # the fault was injected, and the read continued
+        reads = r.stats.take()[0]
+        # the fault was injected (an extra low-level read: the continuation or the retry)
+        assert reads.reads > reads.reads_into_outputs + reads.reads_via_scratch
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -336,10 +337,11 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0
 
 
-def test_close_leaks_nothing_and_is_idempotent(tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_close_leaks_nothing_and_is_idempotent(tmp_path, engine):
     m, _ = make_flash_folder(tmp_path)
     fds, threads = _open_fds(), threading.active_count()
-    r = FaultyReader(tmp_path, m, threads=5, coalesce_gap=-1, fail_at=3, fault="eio")
+    r = FlashReader(tmp_path, m, coalesce_gap=-1, engine=faulty(engine, 5, "eio", 3))
     with pytest.raises(FlashReadError):
         r.read(0, np.arange(0, 300, 20))  # 15 reads, 4800 bytes apart
     r.read(0, np.arange(0, 300, 20))
@@ -350,26 +352,26 @@ def test_close_leaks_nothing_and_is_idempotent(tmp_path):
         r.submit(0, [1])
 
 
-class SlowReader(FlashReader):
+class GatedRead:
     """Every read waits until the test lets it go."""
 
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
+    def __init__(self):
         self.gate, self.started = threading.Event(), threading.Event()
 
-    def _pread_into(self, fd, bufs, offset):
+    def __call__(self, fd, bufs, offset):
         self.started.set()
         self.gate.wait(5)
-        return super()._pread_into(fd, bufs, offset)
+        return os.preadv(fd, bufs, offset)
 
 
 def test_close_while_reading_fails_the_request_not_hangs(tmp_path):
     m, _ = make_flash_folder(tmp_path)
     threads = threading.active_count()
-    r = SlowReader(tmp_path, m, threads=2, coalesce_gap=-1)
+    pread = GatedRead()
+    r = FlashReader(tmp_path, m, coalesce_gap=-1, engine=ThreadEngine(2, pread=pread))
     future = r.submit(0, np.arange(0, 300, 20))
-    assert r.started.wait(5)
-    threading.Timer(0.05, r.gate.set).start()  # let the reads in flight finish during close()
+    assert pread.started.wait(5)
+    threading.Timer(0.05, pread.gate.set).start()  # let the reads in flight finish during close()
     r.close()
     with pytest.raises(ReaderClosedError):
         future.result(timeout=5)
@@ -385,16 +387,24 @@ def test_stats_count_reads_bytes_and_take_resets(tmp_path, engine):
         s = r.stats.take()
         assert (s[0].reads, s[0].bytes_read, s[0].bytes_used, s[0].neurons) == (3, 3 * 4096, 3 * 4096, 3)
         assert (s[1].reads, s[1].bytes_read, s[1].requests) == (1, 8192, 1)
+        assert (s[0].reads_into_outputs, s[0].reads_via_scratch) == (3, 0)  # float32 parts of whole blocks
         assert s[0].read_latency.count == 3 and s[0].request_latency.count == 1
         assert 0 < s[0].read_latency.quantile(0.5) <= s[0].read_latency.max_seconds
         assert s[0].wait_seconds >= 0
         assert r.stats.snapshot() == {}
+        unaligned = {
+            k: np.empty(v.size + 1, np.float32)[1:].reshape(v.shape) for k, v in r.empty_rows(2).items()
+        }
+        r.read(0, [1, 5], out=unaligned)  # outputs not aligned for O_DIRECT: through scratch
+        s = r.stats.take()[0]
+        assert (s.reads_into_outputs, s.reads_via_scratch) == (0, 2)
 
 
-def test_aio_close_with_requests_queued_fails_or_finishes_them_and_leaks_nothing(tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_close_with_requests_queued_fails_or_finishes_them_and_leaks_nothing(tmp_path, engine):
     m, raw = make_flash_folder(tmp_path, dtype="float32", elems=(1024, 1024, 1024))
     fds, threads = _open_fds(), threading.active_count()
-    r = open_reader(tmp_path, m, "aio", threads=2, coalesce_gap=-1)
+    r = open_reader(tmp_path, m, engine, threads=2, coalesce_gap=-1)
     ids = np.arange(0, 300, 2)
     futures = [r.submit(k % 2, ids) for k in range(20)]  # 150 reads each, 2 in flight at a time
     r.close()
@@ -409,29 +419,17 @@ def test_aio_close_with_requests_queued_fails_or_finishes_them_and_leaks_nothing
     assert _open_fds() == fds and threading.active_count() == threads
 
 
-def test_a_replaced_low_level_read_is_used_whatever_the_engine(tmp_path):
-    """Fault injection replaces `_pread_into`: the reader then reads on its threads, so the
-    replacement sees every read."""
-    m, _ = make_flash_folder(tmp_path)
-    try:
-        r = FaultyReader(tmp_path, m, threads=2, coalesce_gap=-1, fail_at=1, fault="eio", engine="aio")
-    except OSError as e:
-        pytest.skip(f"no Linux native AIO here: {e}")
-    with r:
-        assert r.engine == "aio"
-        with pytest.raises(FlashReadError, match="Input/output error"):
-            r.read(0, [1, 100])
-
-
 def test_aio_thread_failure_fails_the_requests_instead_of_hanging(tmp_path):
     m, _ = make_flash_folder(tmp_path)
-    r = open_reader(tmp_path, m, "aio", threads=2, coalesce_gap=-1)
+    if "aio" not in ENGINES:
+        pytest.skip("no Linux native AIO here")
+    engine = make_engine("aio", 2)
 
     def broken(*_a):
         raise OSError(errno.EIO, "io_getevents: Input/output error")
 
-    r._aio._aio.reap = broken
-    with r:
+    engine._aio.reap = broken  # the kernel's completions fail
+    with FlashReader(tmp_path, m, coalesce_gap=-1, engine=engine) as r:
         with pytest.raises(OSError, match="io_getevents"):
             r.read(0, np.arange(0, 300, 20))
         with pytest.raises(OSError, match="AIO thread stopped"):

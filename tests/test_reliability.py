@@ -37,7 +37,7 @@ from mlx_flash.convert import convert
 from mlx_flash.errors import MlxFlashError, run_cli
 from mlx_flash.layout import FlashFormatError
 from mlx_flash.model import load_dense, load_flash_model
-from mlx_flash.reader import FlashReadError
+from mlx_flash.reader import FlashReadError, ThreadEngine
 from mlx_flash.runtime import FlashChecksumError
 
 PROMPT = TOKENIZER_TEXT[:60]
@@ -310,13 +310,14 @@ def test_verify_checks_every_neuron_read_after_load(tiny, tmp_path):
 
 
 class Fault:
-    """Replaces a reader's low-level read: after `arm()`, the `at`-th read fails."""
+    """Gives a reader a thread engine whose low-level read this is: after `arm()`, the `at`-th
+    read fails."""
 
     def __init__(self, reader, kind: str, at: int = 1):
         self.kind, self.at, self.calls, self.armed = kind, at, 0, False
         self.lock = threading.Lock()
-        self.orig = reader._pread_into
-        reader._pread_into = self
+        self.orig = os.preadv
+        reader.swap_engine(ThreadEngine(reader.threads, pread=self))
 
     def arm(self) -> None:
         with self.lock:

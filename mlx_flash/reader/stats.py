@@ -1,7 +1,8 @@
-"""I/O counters of the flash reader: bytes, reads, waiting time and a latency distribution,
-per layer, resettable per token.
+"""I/O counters of the flash reader: bytes, reads (and whether they landed straight in the
+caller's buffers or went through scratch), waiting time and a latency distribution, per layer,
+resettable per token.
 
-The reader's worker threads count where the work happens (one locked update per finished
+The reader's engines count where the work happens (one locked update per finished
 request, not per read) and the caller reads one consistent copy with `IOStats.snapshot()`, or
 takes it and starts a new token's count at once with `IOStats.take()`.
 """
@@ -92,9 +93,21 @@ class LayerIOStats:
     reads: int = 0
     bytes_read: int = 0
     bytes_used: int = 0
+    reads_into_outputs: int = 0  # reads whose rows landed straight in the caller's buffers
+    reads_via_scratch: int = 0  # reads that landed in scratch and were copied/converted
     wait_seconds: float = 0.0  # time callers blocked in Future.result()
     read_latency: LatencyHistogram = field(default_factory=LatencyHistogram)  # one pread
     request_latency: LatencyHistogram = field(default_factory=LatencyHistogram)  # submit -> done
+
+    @classmethod
+    def of_reads(
+        cls, bytes_read: int, bytes_used: int, latencies, into_outputs: int, via_scratch: int
+    ) -> LayerIOStats:
+        """The counts of a batch of reads (`latencies`: seconds, one per low-level read)."""
+        s = cls(bytes_read=bytes_read, bytes_used=bytes_used, reads=len(latencies))
+        s.reads_into_outputs, s.reads_via_scratch = into_outputs, via_scratch
+        s.read_latency.add_many(latencies)
+        return s
 
     def merge(self, other: LayerIOStats) -> None:
         self.requests += other.requests
@@ -102,6 +115,8 @@ class LayerIOStats:
         self.reads += other.reads
         self.bytes_read += other.bytes_read
         self.bytes_used += other.bytes_used
+        self.reads_into_outputs += other.reads_into_outputs
+        self.reads_via_scratch += other.reads_via_scratch
         self.wait_seconds += other.wait_seconds
         self.read_latency.merge(other.read_latency)
         self.request_latency.merge(other.request_latency)
