@@ -1,29 +1,42 @@
-"""The flash cost model, measured: random-read throughput vs chunk size and threads, through
-mlx_flash's FlashReader and through fio (the independent reference) in the same run; and the
+"""The reader's engines against fio, and the flash cost model, measured in one run: random-read
+throughput and CPU time per read by request size and reads in flight, on a quiet machine and
+beside a CPU-busy neighbour; the fixed cost of a request (8 contiguous rows against 1); and the
 neuron cache's memory-management cost per token against a bare memcpy of the same rows.
 
     python benchmarks/bench_io.py --out DIR [--file-gb N] [--quick]
+        [--engines native-io_uring,threads,...] [--chunks 4,16,...] [--depths 1,4,...]
+        [--conditions quiet,busy]
 
-Writes DIR/bench_io.json (points: chunk_bytes, threads, mlx_flash_mbps, fio_mbps, each the
-median of --repeats alternating measurements; the fitted cost model; the cache rows),
-DIR/bench_io.png (both curves), and prints tables. The data file
-(random bytes, so that no layer of storage can skip the reads) is written in DIR and deleted
-at the end unless --keep-file; page cache is bypassed with O_DIRECT on both sides.
+Every cell runs each engine (all that load here, by default) and fio (psync with one job per
+read in flight, and io_uring with that iodepth: the better of the two is the reference) on the
+same file, alternately, `--repeats` times, medians. Throughput is MB/s of flash bytes; CPU per
+read is the process's user+system CPU time (getrusage, every thread) over the reads it made,
+and fio's own usr+sys CPU over its reads. "busy": a second process spins on one core meanwhile.
+The reader keeps two requests in flight, each filling one of two reused output sets, as a
+prefetching caller would; the random ids are drawn before the clock starts.
 
-Cost model: at a thread count T, the time per read (aggregate: elapsed / reads) is fitted as
-t(c) = a + b*c over chunk sizes c. Merging two reads that lie g bytes apart saves `a` and costs
-`b*g`, so gaps below a/b are worth reading and discarding (the reader's coalesce_gap); the
-thread count is the smallest reaching 95% of the best throughput at bundle-sized chunks, and
-the largest useful read (max_read) the smallest chunk reaching 95% of the best at that count.
+Writes DIR/bench_io.json (cells, targets, the fitted cost model, batch and cache rows),
+DIR/bench_io.png, and prints tables. The data file (random bytes, so that no layer of storage
+can skip the reads) is written in DIR and deleted at the end unless --keep-file; the page cache
+is bypassed with O_DIRECT on both sides.
+
+Cost model: at a depth T, the time per read (aggregate: elapsed / reads) of the default engine
+on the quiet machine is fitted as t(c) = a + b*c over chunk sizes c. Merging two reads that lie
+g bytes apart saves `a` and costs `b*g`, so gaps below a/b are worth reading and discarding
+(the reader's coalesce_gap); the depth is the smallest reaching 95% of the best throughput at
+bundle-sized chunks, and the largest useful read (max_read) the smallest chunk reaching 95% of
+the best at that depth.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import mmap
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -37,13 +50,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mlx_flash.cache import NeuronCache  # noqa: E402
 from mlx_flash.layout import DATA_ALIGNMENT, LayerEntry, Manifest, Part, Segment  # noqa: E402
-from mlx_flash.reader import FlashReader  # noqa: E402
+from mlx_flash.reader import FlashReader, available_engines  # noqa: E402
 
 KIB = 1024
-FULL_CHUNKS = [4, 8, 16, 32, 64, 128, 256, 1024]  # KiB
-FULL_THREADS = [1, 4, 8, 16, 32]
-QUICK_CHUNKS = [4, 16, 64, 1024]
-QUICK_THREADS = [1, 4, 16]
+FULL_CHUNKS = [4, 16, 64, 256, 1024]  # KiB
+FULL_DEPTHS = [1, 4, 16, 64]
+QUICK_CHUNKS = [4, 64]
+QUICK_DEPTHS = [1, 16]
 BUNDLE_CHUNKS = (16 * KIB, 32 * KIB, 64 * KIB)  # the bundle sizes of real models (fp16..fp32)
 DATA_NAME = "bench_io.data"
 
@@ -108,44 +121,71 @@ def host_buffer(reader: FlashReader, n: int, kind: str = "small_pages") -> dict[
     return out
 
 
-def reader_mbps(
+def cpu_seconds() -> float:
+    """This process's user + system CPU time so far (every thread)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def id_sets(n: int, per_request: int, count: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """`count` sorted random sets of `per_request` distinct rows of [0, n), drawn in advance."""
+    return [np.sort(rng.choice(n, size=per_request, replace=False)) for _ in range(count)]
+
+
+def reader_run(
     path: Path,
     chunk: int,
-    threads: int,
+    depth: int,
     seconds: float,
     rng: np.random.Generator,
-    dtype: str = "float32",
-    buffers: str = "small_pages",
     engine: str | None = None,
-) -> float:
-    """Random `chunk`-byte reads through FlashReader for `seconds`, MB/s of flash bytes. Two
-    requests stay in flight, each filling one of two reused output sets (`out=`), as a
-    prefetching caller would: the pool never idles, no request pays for fresh memory."""
+    dtype: str = "float32",
+) -> dict:
+    """Random `chunk`-byte reads through FlashReader for `seconds` with `depth` reads in
+    flight: MB/s of flash bytes, CPU microseconds per read, and how the reads landed. Two
+    requests stay in flight, each filling one of two reused output sets (`out=`)."""
     m = bench_manifest(path, chunk, dtype)
     n = m.layers[0].num_neurons
-    per_request = max(2 * threads, (8 << 20) // chunk)
+    per_request = max(2 * depth, (4 << 20) // chunk)
+    sets = id_sets(n, per_request, 16, rng)
     with FlashReader(
-        path.parent, m, threads=threads, direct=True, coalesce_gap=-1, max_read=chunk, engine=engine
+        path.parent, m, threads=depth, direct=True, coalesce_gap=-1, max_read=chunk, engine=engine
     ) as r:
-        outs = [host_buffer(r, per_request, buffers) for _ in range(2)]
+        outs = [host_buffer(r, per_request) for _ in range(2)]
+        r.read(0, sets[0], out=outs[0])  # warm: threads started, buffers touched
+        r.stats.take()
 
         def submit(k: int):
-            return r.submit(0, np.sort(rng.choice(n, size=per_request, replace=False)), out=outs[k % 2])
+            return r.submit(0, sets[k % len(sets)], out=outs[k % 2])
 
-        t0 = time.perf_counter()
+        c0, t0 = cpu_seconds(), time.perf_counter()
         pending, k = submit(0), 1
         while time.perf_counter() - t0 < seconds:
             nxt = submit(k)
             pending.result()
             pending, k = nxt, k + 1
         pending.result()
-        return k * per_request * chunk / (time.perf_counter() - t0) / 1e6
+        wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+        st = r.stats.take().get(0)
+        reads = k * per_request
+        return {
+            "mbps": reads * chunk / wall / 1e6,
+            "cpu_us_per_read": cpu / reads * 1e6,
+            "engine": r.engine,
+            "reads_into_outputs": st.reads_into_outputs if st else 0,
+            "reads_via_scratch": st.reads_via_scratch if st else 0,
+        }
 
 
-def fio_mbps(path: Path, chunk: int, threads: int, seconds: float) -> float:
-    """fio's random-read throughput over the same bytes of the same file, psync, O_DIRECT."""
+def children_cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def fio_command(path: Path, chunk: int, depth: int, ioengine: str, *limit: str) -> list[str]:
     size = (path.stat().st_size - DATA_ALIGNMENT) // chunk * chunk
-    cmd = [
+    jobs = ["--numjobs", str(depth)] if ioengine == "psync" else ["--iodepth", str(depth)]
+    return [
         "fio",
         "--name=bench",
         f"--filename={path}",
@@ -154,64 +194,132 @@ def fio_mbps(path: Path, chunk: int, threads: int, seconds: float) -> float:
         "--direct=1",
         "--rw=randread",
         f"--bs={chunk}",
-        "--ioengine=psync",
-        f"--numjobs={threads}",
+        f"--ioengine={ioengine}",
+        *jobs,
         "--thread",
         "--group_reporting",
-        "--time_based",
-        f"--runtime={int(seconds * 1000)}ms",
         "--norandommap",
         "--randrepeat=0",
         "--output-format=json",
+        *limit,
     ]
+
+
+def fio_run(path: Path, chunk: int, depth: int, seconds: float, ioengine: str) -> dict:
+    """fio's random reads over the same bytes of the same file, O_DIRECT: `ioengine` psync
+    with `depth` jobs (threads), or io_uring with iodepth `depth`. MB/s, and CPU per read:
+    fio's user+system time by getrusage (the instrument used for the reader), less that of the
+    same command stopped after one read per job (its start-up and set-up). It agrees with
+    fio's own JSON figure for one job; the JSON's figure for several psync jobs is not
+    consistent (2% to 30x off), so it is not used."""
+    c0 = children_cpu_seconds()
+    subprocess.run(
+        fio_command(path, chunk, depth, ioengine, "--number_ios=1"), capture_output=True, check=True
+    )
+    c1 = children_cpu_seconds()
+    timed = fio_command(path, chunk, depth, ioengine, "--time_based", f"--runtime={int(seconds * 1000)}ms")
+    out = subprocess.run(timed, capture_output=True, text=True, check=True).stdout
+    c2 = children_cpu_seconds()
+    job = json.loads(out[out.index("{") :])["jobs"][0]
+    ios = max(job["read"]["total_ios"], 1)
+    return {
+        "mbps": job["read"]["bw_bytes"] / 1e6,
+        "cpu_us_per_read": max((c2 - c1) - (c1 - c0), 1e-9) / ios * 1e6,
+        "cpu_us_per_read_with_setup": (c2 - c1) / ios * 1e6,
+    }
+
+
+FIO_ENGINES = ("psync", "io_uring")
+
+
+class BusyNeighbour:
+    """A second process computing (a Python loop spinning on one core) while in the block."""
+
+    def __enter__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        time.sleep(0.2)
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def measure_cell(
+    path: Path, chunk: int, depth: int, seconds: float, repeats: int, engines: list[str], rng
+) -> dict:
+    """Every engine and both fio engines alternately, `repeats` times each, medians: the
+    disk's throughput drifts from second to second, alternation spreads the drift evenly."""
+    samples: dict[str, list[dict]] = {e: [] for e in engines + [f"fio-{f}" for f in FIO_ENGINES]}
+    for _ in range(repeats):
+        for e in engines:
+            samples[e].append(reader_run(path, chunk, depth, seconds, rng, e))
+        for f in FIO_ENGINES:
+            samples[f"fio-{f}"].append(fio_run(path, chunk, depth, seconds, f))
+    cell = {"chunk_bytes": chunk, "depth": depth, "results": {}}
+    for name, runs in samples.items():
+        cell["results"][name] = {
+            "mbps": float(np.median([r["mbps"] for r in runs])),
+            "cpu_us_per_read": float(np.median([r["cpu_us_per_read"] for r in runs])),
+            "mbps_samples": [r["mbps"] for r in runs],
+            **(
+                {"reads_into_outputs": runs[-1]["reads_into_outputs"]}
+                if "reads_into_outputs" in runs[-1]
+                else {}
+            ),
+        }
+    fio = [cell["results"][f"fio-{f}"] for f in FIO_ENGINES]
+    cell["fio_best_mbps"] = max(f["mbps"] for f in fio)
+    cell["fio_best_cpu_us_per_read"] = min(f["cpu_us_per_read"] for f in fio)
+    return cell
+
+
+def batch_cost(path: Path, row: int, engines: list[str], requests: int, rng) -> list[dict]:
+    """The fixed cost of a request: median wall time (and CPU) of reading 1 row against 8
+    contiguous rows (one coalesced read), one request at a time, random places, per engine;
+    fio at the same two sizes, depth 1, as the disk's own ratio."""
+    rows = []
+    m = bench_manifest(path, row)
+    n = m.layers[0].num_neurons
+    for e in engines:
+        with FlashReader(path.parent, m, threads=8, direct=True, engine=e) as r:
+            outs = {k: host_buffer(r, k) for k in (1, 8)}
+            r.read(0, np.arange(8), out=outs[8])
+            got = {}
+            for k in (1, 8):
+                starts = rng.integers(0, n - 8, size=requests)
+                times, c0 = [], cpu_seconds()
+                for s in starts:
+                    t0 = time.perf_counter()
+                    r.read(0, np.arange(s, s + k), out=outs[k])
+                    times.append(time.perf_counter() - t0)
+                got[k] = (float(np.median(times)), (cpu_seconds() - c0) / requests)
+            rows.append(
+                {
+                    "engine": e,
+                    "engine_used": r.engine,
+                    "row_bytes": row,
+                    "one_row_us": got[1][0] * 1e6,
+                    "eight_rows_us": got[8][0] * 1e6,
+                    "ratio": got[8][0] / got[1][0],
+                    "one_row_cpu_us": got[1][1] * 1e6,
+                    "eight_rows_cpu_us": got[8][1] * 1e6,
+                }
+            )
+    f1 = fio_lat(path, row)
+    f8 = fio_lat(path, 8 * row)
+    rows.append(
+        {"engine": "fio-psync", "row_bytes": row, "one_row_us": f1, "eight_rows_us": f8, "ratio": f8 / f1}
+    )
+    return rows
+
+
+def fio_lat(path: Path, chunk: int) -> float:
+    """fio's median completion latency of single `chunk`-byte random reads (psync, depth 1), us."""
+    cmd = fio_command(path, chunk, 1, "psync", "--time_based", "--runtime=1500ms")
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out[out.index("{") :])["jobs"][0]["read"]["bw_bytes"] / 1e6
-
-
-def measure_point(
-    path: Path,
-    chunk: int,
-    threads: int,
-    seconds: float,
-    repeats: int,
-    rng: np.random.Generator,
-    engine: str | None = None,
-) -> dict:
-    """mlx_flash and fio alternately, `repeats` times each, medians: the disk's throughput
-    drifts from second to second (a shared virtual disk), alternation spreads the drift evenly."""
-    ours, ref = [], []
-    for _ in range(repeats):
-        ours.append(reader_mbps(path, chunk, threads, seconds, rng, engine=engine))
-        ref.append(fio_mbps(path, chunk, threads, seconds))
-    return {
-        "chunk_bytes": chunk,
-        "threads": threads,
-        "mlx_flash_mbps": float(np.median(ours)),
-        "fio_mbps": float(np.median(ref)),
-        "mlx_flash_samples": ours,
-        "fio_samples": ref,
-    }
-
-
-def buffer_placement(
-    path: Path,
-    chunk: int,
-    threads: int,
-    seconds: float,
-    repeats: int,
-    rng: np.random.Generator,
-    engine: str | None = None,
-) -> dict:
-    """The reader's throughput by kind of output buffer (medians of alternating runs)."""
-    samples: dict[str, list[float]] = {k: [] for k in BUFFER_KINDS}
-    for _ in range(repeats):
-        for kind in BUFFER_KINDS:
-            samples[kind].append(reader_mbps(path, chunk, threads, seconds, rng, buffers=kind, engine=engine))
-    return {
-        "chunk_bytes": chunk,
-        "threads": threads,
-        **{f"{k}_mbps": float(np.median(v)) for k, v in samples.items()},
-    }
+    lat = json.loads(out[out.index("{") :])["jobs"][0]["read"]["clat_ns"]["percentile"]
+    return lat["50.000000"] / 1e3
 
 
 # -- the cost model ------------------------------------------------------------------------
@@ -335,65 +443,118 @@ def machine() -> dict:
     }
 
 
-def plot(points: list[dict], path: Path) -> None:
+def plot(cells: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for i, t in enumerate(sorted({p["threads"] for p in points})):
-        row = sorted((p for p in points if p["threads"] == t), key=lambda p: p["chunk_bytes"])
-        kib = [p["chunk_bytes"] / KIB for p in row]
-        color = f"C{i}"
-        ax.plot(kib, [p["mlx_flash_mbps"] for p in row], "-o", color=color, label=f"mlx_flash, {t} threads")
-        ax.plot(kib, [p["fio_mbps"] for p in row], "--x", color=color, label=f"fio, {t} jobs")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("chunk size (KiB)")
-    ax.set_ylabel("random read throughput (MB/s)")
-    ax.set_title("Random reads, O_DIRECT: FlashReader vs fio (psync)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    conditions = sorted({c["condition"] for c in cells})
+    depths = sorted({c["depth"] for c in cells})
+    fig, axes = plt.subplots(
+        len(conditions), len(depths), figsize=(4 * len(depths), 3.5 * len(conditions)), squeeze=False
+    )
+    for i, cond in enumerate(conditions):
+        for j, d in enumerate(depths):
+            ax = axes[i][j]
+            row = sorted(
+                (c for c in cells if c["condition"] == cond and c["depth"] == d),
+                key=lambda c: c["chunk_bytes"],
+            )
+            kib = [c["chunk_bytes"] / KIB for c in row]
+            for name in row[0]["results"]:
+                style = "--x" if name.startswith("fio") else "-o"
+                ax.plot(kib, [c["results"][name]["mbps"] for c in row], style, label=name)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{cond}, {d} in flight", fontsize=9)
+            ax.set_xlabel("request (KiB)")
+            ax.set_ylabel("MB/s")
+            ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Random reads, O_DIRECT: the reader's engines against fio")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
+
+
+def targets(cells: list[dict], engines: list[str], batch: list[dict]) -> dict:
+    """The issue's targets per engine: throughput against the better fio at >= 16 KiB (median,
+    worst; quiet and busy), CPU per read against fio's (median over cells), 8 rows / 1 row."""
+    out = {}
+    for e in engines:
+        t = {}
+        for cond in sorted({c["condition"] for c in cells}):
+            big = [c for c in cells if c["condition"] == cond and c["chunk_bytes"] >= 16 * KIB]
+            ratios = [c["results"][e]["mbps"] / c["fio_best_mbps"] for c in big]
+            cpu = [
+                c["results"][e]["cpu_us_per_read"] / c["fio_best_cpu_us_per_read"]
+                for c in cells
+                if c["condition"] == cond
+            ]
+            if ratios:
+                t[cond] = {
+                    "throughput_median": float(np.median(ratios)),
+                    "throughput_worst": float(np.min(ratios)),
+                    "cells": len(ratios),
+                }
+            t.setdefault(cond, {})["cpu_per_read_median"] = float(np.median(cpu))
+            t[cond]["cpu_per_read_worst"] = float(np.max(cpu))
+        t["batch_8_over_1"] = {f"{b['row_bytes'] // KIB} KiB": b["ratio"] for b in batch if b["engine"] == e}
+        out[e] = t
+    return out
 
 
 def print_tables(
-    points: list[dict], fp16: list[dict], placement: list[dict], model: dict, cache_rows: list[dict]
+    cells: list[dict], engines: list[str], model: dict | None, batch: list[dict], goals: dict
 ) -> None:
-    threads = sorted({p["threads"] for p in points})
-    print("\nRandom-read throughput, MB/s: mlx_flash / fio (ratio)")
-    print("| chunk | " + " | ".join(f"{t} thr" for t in threads) + " |")
-    print("|---" * (len(threads) + 1) + "|")
-    for c in sorted({p["chunk_bytes"] for p in points}):
-        cells = []
-        for t in threads:
-            p = next(p for p in points if p["chunk_bytes"] == c and p["threads"] == t)
-            cells.append(
-                f"{p['mlx_flash_mbps']:.0f} / {p['fio_mbps']:.0f} ({p['mlx_flash_mbps'] / p['fio_mbps']:.2f})"
-            )
-        print(f"| {c // KIB} KiB | " + " | ".join(cells) + " |")
-    print("\nCost model t(c) = a + b*c (aggregate time per read):")
-    for t, f in model["fits"].items():
+    for cond in sorted({c["condition"] for c in cells}):
+        print(f"\nRandom reads, {cond}: MB/s (ratio to the better fio) | CPU us per read")
+        names = list(cells[0]["results"])
+        print("| request | in flight | " + " | ".join(names) + " |")
+        print("|---" * (len(names) + 2) + "|")
+        for c in (c for c in cells if c["condition"] == cond):
+            row = []
+            for name in names:
+                r = c["results"][name]
+                ratio = "" if name.startswith("fio") else f" ({r['mbps'] / c['fio_best_mbps']:.2f})"
+                row.append(f"{r['mbps']:.0f}{ratio} \\| {r['cpu_us_per_read']:.1f}")
+            print(f"| {c['chunk_bytes'] // KIB} KiB | {c['depth']} | " + " | ".join(row) + " |")
+    if batch:
         print(
-            f"  {t:>2} threads: a = {f['a_us']:.1f} us, b = {f['b_ns_per_byte']:.3f} ns/B, break-even gap = {f['break_even_gap_bytes'] / KIB:.1f} KiB"
+            "\nA request of 8 contiguous rows against 1 row (median wall us, one at a time; CPU us per request)"
         )
-    print(
-        f"  chosen: threads={model['threads']}, coalesce_gap={model['coalesce_gap']}, max_read={model['max_read']}"
-    )
-    print(
-        f"\nfloat16 on flash -> float32 (scratch + conversion), {model['threads']} threads, MB/s of flash bytes:"
-    )
-    print("  " + ", ".join(f"{p['chunk_bytes'] // KIB} KiB {p['mlx_flash_fp16_mbps']:.0f}" for p in fp16))
-    print(
-        "\nReader MB/s by output buffer: "
-        + "; ".join(
-            f"{p['chunk_bytes'] // KIB} KiB x {p['threads']}: "
-            + ", ".join(f"{k} {p[k + '_mbps']:.0f}" for k in BUFFER_KINDS)
-            for p in placement
+        print("| engine | row | 1 row | 8 rows | ratio | CPU 1 | CPU 8 |")
+        print("|---|---|---|---|---|---|---|")
+        for b in batch:
+            cpu = (
+                f"{b['one_row_cpu_us']:.1f} | {b['eight_rows_cpu_us']:.1f}"
+                if "one_row_cpu_us" in b
+                else "- | -"
+            )
+            print(
+                f"| {b['engine']} | {b['row_bytes'] // KIB} KiB | {b['one_row_us']:.0f} | {b['eight_rows_us']:.0f} | {b['ratio']:.2f} | {cpu} |"
+            )
+    print("\nTargets (throughput at >= 16 KiB vs the better fio; CPU per read vs fio's lower):")
+    for e, t in goals.items():
+        parts = []
+        for cond, v in t.items():
+            if cond == "batch_8_over_1":
+                parts.append("8 rows/1 row " + ", ".join(f"{k} {r:.2f}" for k, r in v.items()))
+            elif "throughput_median" in v:
+                parts.append(
+                    f"{cond}: median {v['throughput_median']:.2f}, worst {v['throughput_worst']:.2f}, "
+                    f"CPU/read {v['cpu_per_read_median']:.2f}x (worst {v['cpu_per_read_worst']:.2f}x)"
+                )
+        print(f"  {e}: " + "; ".join(parts))
+    if model:
+        print("\nCost model t(c) = a + b*c (aggregate time per read, the default engine, quiet):")
+        for t, f in model["fits"].items():
+            print(
+                f"  {t:>2} in flight: a = {f['a_us']:.1f} us, b = {f['b_ns_per_byte']:.3f} ns/B, "
+                f"break-even gap = {f['break_even_gap_bytes'] / KIB:.1f} KiB"
+            )
+        print(
+            f"  chosen: depth={model['threads']}, coalesce_gap={model['coalesce_gap']}, max_read={model['max_read']}"
         )
-    )
-    print_cache_table(cache_rows)
 
 
 def print_cache_table(cache_rows: list[dict]) -> None:
@@ -440,12 +601,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--out", required=True, type=Path, help="folder for bench_io.json, bench_io.png and the data file"
     )
-    ap.add_argument("--file-gb", type=float, default=None, help="data file size in GB (default 4, --quick 1)")
+    ap.add_argument("--file-gb", type=float, default=None, help="data file size in GB (default 2, --quick 1)")
     ap.add_argument(
-        "--seconds", type=float, default=None, help="seconds per measurement (default 0.7, --quick 0.4)"
+        "--seconds", type=float, default=None, help="seconds per measurement (default 0.5, --quick 0.3)"
     )
     ap.add_argument(
-        "--repeats", type=int, default=3, help="alternating measurements per point and side (median)"
+        "--repeats", type=int, default=2, help="alternating measurements per cell and side (median)"
     )
     ap.add_argument("--quick", action="store_true", help="a small grid, short points")
     ap.add_argument("--keep-file", action="store_true", help="keep the data file for a later run")
@@ -456,21 +617,18 @@ def main(argv: list[str] | None = None) -> int:
         help="read this existing file (e.g. a converted model's shard; never written or deleted) "
         "instead of writing --file-gb of random bytes",
     )
-    ap.add_argument("--skip-cache", action="store_true", help="only the I/O grid")
+    ap.add_argument("--skip-cache", action="store_true", help="no cache rows")
+    ap.add_argument("--skip-batch", action="store_true", help="no 8-rows-against-1 rows")
     ap.add_argument(
         "--cache-only", action="store_true", help="only the cache's memory-management rows (no fio)"
     )
     ap.add_argument(
-        "--engine",
-        choices=("threads", "aio"),
-        default=None,
-        help="the reader's engine for the grid (default: the reader's default, threads)",
+        "--engines", type=str, default=None, help="comma-separated engines (default: all that load here)"
     )
+    ap.add_argument("--chunks", type=str, default=None, help="comma-separated request sizes in KiB")
+    ap.add_argument("--depths", type=str, default=None, help="comma-separated reads in flight")
     ap.add_argument(
-        "--chunks", type=str, default=None, help="comma-separated chunk sizes in KiB (default: the full grid)"
-    )
-    ap.add_argument(
-        "--threads", type=str, default=None, help="comma-separated thread counts (default: the full grid)"
+        "--conditions", type=str, default="quiet,busy", help="quiet, busy (a CPU-busy neighbour), or both"
     )
     args = ap.parse_args(argv)
     if args.cache_only:
@@ -479,10 +637,15 @@ def main(argv: list[str] | None = None) -> int:
         print("error: fio is not installed (apt-get install fio / brew install fio)", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    gb = args.file_gb or (1.0 if args.quick else 4.0)
-    seconds = args.seconds or (0.4 if args.quick else 0.7)
+    gb = args.file_gb or (1.0 if args.quick else 2.0)
+    seconds = args.seconds or (0.3 if args.quick else 0.5)
     chunks = [c * KIB for c in (_ints(args.chunks) or (QUICK_CHUNKS if args.quick else FULL_CHUNKS))]
-    threads = _ints(args.threads) or (QUICK_THREADS if args.quick else FULL_THREADS)
+    depths = _ints(args.depths) or (QUICK_DEPTHS if args.quick else FULL_DEPTHS)
+    engines = args.engines.split(",") if args.engines else available_engines()
+    conditions = args.conditions.split(",")
+    if not set(conditions) <= {"quiet", "busy"}:
+        print(f"error: --conditions takes quiet and/or busy, got {args.conditions}", file=sys.stderr)
+        return 2
     data = args.data or args.out / DATA_NAME
     rng = np.random.default_rng(0)
     if args.data:
@@ -494,50 +657,67 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"writing {gb:g} GB of random data to {data} ...", flush=True)
         write_data_file(data, int(gb * 1e9) // (1 << 20) * (1 << 20))
-    points = []
+    cells, batch = [], []
+    t_start = time.perf_counter()
     try:
-        for c in chunks:
-            for t in threads:
-                p = measure_point(data, c, t, seconds, args.repeats, rng, args.engine)
-                points.append(p)
-                print(
-                    f"  {c // KIB:>5} KiB x {t:>2} threads: mlx_flash {p['mlx_flash_mbps']:7.1f} MB/s, "
-                    f"fio {p['fio_mbps']:7.1f} MB/s ({p['mlx_flash_mbps'] / p['fio_mbps']:.2f})",
-                    flush=True,
-                )
-        model = fit_cost_model(points)
-        fp16 = []  # the conversion path (float16 on flash, float32 out) at the chosen thread count
-        for c in chunks:
-            mbps = reader_mbps(data, c, model["threads"], seconds, rng, "float16", engine=args.engine)
-            fp16.append({"chunk_bytes": c, "threads": model["threads"], "mlx_flash_fp16_mbps": mbps})
-            print(
-                f"  {c // KIB:>5} KiB x {model['threads']:>2} threads, float16 -> float32: {mbps:7.1f} MB/s",
-                flush=True,
-            )
-        placement = [
-            buffer_placement(data, c, t, seconds, args.repeats, rng, args.engine)
-            for c, t in ((chunks[-1], 16), (64 * KIB, 16))
-        ]
+        for cond in conditions:
+            with BusyNeighbour() if cond == "busy" else contextlib.nullcontext():
+                for c in chunks:
+                    for d in depths:
+                        cell = measure_cell(data, c, d, seconds, args.repeats, engines, rng)
+                        cell["condition"] = cond
+                        cells.append(cell)
+                        print(
+                            f"  {cond:5} {c // KIB:>5} KiB x {d:>2}: "
+                            + ", ".join(
+                                f"{k} {v['mbps']:.0f} ({v['cpu_us_per_read']:.1f} us)"
+                                for k, v in cell["results"].items()
+                            ),
+                            flush=True,
+                        )
+        if not args.skip_batch:
+            for row in (4 * KIB, 32 * KIB):
+                batch += batch_cost(data, row, engines, 200 if args.quick else 400, rng)
     finally:
         if not args.keep_file and not args.data:
             data.unlink(missing_ok=True)
+    default = engines[0]  # the fastest that loads here, when the engines are not named
+    quiet = [c for c in cells if c["condition"] == "quiet"]
+    model = None
+    if quiet and len(chunks) > 1:
+        model = fit_cost_model(
+            [
+                {
+                    "threads": c["depth"],
+                    "chunk_bytes": c["chunk_bytes"],
+                    "mlx_flash_mbps": c["results"][default]["mbps"],
+                }
+                for c in quiet
+            ]
+        )
+    goals = targets(cells, engines, batch)
     cache_rows = [] if args.skip_cache else cache_grid(args.quick, rng)
     result = {
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         "machine": machine(),
-        "engine": args.engine or "threads",
+        "engines": engines,
         "seconds_per_point": seconds,
+        "repeats": args.repeats,
         "file_bytes": int(gb * 1e9),
-        "points": points,
-        "fp16_points": fp16,
-        "buffer_placement": placement,
+        "wall_seconds": time.perf_counter() - t_start,
+        "cells": cells,
+        "targets": goals,
+        "batch": batch,
         "cost_model": model,
+        "cost_model_engine": default,
         "cache": cache_rows,
     }
     (args.out / "bench_io.json").write_text(json.dumps(result, indent=1))
-    print_tables(points, fp16, placement, model, cache_rows)
+    print_tables(cells, engines, model, batch, goals)
+    if cache_rows:
+        print_cache_table(cache_rows)
     try:
-        plot(points, args.out / "bench_io.png")
+        plot(cells, args.out / "bench_io.png")
     except ImportError:
         print("matplotlib is not installed (pip install matplotlib): no plot", file=sys.stderr)
     return 0

@@ -25,14 +25,17 @@ from mlx_flash.layout import (
     layer_digest,
     layer_file,
     part_tensor_name,
+    verify_layer,
     write_manifest,
 )
 from mlx_flash.reader import (
     Fault,
+    FlashChecksumError,
     FlashReader,
     FlashReadError,
     ReaderClosedError,
     ThreadEngine,
+    VerifyingReader,
     available_engines,
     make_engine,
     plan_chunks,
@@ -442,3 +445,64 @@ def test_unknown_engine_is_refused_before_any_file_is_opened(tmp_path):
     with pytest.raises(ValueError, match="engine"):
         FlashReader(tmp_path, m, engine="uring")
     assert _open_fds() == fds
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("dtype,elems", [("float16", (40, 40, 40)), ("float32", (1024, 1024, 1024))])
+def test_rows_match_the_checksums_taken_at_load_on_every_engine(tmp_path, engine, dtype, elems):
+    m, raw = make_flash_folder(tmp_path, dtype=dtype, elems=elems)
+    crcs = [verify_layer(tmp_path, e) for e in m.layers]
+    ids = np.array([0, 7, 8, 150, 299])
+    with VerifyingReader(tmp_path, m, crcs, engine=engine, threads=3) as r:
+        check_rows(r.read(1, ids), raw[1], ids, dtype)
+        seg = m.layers[1].segments[0]
+        with open(tmp_path / layer_file(1), "r+b") as f:  # flip one bit of neuron 150
+            f.seek(seg.row_offset(150) + 5)
+            b = f.read(1)
+            f.seek(seg.row_offset(150) + 5)
+            f.write(bytes([b[0] ^ 1]))
+            f.flush()
+            os.fsync(f.fileno())
+        with pytest.raises(FlashChecksumError, match="neuron 150 of layer 1"):
+            r.read(1, ids)
+
+
+def test_default_engine_is_native_where_built_else_threads_said_once(tmp_path, monkeypatch, caplog):
+    from mlx_flash.reader import engines, native
+
+    m, _ = make_flash_folder(tmp_path)
+    if native.load_error() is None:
+        with FlashReader(tmp_path, m) as r:
+            assert r.engine.startswith("native-")
+    elif os.environ.get("MLX_FLASH_REQUIRE_NATIVE"):
+        pytest.fail(f"the native engine was not built: {native.load_error()}")
+    monkeypatch.setattr(native, "load_error", lambda: "no C compiler at install")
+    monkeypatch.setattr(engines, "_said_fallback", False)
+    with caplog.at_level("WARNING", logger="mlx_flash"):
+        for _ in range(2):
+            with FlashReader(tmp_path, m) as r:
+                assert r.engine == "threads"
+    assert [rec.getMessage() for rec in caplog.records].count(caplog.records[0].getMessage()) == 1
+    assert "no C compiler at install" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize("engine", [e for e in ENGINES if e.startswith("native")])
+def test_native_engine_reads_many_requests_in_flight_from_several_threads(tmp_path, engine):
+    m, raw = make_flash_folder(tmp_path, dtype="float32", elems=(1024, 1024, 1024), num_neurons=300)
+    rng = np.random.default_rng(3)
+    with FlashReader(tmp_path, m, engine=engine, threads=8, coalesce_gap=-1) as r:
+        jobs = [np.sort(rng.choice(300, size=int(rng.integers(1, 200)), replace=False)) for _ in range(40)]
+        results: dict[int, dict] = {}
+
+        def run(k0):
+            futures = [(k, r.submit(k % 2, jobs[k])) for k in range(k0, len(jobs), 4)]
+            for k, f in futures:
+                results[k] = f.result(timeout=30)
+
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for k, ids in enumerate(jobs):
+            check_rows(results[k], raw[k % 2], ids, "float32")

@@ -4,31 +4,54 @@ An engine takes `Request`s (`start`) and executes their reads, reporting each th
 request's methods; `close` stops it once the reads in flight have stopped. Every engine takes
 fault injection as an argument (`faults`, see `faults.Fault`).
 
-- "threads": a pool of Python threads (`threads`), the reference and the default.
+- "native-io_uring", "native-pthreads": the C extension (`native`, `_native.c`): a whole
+  request's reads submitted in one call, executed with the GIL released, through io_uring
+  (Linux, where the kernel and container allow it) or a pthread pool of preads (everywhere,
+  macOS included, where the files are opened with F_NOCACHE and read-ahead off). "native" is
+  io_uring where it works, else pthreads.
+- "threads": a pool of Python threads (`threads`), the reference and the fallback.
 - "aio": Linux native AIO through ctypes (`aio`), needs O_DIRECT.
+
+The default is the fastest that loads: native, else threads (said once, in a log warning).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
-from . import kernel_aio
+from . import kernel_aio, native
 from .aio import AioEngine
 from .faults import Fault
 from .threads import ThreadEngine
 
-ENGINE_NAMES = ("threads", "aio")
+ENGINE_NAMES = ("native", "native-io_uring", "native-pthreads", "threads", "aio")
+_log = logging.getLogger("mlx_flash")
+_said_fallback = False
 
 
 def available_engines() -> list[str]:
-    """The engines that load on this machine, fastest first."""
-    names = ["threads"]
+    """The engines that run on this machine, by their concrete names, fastest first."""
+    names = [f"native-{b}" for b in native.BACKENDS if native.backend_error(b) is None]
+    names.append("threads")
     if kernel_aio.available() and hasattr(os, "O_DIRECT"):
         names.append("aio")
     return names
 
 
 def default_engine_name() -> str:
+    """native where it loads, else threads (saying so once per process)."""
+    global _said_fallback
+    why = native.load_error()
+    if why is None:
+        return "native"
+    if not _said_fallback:
+        _said_fallback = True
+        _log.warning(
+            "mlx_flash: the native reader engine is not built here (%s); reading with Python threads, "
+            "which costs more CPU per read. Reinstall mlx_flash where a C compiler is present to build it.",
+            why,
+        )
     return "threads"
 
 
@@ -39,4 +62,7 @@ def make_engine(name: str | None, depth: int, *, faults: tuple[Fault, ...] = ())
         return ThreadEngine(depth, faults=faults)
     if name == "aio":
         return AioEngine(depth, faults=faults)
+    if name in ("native", "native-io_uring", "native-pthreads"):
+        backend = "auto" if name == "native" else name.split("-", 1)[1]
+        return native.NativeEngine(depth, backend=backend, faults=faults)
     raise ValueError(f"engine must be one of {', '.join(ENGINE_NAMES)}, got {name!r}")

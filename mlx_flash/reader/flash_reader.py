@@ -206,12 +206,8 @@ class FlashReader:
             if len(ids) < len(inverse):  # repeats: fill unique rows, gather into `out` at the end
                 gather, out = (inverse, out), self.empty_rows(len(ids), raw=True)
                 dest = None
-        chunks = [
-            c
-            for i in range(len(entry.segments))
-            for c in self._planner.chunks(self._segment_reads[(layer, i)], ids)
-        ]
-        req = Request(layer, ids, chunks, out, dest, gather, future, self.align, self.stats)
+        plans = [self._planner.plan(self._segment_reads[(layer, i)], ids) for i in range(len(entry.segments))]
+        req = Request(layer, ids, plans, out, dest, gather, future, self.align, self.stats)
         self._start(req)
         return future
 

@@ -74,6 +74,22 @@ class Chunk(NamedTuple):
     need: int
 
 
+class SegmentPlan(NamedTuple):
+    """The reads of one segment of a request, as arrays (see `plan_chunks`): read c covers the
+    request's sorted ids first[c]..stop[c]-1, bytes [offset[c], offset[c] + length[c]) of
+    which need[c] must arrive."""
+
+    reads: SegmentReads
+    first: np.ndarray
+    stop: np.ndarray
+    offset: np.ndarray
+    length: np.ndarray
+    need: np.ndarray
+
+    def chunks(self) -> list[Chunk]:
+        return [Chunk(self.reads, *c) for c in zip(*(a.tolist() for a in self[1:]))]
+
+
 def plan_chunks(
     starts: np.ndarray, row_bytes: int, coalesce_gap: int, max_read: int, align: int = SECTOR
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -121,11 +137,12 @@ class Planner:
         )
         return SegmentReads(seg, file, cols, vectored)
 
-    def chunks(self, reads: SegmentReads, ids: np.ndarray) -> list[Chunk]:
+    def plan(self, reads: SegmentReads, ids: np.ndarray) -> SegmentPlan:
         seg = reads.segment
         starts = seg.data_offset + ids * seg.row_bytes
-        planned = plan_chunks(starts, seg.row_bytes, self.coalesce_gap, self.max_read, self.align)
-        return [Chunk(reads, *c) for c in zip(*(a.tolist() for a in planned))]
+        return SegmentPlan(
+            reads, *plan_chunks(starts, seg.row_bytes, self.coalesce_gap, self.max_read, self.align)
+        )
 
 
 def convert_into(out: np.ndarray, where: slice | np.ndarray, src: np.ndarray, dtype: str) -> None:

@@ -14,12 +14,12 @@ import itertools
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 
 import numpy as np
 
 from .errors import FlashReadError
-from .plan import IOV_MAX, RAW_DTYPES, Chunk, convert_into
+from .plan import IOV_MAX, RAW_DTYPES, Chunk, SegmentPlan, convert_into
 from .stats import IOStats, LayerIOStats
 
 Pread = Callable[[int, list[memoryview], int], int]  # os.preadv's signature
@@ -50,7 +50,7 @@ class Request:
         self,
         layer: int,
         ids: np.ndarray,
-        chunks: list[Chunk],
+        plans: list[SegmentPlan],
         out: dict[str, np.ndarray],
         dest: np.ndarray | None,
         gather: tuple[np.ndarray, dict[str, np.ndarray]] | None,
@@ -67,8 +67,9 @@ class Request:
         self.dest_list = None if dest is None else dest.tolist()
         self.out_bytes = {k: memoryview(v).cast("B") for k, v in out.items()}  # flat, for preadv
         self.future = future
-        self.chunks = chunks
-        self.max_length = max(c.length for c in chunks)
+        self.plans = plans
+        self._chunks: list[Chunk] | None = None
+        self.max_length = max(int(p.length.max()) for p in plans)
         self.next_job = itertools.count()  # next(...) is atomic under the GIL
         self.failed = False
         self._error: BaseException | None = None
@@ -77,6 +78,13 @@ class Request:
         self._workers = 0
         self._stats = LayerIOStats()
         self._sink = stats
+
+    @property
+    def chunks(self) -> list[Chunk]:
+        """The reads one by one (made on first use: the native engine takes the arrays)."""
+        if self._chunks is None:
+            self._chunks = [c for p in self.plans for c in p.chunks()]
+        return self._chunks
 
     # -- where a read lands -------------------------------------------------------------
 
@@ -173,13 +181,14 @@ class Request:
         straggling read land in them; `now`: workers that never ran (the engine was shut
         down) are not waited for."""
         with self._lock:
-            if self.failed or self.future.done():
+            if self.future.done():
                 return
-            self.failed = True
-            self._error = exc
+            if not self.failed:
+                self.failed, self._error = True, exc
             if self._workers and not now:
                 return
-        self.future.set_exception(exc)
+            exc = self._error
+        _resolve(self.future.set_exception, exc)
 
     def worker_started(self) -> None:
         with self._lock:
@@ -199,7 +208,7 @@ class Request:
         if self.future.done():
             return
         if self.failed:
-            self.future.set_exception(self._error)
+            _resolve(self.future.set_exception, self._error)
             return
         try:
             result = self.out
@@ -210,7 +219,15 @@ class Request:
         except BaseException as exc:  # the future must resolve, whatever happens
             self.fail(exc)
             return
-        self.future.set_result(result)
+        _resolve(self.future.set_result, result)
+
+
+def _resolve(setter, value) -> None:
+    """Resolve a future unless a closing reader resolved it meanwhile."""
+    try:
+        setter(value)
+    except InvalidStateError:
+        pass
 
 
 def pread_retrying(
