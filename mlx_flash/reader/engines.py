@@ -48,7 +48,7 @@ def default_engine_name() -> str:
     if not _said_fallback:
         _said_fallback = True
         _log.warning(
-            "mlx_flash: the native reader engine is not built here (%s); reading with Python threads, "
+            "mlx_flash: the native reader engine is not available (%s); reading with Python threads, "
             "which costs more CPU per read. Reinstall mlx_flash where a C compiler is present to build it.",
             why,
         )

@@ -12,6 +12,7 @@ scratch buffer (reused from request to request)."""
 from __future__ import annotations
 
 import errno
+import importlib.util
 import itertools
 import os
 import threading
@@ -28,7 +29,12 @@ from .stats import LayerIOStats
 try:
     from . import _native
 except ImportError as e:  # not built (no compiler at install) or built for another Python
-    _native, _LOAD_ERROR = None, f"{e}"
+    _native = None
+    _LOAD_ERROR = (
+        "its C extension was not built when mlx_flash was installed (no C compiler?)"
+        if importlib.util.find_spec(f"{__package__}._native") is None
+        else f"its C extension does not load: {e}"
+    )
 else:
     _LOAD_ERROR = None
 
