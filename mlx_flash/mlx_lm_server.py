@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
+from urllib.parse import unquote
 
 import mlx.core as mx
 import mlx_lm.server as mls
@@ -426,7 +427,8 @@ class FlashAPIHandler(mls.APIHandler):
             "created": service.created,
             "owned_by": "mlx_flash",
         }
-        wanted = self.path.split("?")[0].rstrip("/")[len("/v1/models") :].lstrip("/")
+        wanted = unquote(self.path.split("?")[0][len("/v1/models") :])
+        wanted = wanted[1:] if wanted.startswith("/") else wanted
         if not wanted:
             body = {"object": "list", "data": [entry]}
         elif wanted in service.provider.names:

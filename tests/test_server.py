@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,10 +24,10 @@ import pytest
 
 import mlx_flash
 from mlx_flash import mlx_lm_server
+from mlx_flash.api import resolve_flash_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "test-key-123"
-MODEL = "mlx_flash-demo"
 PROMPT = "The for statement"
 
 
@@ -84,17 +85,39 @@ class Server:
             raise
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
 @pytest.fixture(scope="module")
-def local():
-    """The demo model loaded in this process: what the server must answer."""
-    model, tokenizer = mlx_flash.load(None)
+def folder(tmp_path_factory):
+    """The demo model's flash folder, copied, with a chat template (chat requests go through it)."""
+    out = tmp_path_factory.mktemp("served") / "demo-chat"
+    shutil.copytree(resolve_flash_folder(None), out)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    (out / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATE}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def local(folder):
+    """The model loaded in this process: what the server must answer."""
+    model, tokenizer = mlx_flash.load(folder)
+    assert tokenizer.has_chat_template
     yield model, tokenizer
     model.flash.close()
 
 
 @pytest.fixture(scope="module")
-def server(local):
-    s = Server("--api-key", KEY)
+def model_id(folder):
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def server(local, folder):
+    s = Server("--model", str(folder), "--api-key", KEY)
     yield s
     s.stop()
     if os.environ.get("SERVER_LOG"):
@@ -129,8 +152,8 @@ def test_mlx_lm_server_contract():
     assert mlx_lm_server.check_contract() == []
 
 
-def test_completion_equals_generate(server, client, local):
-    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0)
+def test_completion_equals_generate(server, client, local, model_id):
+    r = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=24, temperature=0)
     assert r.choices[0].text == expected(local, PROMPT, 24)
     assert r.choices[0].finish_reason == "length"
     assert r.usage.completion_tokens == 24
@@ -139,7 +162,16 @@ def test_completion_equals_generate(server, client, local):
     assert 0 < flash["cache_hit_rate"] < 1 and flash["mode"] == "flash"
 
 
-def test_stream_joins_to_answer(client):
+def test_chat_uses_the_template_and_equals_generate(client, local, model_id):
+    model, tokenizer = local
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The with statement"}]
+    r = client.chat.completions.create(model=model_id, messages=messages, max_tokens=12, temperature=0)
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    assert r.usage.prompt_tokens == len(prompt)
+    assert r.choices[0].message.content == mlx_flash.generate(model, tokenizer, prompt, max_tokens=12)
+
+
+def test_stream_joins_to_answer(client, model_id):
     for kind in ("completion", "chat"):
         if kind == "completion":
             make = client.completions.create
@@ -156,8 +188,8 @@ def test_stream_joins_to_answer(client):
             def text(c):
                 return (c.choices[0].delta.content or "") if c.choices else ""
 
-        whole = make(model=MODEL, **kwargs)
-        chunks = list(make(model=MODEL, stream=True, stream_options={"include_usage": True}, **kwargs))
+        whole = make(model=model_id, **kwargs)
+        chunks = list(make(model=model_id, stream=True, stream_options={"include_usage": True}, **kwargs))
         answer = whole.choices[0].text if kind == "completion" else whole.choices[0].message.content
         assert len(chunks) > 3
         assert "".join(text(c) for c in chunks) == answer
@@ -166,21 +198,21 @@ def test_stream_joins_to_answer(client):
         assert usage.model_extra["flash"]["bytes_read"] > 0
 
 
-def test_models_and_health(server, client):
-    assert [m.id for m in client.models.list()] == [MODEL]
-    assert client.models.retrieve(MODEL).id == MODEL
+def test_models_and_health(server, client, model_id):
+    assert [m.id for m in client.models.list()] == [model_id]  # mlx-lm's scans the Hugging Face cache
+    assert client.models.retrieve(model_id).id == model_id
     assert raw(server, "/v1/models/other-model")[0] == 404
     assert raw(server, "/health") == (200, {"status": "ok"})
 
 
-def test_api_key(server, client):
+def test_api_key(server, client, model_id):
     for key in (None, "wrong"):
         for path, body in (("/v1/completions", b'{"prompt": "a", "max_tokens": 2}'), ("/v1/models", None)):
             status, answer = raw(server, path, body, key=key)
             assert status == 401 and "API key" in answer["error"]
     bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0, timeout=30)
     with pytest.raises(openai.AuthenticationError):
-        bad.completions.create(model=MODEL, prompt="a", max_tokens=2)
+        bad.completions.create(model=model_id, prompt="a", max_tokens=2)
 
 
 @pytest.mark.parametrize(
@@ -220,22 +252,22 @@ def test_bad_requests_are_400(server, path, body, says):
     assert says in answer["error"]
 
 
-def test_serving_goes_on_after_bad_requests(server, client, local):
+def test_serving_goes_on_after_bad_requests(server, client, local, model_id):
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="another/model", prompt="a", max_tokens=2)
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model=MODEL, messages=[], max_tokens=2)
-    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0)
+        client.chat.completions.create(model=model_id, messages=[], max_tokens=2)
+    r = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=8, temperature=0)
     assert r.choices[0].text == expected(local, PROMPT, 8)
 
 
-def test_two_concurrent_requests(client, local):
+def test_two_concurrent_requests(client, local, model_id):
     prompts = ["The if statement", "The try statement"]
     answers: dict[str, str] = {}
 
     def ask(p):
         answers[p] = (
-            client.completions.create(model=MODEL, prompt=p, max_tokens=16, temperature=0).choices[0].text
+            client.completions.create(model=model_id, prompt=p, max_tokens=16, temperature=0).choices[0].text
         )
 
     threads = [threading.Thread(target=ask, args=(p,)) for p in prompts]
@@ -246,14 +278,14 @@ def test_two_concurrent_requests(client, local):
     assert answers == {p: expected(local, p, 16) for p in prompts}
 
 
-def test_client_disconnect_stops_generation(server, client, local):
+def test_client_disconnect_stops_generation(server, client, local, model_id):
     """A client that goes away mid-stream stops its generation (the server says after how many
     forward passes, far fewer than the max_tokens asked), and the next request is answered."""
     max_tokens = 500  # about 6 s of decoding on the demo model here, if it were not stopped
     start = len(server.lines)
     body = json.dumps(
         {
-            "model": MODEL,
+            "model": model_id,
             "prompt": "The",
             "max_tokens": max_tokens,
             "stream": True,
@@ -273,7 +305,7 @@ def test_client_disconnect_stops_generation(server, client, local):
     line = server.wait_for(rf"decode passes \(max_tokens {max_tokens}\)", timeout=60, start=start)
     passes = int(re.search(r"(\d+) decode passes", line).group(1))
     assert passes < max_tokens // 2, line
-    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0)
+    r = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=4, temperature=0)
     assert r.choices[0].text == expected(local, PROMPT, 4)
 
 
@@ -295,13 +327,13 @@ def test_startup_errors_are_one_line(tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr and f"127.0.0.1:{port}" in r.stderr
 
 
-def test_sigterm_cancels_the_running_request_and_exits_0(server):
+def test_sigterm_cancels_the_running_request_and_exits_0(server, model_id):
     """Last test of the module: SIGTERM while a request streams; the server cancels it, closes
     the flash reader and exits 0."""
     start = len(server.lines)
     stream_client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, timeout=60, max_retries=0)
     stream = stream_client.completions.create(
-        model=MODEL, prompt="The", max_tokens=500, stream=True, logit_bias={"0": -100}
+        model=model_id, prompt="The", max_tokens=500, stream=True, logit_bias={"0": -100}
     )
     next(iter(stream))
     assert server.stop() == 0
