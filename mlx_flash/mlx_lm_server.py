@@ -68,6 +68,7 @@ MLX_LM_CONTRACT: dict[str, tuple[str, ...]] = {
 # Attributes of the handler that APIHandler.do_POST sets before the request factories run.
 HANDLER_ATTRIBUTES = (
     "body",
+    "seed",
     "requested_model",
     "requested_draft_model",
     "adapter",
@@ -341,13 +342,31 @@ class FlashAPIHandler(mls.APIHandler):
         )
         return False
 
+    def end_headers(self):
+        self._headers_sent = True
+        super().end_headers()
+
     def _serve(self, method) -> None:
+        self._headers_sent = False
         try:
             if self.authorized():
                 method()
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             self.close_connection = True
             self.service.say(f"{self.address_string()} {self.command} {self.path}: the client went away")
+        except Exception as e:  # a failure while generating (a flash read, a checksum): one line, a 500
+            self.close_connection = True
+            message = f"generation failed: {type(e).__name__}: {one_line(e)}"
+            self.service.say(f"{self.address_string()} {self.command} {self.path}: {message}")
+            try:
+                if not self._headers_sent:
+                    self._headers_buffer = []  # BaseHTTPRequestHandler's: drop a 200 not yet sent
+                    self.send_error_json(500, message)
+                elif getattr(self, "stream", False):  # mid-stream: an error event, then the end
+                    self.wfile.write(f"data: {json.dumps({'error': message})}\n\n".encode())
+                    self.wfile.flush()
+            except OSError:
+                pass
 
     def do_GET(self):
         self._serve(super().do_GET)
@@ -365,6 +384,8 @@ class FlashAPIHandler(mls.APIHandler):
     def validate_model_parameters(self) -> None:
         super().validate_model_parameters()
         self.service.provider.check(self.requested_model, self.adapter, self.requested_draft_model)
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise RequestRefused("seed must be at least 0 and below 2**64")
         stop = self.body.get("stop")
         if not (
             stop is None

@@ -117,7 +117,7 @@ def model_id(folder):
 
 @pytest.fixture(scope="module")
 def server(local, folder):
-    s = Server("--model", str(folder), "--api-key", KEY)
+    s = Server("--model", str(folder), "--api-key", KEY, "--verify")
     yield s
     s.stop()
     if os.environ.get("SERVER_LOG"):
@@ -140,6 +140,16 @@ def raw(server, path: str, body: bytes | None = None, key: str | None = KEY, met
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def raw_text(server, path: str, body: bytes) -> tuple[int, str]:
+    req = urllib.request.Request(
+        server.url + path,
+        data=body,
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return r.status, r.read().decode()
 
 
 def expected(local, prompt: str, max_tokens: int) -> str:
@@ -226,6 +236,8 @@ def test_api_key(server, client, model_id):
         ("/v1/completions", {"prompt": 42}, "prompt"),
         ("/v1/completions", {"max_tokens": 3}, "prompt"),
         ("/v1/completions", {"prompt": "a", "stop": 7}, "stop"),
+        ("/v1/completions", {"prompt": "a", "seed": -1}, "seed"),
+        ("/v1/completions", {"prompt": "a", "seed": 2**70}, "seed"),
         ("/v1/completions", {"prompt": "word " * 600, "max_tokens": 4}, "context"),
         ("/v1/completions", {"prompt": "a", "max_tokens": 600}, "context"),
         ("/v1/completions", {"prompt": "a", "model": "gpt-4o"}, "serves one model"),
@@ -305,6 +317,30 @@ def test_client_disconnect_stops_generation(server, client, local, model_id):
     line = server.wait_for(rf"decode passes \(max_tokens {max_tokens}\)", timeout=60, start=start)
     passes = int(re.search(r"(\d+) decode passes", line).group(1))
     assert passes < max_tokens // 2, line
+    r = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=4, temperature=0)
+    assert r.choices[0].text == expected(local, PROMPT, 4)
+
+
+def test_a_failed_read_is_a_500_and_serving_goes_on(server, client, folder, local, model_id):
+    """A shard corrupted under the running server (loaded with --verify): the request that reads
+    it gets a 500 with a one-line error, unstreamed or streamed (an error event); the server goes on."""
+    shard = folder / "ffn" / "layer_001.safetensors"
+    original = shard.read_bytes()
+    damaged = bytearray(original)
+    for i in range(len(damaged) - 4096, len(damaged), 7):
+        damaged[i] ^= 0xFF
+    shard.write_bytes(bytes(damaged))
+    try:
+        with pytest.raises(openai.InternalServerError) as failed:
+            client.completions.create(model=model_id, prompt="A long new prompt " * 8, max_tokens=4)
+        assert "FlashChecksumError" in failed.value.response.json()["error"]
+        body = json.dumps(
+            {"model": model_id, "prompt": "Another prompt " * 8, "max_tokens": 4, "stream": True}
+        )
+        status, text = raw_text(server, "/v1/completions", body.encode())
+        assert status == 200 and "checksum" in text and "[DONE]" not in text
+    finally:
+        shard.write_bytes(original)
     r = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=4, temperature=0)
     assert r.choices[0].text == expected(local, PROMPT, 4)
 
