@@ -7,9 +7,9 @@ same model with the same load options, measured side by side in one run.
 The server runs in a subprocess on a free loopback port (its prompt cache off, so that no
 request reuses an earlier one's KV cache; the in-process side has none either). Each round
 runs, one after the other: the in-process generation, the same request to the server through
-the `openai` client unstreamed, then streamed. Every call decodes exactly --max-tokens tokens
-(greedy, end-of-text banned by a logit bias on both sides) from the same prompt, and its
-tokens/s is the tokens over the call's wall time as its caller sees it (prefill included). The
+the `openai` client unstreamed, and streamed, in an order that rotates from round to round.
+Every call decodes exactly --max-tokens tokens (greedy, end-of-text banned by a logit bias on
+both sides) from the same prompt, and its tokens/s is the tokens over the call's wall time as its caller sees it (prefill included). The
 overhead is 1 - server / in-process, per round (the two runs of a round are seconds apart),
 and the median over rounds is reported. Then --concurrent clients send one request each at
 once (the server queues them): their total tokens over the wall time until the last answer,
@@ -139,11 +139,12 @@ def main() -> int:
         in_process(), through_server(False), through_server(True)  # warm up both sides
         rounds = []
         for i in range(args.rounds):
-            row = {
-                "in_process": in_process(),
-                "server": through_server(False),
-                "server_stream": through_server(True),
-            }
+            runs = [("in_process", in_process), ("server", lambda: through_server(False))]
+            runs.append(("server_stream", lambda: through_server(True)))
+            row = {}
+            for key, run in runs[i % 3 :] + runs[: i % 3]:  # each side takes each place in turn
+                row[key] = run()
+            row["load_average"] = os.getloadavg()[0]
             for k in ("server", "server_stream"):
                 row[k]["overhead"] = 1 - row[k]["tok_s"] / row["in_process"]["tok_s"]
             rounds.append(row)
