@@ -541,7 +541,7 @@ class NoReuse:
 
     def __init__(self, model):
         self.model = model
-        self.caches = [layer.mlp._state.cache for layer in model.layers]
+        self.caches = [layer.mlp.cache for layer in model.layers]
 
     def __call__(self, inputs, *args, **kwargs):
         if inputs.shape[-1] == 1:

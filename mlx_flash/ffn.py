@@ -28,7 +28,7 @@ included.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -41,7 +41,7 @@ from .cache import CacheCapacityError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .layout import Quantization
-    from .runtime import FlashRuntime
+    from .runtime import FlashRuntime, NeuronBlock
 
 
 def drelu(x: mx.array) -> mx.array:
@@ -65,30 +65,65 @@ def applies_to_up(act: Callable) -> bool:
     return getattr(act, "applies_to_up", False)
 
 
+def activate(act: Callable, gate_pre, up_pre):
+    """The FFN's nonlinearity on pre-activations, as (a, h): `a` decides whether a neuron is
+    active, `h` is what the down projection takes. Gated (`gate_pre` given): a = act(gate x)
+    (dReLU: times act(up x)), h = a * (up x) (dReLU: a); without `up_pre` (a selector that holds
+    the gate rows only), h is None and a = act(gate x), a superset of dReLU's active set.
+    Two-matrix (`gate_pre` None): a = h = act(up x + b1), the bias already in `up_pre`.
+    Only `act`, `*` and `+`: numpy arrays work as MLX arrays do, given an `act` for them."""
+    if gate_pre is None:
+        a = act(up_pre)
+        return a, a
+    a = act(gate_pre)
+    if up_pre is None:
+        return a, None
+    if applies_to_up(act):
+        a = a * act(up_pre)
+        return a, a
+    return a, a * up_pre
+
+
+def neuron_activations(
+    x, parts: dict, act: Callable, up_bias=None, quant: Quantization | None = None, *, hidden: bool = False
+):
+    """The activation of every neuron whose rows are in `parts` (see `activate`) for inputs x
+    [..., d]; with `hidden`, (a, h). `parts` may hold the selector's rows alone ("gate", or "up"
+    in a two-matrix FFN). The float path uses only `@`, `.T`, `+`, `*` and `act` (numpy works)."""
+    gated = "gate" in parts or "gate.weight" in parts
+    has_up = "up" in parts or "up.weight" in parts
+    gate_pre = project(x, parts, "gate", quant) if gated else None
+    up_pre = None
+    if has_up and (not gated or hidden or applies_to_up(act)):
+        up_pre = project(x, parts, "up", quant)
+        if not gated and up_bias is not None:
+            up_pre = up_pre + up_bias
+    a, h = activate(act, gate_pre, up_pre)
+    return (a, h) if hidden else a
+
+
 def ffn_block(
-    x: mx.array,
-    parts: dict[str, mx.array],
+    x,
+    parts: dict,
     act: Callable,
-    up_bias: mx.array | None = None,
-    mask: mx.array | None = None,
+    up_bias=None,
+    mask=None,
     quant: Quantization | None = None,
-) -> mx.array:
+    min_activation: float | None = None,
+):
     """The FFN over a block of neurons whose rows are in `parts` (each [k, d]; "down" holds the
-    down projection's columns as rows). Gated: down(act(gate x) * up x) (dReLU: act(up x));
-    two-matrix:
-    down(act(up x + b1)). No output bias: the caller adds it once. `mask` ([k], 0 or 1) zeroes
-    the neurons it marks 0. With `quant`, `parts` holds each part's quantized fields
-    ("gate.weight", "gate.scales", "gate.biases", ...), rows quantized along d."""
+    down projection's columns as rows): down(h) with h from `activate` (gated: act(gate x) *
+    up x; dReLU: act(gate x) act(up x); two-matrix: act(up x + b1)). No output bias: the caller
+    adds it once. `mask` ([k], 0 or 1) zeroes the neurons it marks 0; `min_activation` zeroes
+    those whose |activation| is at most it (the thresholded model of CATS / TEAL). With
+    `quant`, `parts` holds each part's quantized fields ("gate.weight", "gate.scales",
+    "gate.biases", ...), rows quantized along d. The one FFN formula: inference, the dense
+    reference, calibration and evaluation all compute through it."""
     if quant is not None and parts["up.weight"].shape[0] == 0:  # quantized_matmul cannot take 0 rows
         return mx.zeros(x.shape, dtype=x.dtype)
-    if "gate" in parts or "gate.weight" in parts:
-        up = project(x, parts, "up", quant)
-        h = act(project(x, parts, "gate", quant)) * (act(up) if applies_to_up(act) else up)
-    else:
-        h = project(x, parts, "up", quant)
-        if up_bias is not None:
-            h = h + up_bias
-        h = act(h)
+    a, h = neuron_activations(x, parts, act, up_bias, quant, hidden=True)
+    if min_activation is not None:
+        h = h * (abs(a) > min_activation)
     if mask is not None:
         h = h * mask
     return project(h, parts, "down", quant, transpose=False)
@@ -132,13 +167,77 @@ class LayerState:
 
 
 class FlashFFN(nn.Module):
-    """Drop-in replacement for a model layer's `mlp`; holds no parameters of its own."""
+    """Drop-in replacement for a model layer's `mlp`; holds no parameters of its own.
+
+    Public surface for code that computes on a layer without running it (calibration,
+    evaluation, the benchmarks): `layer`, `num_neurons`, `act`, `quantization`, `up_bias`,
+    `down_bias`, `cache`, `blocks()` (the layer's rows streamed from flash) and `streamed(x)`
+    (its FFN computed from them)."""
 
     def __init__(self, state: LayerState, runtime: FlashRuntime):
         super().__init__()
         self._state = state
         self._rt = runtime
 
+    # -- the public surface ---------------------------------------------------------------------
+    @property
+    def layer(self) -> int:
+        return self._state.layer
+
+    @property
+    def num_neurons(self) -> int:
+        return self._state.num_neurons
+
+    @property
+    def act(self) -> Callable:
+        return self._rt.act
+
+    @property
+    def quantization(self) -> Quantization | None:
+        return self._rt.manifest.quantization
+
+    @property
+    def up_bias(self) -> mx.array | None:
+        """Two-matrix FFNs: the per-neuron bias b1 of every neuron (compute dtype), else None."""
+        return self._state.up_bias
+
+    @property
+    def down_bias(self) -> mx.array | None:
+        return self._state.down_bias
+
+    @property
+    def cache(self):
+        """The layer's NeuronCache in flash mode, else None."""
+        return self._state.cache
+
+    def resident_arrays(self) -> list[mx.array]:
+        """The MLX arrays this layer keeps in memory besides its cache (to evaluate at load)."""
+        st = self._state
+        arrays = list(st.resident.values())
+        if isinstance(st.selector, dict):
+            arrays += list(st.selector.values())
+        elif st.selector is not None:
+            arrays.append(st.selector)
+        return arrays + [a for a in (st.up_bias, st.down_bias) if a is not None]
+
+    def blocks(self, start: int = 0, *, floats: bool = False) -> Iterator[NeuronBlock]:
+        """Neurons [start, n) of the layer streamed from flash in blocks (`FlashRuntime.stream_blocks`:
+        large sequential reads, the next block read while the caller works on this one; a block's
+        arrays are valid until the next is asked for, and whatever was computed from them must be
+        evaluated by then). floats: float32 rows even in a quantized folder (else its fields)."""
+        ids = np.arange(start, self._state.num_neurons, dtype=np.int64)
+        return self._rt.stream_blocks(self._state.layer, ids, floats=floats)
+
+    def streamed(self, x: mx.array, min_activation: float | None = None) -> mx.array:
+        """The layer's FFN of x computed over all its neurons streamed from flash, output bias
+        included (the naive path); `min_activation`: see `ffn_block`."""
+        xc = x.astype(self._rt.compute_dtype)
+        y = self._computed_blocks(xc, self.blocks(), min_activation)
+        if self._state.down_bias is not None:
+            y = y + self._state.down_bias
+        return y.astype(x.dtype)
+
+    # -- the layer ------------------------------------------------------------------------------
     def __call__(self, x: mx.array) -> mx.array:
         """The layer's FFN of x. It holds the runtime's lock and evaluates its output before
         returning, so that calls from several threads (mlx_lm.generate on one model at once)
@@ -159,7 +258,7 @@ class FlashFFN(nn.Module):
                             st.resident,
                             rt.act,
                             _first(st.up_bias, st.num_resident),
-                            quant=rt.manifest.quantization,
+                            quant=self.quantization,
                         )
                 if st.down_bias is not None:
                     y = y + st.down_bias
@@ -193,30 +292,32 @@ class FlashFFN(nn.Module):
                     f"layer {st.layer}: neurons below {start} are not streamed and cannot seed the cache"
                 )
 
-        def blocks():
-            for ids, rows, arrays in rt.stream_blocks(
-                st.layer, np.arange(start, st.num_neurons, dtype=np.int64)
-            ):
-                if len(wanted):
-                    t0 = time.perf_counter()
-                    lo, hi = ids[0], ids[-1] + 1  # a block is a range of neurons
-                    pick = wanted[(wanted >= lo) & (wanted < hi)]
-                    if len(pick):
-                        st.cache.insert(pick, {k: v[pick - lo] for k, v in rows.items()})
-                    rt.add_time("memory", time.perf_counter() - t0)
-                yield ids, arrays
+        def seeding(blocks: Iterator[NeuronBlock]) -> Iterator[NeuronBlock]:
+            for b in blocks:
+                t0 = time.perf_counter()
+                lo, hi = b.ids[0], b.ids[-1] + 1  # a block is a range of neurons
+                pick = wanted[(wanted >= lo) & (wanted < hi)]
+                if len(pick):
+                    st.cache.insert(pick, {k: v[pick - lo] for k, v in b.host.items()})
+                rt.add_time("memory", time.perf_counter() - t0)
+                yield b
 
-        return self._computed_blocks(xc, blocks())
+        blocks = self.blocks(start)
+        return self._computed_blocks(xc, seeding(blocks) if len(wanted) else blocks)
 
-    def _computed_blocks(self, xc: mx.array, blocks) -> mx.array:
-        """The FFN of xc summed over (ids, MLX rows) blocks of neurons as they arrive from flash
-        (`FlashRuntime.stream_blocks`: each block is evaluated before the next is asked for)."""
+    def _computed_blocks(
+        self, xc: mx.array, blocks: Iterator[NeuronBlock], min_activation: float | None = None
+    ) -> mx.array:
+        """The FFN of xc summed over blocks of neurons as they arrive from flash (each block
+        is evaluated before the next is asked for)."""
         rt, st = self._rt, self._state
         y = mx.zeros(xc.shape, dtype=rt.compute_dtype)
-        for ids, arrays in blocks:
+        for b in blocks:
             t0 = time.perf_counter()
-            bias = mx.take(st.up_bias, mx.array(ids)) if st.up_bias is not None else None
-            y = y + ffn_block(xc, arrays, rt.act, bias, quant=rt.manifest.quantization)
+            bias = mx.take(st.up_bias, mx.array(b.ids)) if st.up_bias is not None else None
+            y = y + ffn_block(
+                xc, b.rows, rt.act, bias, quant=self.quantization, min_activation=min_activation
+            )
             mx.eval(y)
             rt.add_time("streamed", time.perf_counter() - t0)
         return y
@@ -252,7 +353,7 @@ class FlashFFN(nn.Module):
         rt.add_time("io", t4 - t3)
         rt.count_token_layer(st.layer, active=len(ids), loaded=len(missing), used=st.cache.used)
         mask = st.cache.active_mask() if rt.mask_inactive else None
-        y = ffn_block(xc, views, rt.act, bias, mask, quant=rt.manifest.quantization)
+        y = ffn_block(xc, views, rt.act, bias, mask, quant=self.quantization)
         return y.reshape(x.shape)
 
     def _decode_overflow(self, xc: mx.array, ids: np.ndarray) -> mx.array:
@@ -260,7 +361,7 @@ class FlashFFN(nn.Module):
         of the streaming buffer's size and computed block by block, the cache left as it is.
         Slower (nothing is reused), never wrong, and within the memory plan."""
         rt, st = self._rt, self._state
-        y = self._computed_blocks(xc, ((b, arrays) for b, _, arrays in rt.stream_blocks(st.layer, ids)))
+        y = self._computed_blocks(xc, rt.stream_blocks(st.layer, ids))
         rt.count_token_layer(st.layer, active=len(ids), loaded=len(ids), used=0, overflow=True)
         return y
 
@@ -269,14 +370,10 @@ class FlashFFN(nn.Module):
         rt, st = self._rt, self._state
         if rt.selection == "predictor":
             return rt.predict(st.layer, xc)
-        q = rt.manifest.quantization
-        if q is not None:
-            pre = project(xc, {f"sel.{k}": v for k, v in st.selector.items()}, "sel", q)
-        else:
-            pre = xc @ st.selector.T
-        if st.up_bias is not None:
-            pre = pre + st.up_bias
-        a = rt.act(pre)
+        q = self.quantization
+        sel = "gate" if "gate" in rt.manifest.part_names else "up"
+        parts = {f"{sel}.{k}": v for k, v in st.selector.items()} if q is not None else {sel: st.selector}
+        a = neuron_activations(xc, parts, rt.act, st.up_bias, q)
         mx.eval(a)
         return np.flatnonzero(np.array(a).reshape(-1)).astype(np.int64)
 

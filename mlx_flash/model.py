@@ -26,7 +26,7 @@ from .budget import ModelSizes, parse_budget, plan_with_selection
 from .cache import NeuronCache
 from .errors import MlxFlashError, one_line
 from .families import ACTIVATIONS, architecture_for
-from .ffn import ACTIVATION_FUNCTIONS, FlashFFN, LayerState, applies_to_up
+from .ffn import ACTIVATION_FUNCTIONS, FlashFFN, LayerState, activate
 from .models import get_model_classes
 from .quantize import quantize_loaded
 from .reader import FlashReader
@@ -250,7 +250,7 @@ def load_flash_model(
                 f"{folder / manifest.dense_file}: weights do not match config.json ({one_line(e)}); re-run mlx_flash.convert"
             ) from None
         mx.eval(model.parameters())
-        mx.eval([st for l in layers for st in _state_arrays(l.mlp._state)])
+        mx.eval([a for l in layers for a in l.mlp.resident_arrays()])
     except BaseException:
         reader.close()
         raise
@@ -375,19 +375,6 @@ def _positive_int(what: str, value) -> int:
     return n
 
 
-def _state_arrays(st: LayerState) -> list[mx.array]:
-    arrays = list(st.resident.values())
-    arrays += (
-        list(st.selector.values())
-        if isinstance(st.selector, dict)
-        else [st.selector]
-        if st.selector is not None
-        else []
-    )
-    arrays += [a for a in (st.up_bias, st.down_bias) if a is not None]
-    return arrays
-
-
 class DenseActMLP(nn.Module):
     """A dense gated MLP that applies the activation its config names (mlx-lm's llama always
     applies SiLU): the reference the flash path is compared with."""
@@ -398,10 +385,7 @@ class DenseActMLP(nn.Module):
         self._act = act
 
     def __call__(self, x: mx.array) -> mx.array:
-        up = self.up_proj(x)
-        return self.down_proj(
-            self._act(self.gate_proj(x)) * (self._act(up) if applies_to_up(self._act) else up)
-        )
+        return self.down_proj(activate(self._act, self.gate_proj(x), self.up_proj(x))[1])
 
 
 class RowQuantizedDown(nn.Module):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import mlx.core as mx
 import numpy as np
@@ -19,6 +20,15 @@ from .layout import SECTOR, Manifest
 from .reader import FlashReader, ReadFuture
 from .reader.checksums import FlashChecksumError, VerifyingReader  # noqa: F401 - importable from here
 from .stats import PassStats, StatsSummary, peak_rss_bytes, summarize
+
+
+class NeuronBlock(NamedTuple):
+    """A block of a layer's neurons as streamed: ids, numpy rows and MLX rows (the same memory
+    when read into the streaming buffers)."""
+
+    ids: np.ndarray
+    host: dict[str, np.ndarray]
+    rows: dict[str, mx.array]
 
 
 class FlashRuntime:
@@ -109,12 +119,6 @@ class FlashRuntime:
         return s
 
     # -- streaming ----------------------------------------------------------------------------
-    def stream_layer(self, layer: int, start: int = 0) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
-        """Neurons [start, n) of a layer in blocks (lo, hi, rows), read with large sequential reads."""
-        n = self.manifest.layers[layer].num_neurons
-        for ids, rows in self.read_blocks(layer, np.arange(start, n, dtype=np.int64)):
-            yield int(ids[0]), int(ids[-1]) + 1, rows
-
     def read_missing(self, layer: int, ids: np.ndarray) -> dict[str, np.ndarray]:
         """A decoded token's missing neurons, read into one buffer reused from token to token
         (fresh outputs cost page faults); the rows are valid until the next call."""
@@ -125,46 +129,25 @@ class FlashRuntime:
             self._scratch = self.reader.empty_rows(self.stream_block, raw=True)
         return self.reader.read(layer, ids, out={k: v[:n] for k, v in self._scratch.items()}, raw=True)
 
-    def read_blocks(
-        self, layer: int, ids: np.ndarray, raw: bool = False
-    ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
-        """Neurons `ids` of a layer in blocks of the streaming buffer's size, as (block ids,
-        rows); the next block's read runs while the caller computes on the current one. raw: a
-        quantized folder's stored fields (see `FlashReader.submit`), not float32 rows."""
-        blocks = [ids[i : i + self.stream_block] for i in range(0, len(ids), self.stream_block)]
-        pending = self.reader.submit(layer, blocks[0], raw=raw) if blocks else None
-        for i, block in enumerate(blocks):
-            t0 = time.perf_counter()
-            rows = pending.result()
-            self.add_time("io", time.perf_counter() - t0)
-            pending = self.reader.submit(layer, blocks[i + 1], raw=raw) if i + 1 < len(blocks) else None
-            yield block, rows
+    def stream_blocks(self, layer: int, ids: np.ndarray, *, floats: bool = False) -> Iterator[NeuronBlock]:
+        """Neurons `ids` of a layer in blocks of the streaming buffer's size, as `NeuronBlock`s
+        (block ids, numpy rows, MLX rows over the same memory), the next block's read running
+        while the caller computes on the current one: the one double-buffered block loop.
 
-    def stream_blocks(
-        self, layer: int, ids: np.ndarray
-    ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray], dict[str, mx.array]]]:
-        """`read_blocks(raw=True)` for computing: each block is read straight into one of two MLX
-        buffers that live as long as the runtime, alternately, and yielded as (block ids, numpy
-        rows, MLX rows) over the same memory. No copy into MLX, no fresh memory per block (a
-        7B layer streamed into fresh arrays spends more time in page faults than in reads).
-        The caller evaluates whatever it computed from a block before asking for the next one:
-        the read of block i+1 goes into the buffer of block i-1."""
-        if not self._stream_buffers:
-            for _ in range(2):
-                fields = self.reader.empty_rows(
-                    0, raw=True
-                )  # (0, elems) arrays: each field's width and dtype
-                pairs = {
-                    k: host_writable_buffer((self.stream_block, v.shape[1]), v.dtype, align=SECTOR)
-                    for k, v in fields.items()
-                }  # aligned: O_DIRECT reads land in them directly
-                self._stream_buffers.append(
-                    ({k: h for k, (_, h) in pairs.items()}, {k: b for k, (b, _) in pairs.items()})
-                )
+        Each block is read straight into one of two aligned MLX buffers that live as long as the
+        runtime, alternately: no copy into MLX, no fresh memory per block (a 7B layer streamed
+        into fresh arrays spends more time in page faults than in reads). The caller evaluates
+        whatever it computed from a block before asking for the next one: the read of block i+1
+        goes into the buffer of block i-1. Rows are the stored fields in a quantized folder;
+        `floats`: float32 rows instead (read into fresh memory, then copied into MLX)."""
+        dequantize = floats and self.manifest.quantized
+        buffers = None if dequantize else self._streaming_buffers()
         blocks = [ids[i : i + self.stream_block] for i in range(0, len(ids), self.stream_block)]
 
         def submit(i: int) -> ReadFuture:
-            host = self._stream_buffers[i % 2][0]
+            if buffers is None:
+                return self.reader.submit(layer, blocks[i])
+            host = buffers[i % 2][0]
             return self.reader.submit(
                 layer, blocks[i], out={k: v[: len(blocks[i])] for k, v in host.items()}, raw=True
             )
@@ -177,7 +160,11 @@ class FlashRuntime:
                 self.add_time("io", time.perf_counter() - t0)
                 pending = submit(i + 1) if i + 1 < len(blocks) else None
                 n = len(block)
-                yield block, rows, {k: v[:n] for k, v in self._stream_buffers[i % 2][1].items()}
+                if buffers is None:
+                    arrays = {k: mx.array(v) for k, v in rows.items()}
+                else:
+                    arrays = {k: v[:n] for k, v in buffers[i % 2][1].items()}
+                yield NeuronBlock(block, rows, arrays)
         finally:
             if (
                 pending is not None
@@ -186,6 +173,22 @@ class FlashRuntime:
                     pending.result()
                 except BaseException:  # noqa: BLE001 - its error is not this caller's
                     pass
+
+    def _streaming_buffers(self) -> list[tuple[dict[str, np.ndarray], dict[str, mx.array]]]:
+        """The two aligned streaming buffers (made on first use), each as (numpy views, MLX arrays)."""
+        if not self._stream_buffers:
+            for _ in range(2):
+                fields = self.reader.empty_rows(
+                    0, raw=True
+                )  # (0, elems) arrays: each field's width and dtype
+                pairs = {
+                    k: host_writable_buffer((self.stream_block, v.shape[1]), v.dtype, align=SECTOR)
+                    for k, v in fields.items()
+                }  # aligned: O_DIRECT reads land in them directly
+                self._stream_buffers.append(
+                    ({k: h for k, (_, h) in pairs.items()}, {k: b for k, (b, _) in pairs.items()})
+                )
+        return self._stream_buffers
 
     def predict(self, layer: int, x: mx.array) -> np.ndarray:
         if self.predictors is None:

@@ -102,7 +102,7 @@ def test_flash_under_a_tight_budget_evicts_and_stays_exact(tmp_path):
     assert greedy_tokens(model, tok) == ref
     s = mlx_flash.flash_stats(model)
     assert 0 < s.neurons_loaded_per_token and s.bytes_per_token > 0
-    caches = [l.mlp._state.cache for l in model.layers]
+    caches = [l.mlp.cache for l in model.layers]
     assert all(c.used <= c.capacity for c in caches)
     assert any(c.stats.window_shrinks for c in caches), "the budget should have forced the window to shrink"
     rt.close()

@@ -232,7 +232,7 @@ def test_flash_tight_budget_evicts_quantized_rows(tmp_path):
     try:
         assert model.flash.plan.cache_capacity == int(0.8 * n)
         assert greedy(model, tok, mlx_flash.stream_generate) == ref
-        caches = [layer.mlp._state.cache for layer in model.layers]
+        caches = [layer.mlp.cache for layer in model.layers]
         assert any(c.stats.window_shrinks for c in caches) and any(c.stats.moved for c in caches)
         assert caches[0].host_view("gate.weight").dtype == np.uint32
         # a byte changed on flash after load is caught at the read, not computed on

@@ -343,7 +343,7 @@ class Fault:
 
 def check_cache_consistent(model) -> None:
     for layer in model.layers:
-        c = layer.mlp._state.cache
+        c = layer.mlp.cache
         ids = c.resident_ids()
         assert c.used <= c.capacity and len(set(ids.tolist())) == c.used
         np.testing.assert_array_equal(c.slots(ids), np.arange(c.used))
@@ -390,7 +390,7 @@ def test_interrupt_in_the_cache_update_leaves_a_working_model(tiny, monkeypatch)
     """Ctrl-C between a layer's begin_token and insert (rows reserved, not yet written)."""
     _, folder, tok, ref = tiny
     model, _ = load(folder)
-    cache = model.layers[1].mlp._state.cache
+    cache = model.layers[1].mlp.cache
     orig, calls = cache.insert, []
 
     def insert(ids, rows):

@@ -81,7 +81,7 @@ def test_soak_2000_tokens_heavy_churn(tmp_path):
     model, tok = mlx_flash.load(folder, context=CONTEXT, window=2, memory_budget=budget)
     rt = model.flash
     assert rt.plan.cache_capacity == capacity
-    caches = [layer.mlp._state.cache for layer in model.layers]
+    caches = [layer.mlp.cache for layer in model.layers]
     truth = flash_rows(folder, rt.manifest)
     kv_per_token = rt.plan.kv_bytes // CONTEXT
 

@@ -25,7 +25,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import MlxFlashError
-from ..ffn import FlashFFN, applies_to_up
+from ..ffn import FlashFFN, neuron_activations
 
 TEXT_CHUNK_CHARS = 1 << 16
 
@@ -185,24 +185,17 @@ def rule_kind_for(activation: str) -> str:
 def activation_blocks(
     ffn: FlashFFN, x: np.ndarray, token_chunk: int = 4096
 ) -> Iterator[tuple[int, int, np.ndarray]]:
-    """The layer's neuron activations for inputs x [N, d], a block of neurons at a time:
-    yields (lo, hi, act [N, hi - lo] float32), the block's rows streamed from flash."""
-    st, rt = ffn._state, ffn._rt
-    sel = "gate" if "gate" in rt.manifest.part_names else "up"
-    both = sel == "gate" and applies_to_up(rt.act)  # dReLU: relu(gate x) * relu(up x)
-    for lo, hi, rows in rt.stream_layer(st.layer):
-        w = mx.array(rows[sel])
-        w_up = mx.array(rows["up"]) if both else None
-        bias = st.up_bias[lo:hi].astype(mx.float32) if st.up_bias is not None else None
+    """The layer's neuron activations (`ffn.neuron_activations`) for inputs x [N, d], a block
+    of neurons at a time: yields (lo, hi, act [N, hi - lo] float32), the block's rows streamed
+    from flash."""
+    for b in ffn.blocks(floats=True):
+        lo, hi = int(b.ids[0]), int(b.ids[-1]) + 1
+        parts = {k: v for k, v in b.rows.items() if k != "down"}
+        bias = ffn.up_bias[lo:hi].astype(mx.float32) if ffn.up_bias is not None else None
         out = np.empty((len(x), hi - lo), np.float32)
         for t in range(0, len(x), token_chunk):
             xb = mx.array(np.asarray(x[t : t + token_chunk], np.float32))
-            pre = xb @ w.T
-            if bias is not None:
-                pre = pre + bias
-            a = rt.act(pre)
-            if both:
-                a = a * rt.act(xb @ w_up.T)
+            a = neuron_activations(xb, parts, ffn.act, bias)
             mx.eval(a)
             out[t : t + token_chunk] = np.array(a)
         yield lo, hi, out
@@ -210,10 +203,9 @@ def activation_blocks(
 
 def active_sets(ffn: FlashFFN, x: np.ndarray, rule: ActiveRule) -> np.ndarray:
     """bool [N, n]: the neurons active for each input under `rule`."""
-    n = ffn._state.num_neurons
-    y = np.zeros((len(x), n), dtype=bool)
+    y = np.zeros((len(x), ffn.num_neurons), dtype=bool)
     for lo, hi, a in activation_blocks(ffn, x):
-        y[:, lo:hi] = rule.active(ffn._state.layer, a)
+        y[:, lo:hi] = rule.active(ffn.layer, a)
     return y
 
 

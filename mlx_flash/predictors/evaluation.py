@@ -86,24 +86,7 @@ class ThresholdFFN(nn.Module):
         self.threshold = threshold
 
     def __call__(self, x: mx.array) -> mx.array:
-        st, rt = self._inner._state, self._inner._rt
-        xc = x.astype(rt.compute_dtype)
-        y = mx.zeros(xc.shape, dtype=rt.compute_dtype)
-        for lo, hi, rows in rt.stream_layer(st.layer):
-            p = {k: mx.array(v) for k, v in rows.items()}
-            if "gate" in p:
-                a = rt.act(xc @ p["gate"].T)
-                h = a * (xc @ p["up"].T)
-            else:
-                pre = xc @ p["up"].T
-                if st.up_bias is not None:
-                    pre = pre + st.up_bias[lo:hi]
-                a = h = rt.act(pre)
-            y = y + (h * (mx.abs(a) > self.threshold)) @ p["down"]
-            mx.eval(y)
-        if st.down_bias is not None:
-            y = y + st.down_bias
-        return y.astype(x.dtype)
+        return self._inner.streamed(x, min_activation=self.threshold)
 
 
 def evaluate(
