@@ -20,7 +20,7 @@ from pathlib import Path
 import mlx.nn as nn
 
 from . import layout
-from .convert import convert, open_source, resolve_source
+from .convert import conversion_lock, convert, open_source, resolve_source
 from .errors import MlxFlashError, one_line
 from .model import FlashOptions, load_flash_model
 from .runtime import FlashRuntime
@@ -46,9 +46,10 @@ def _converted_folder(source: Path, label: str) -> Path:
             else str(f.stat().st_size).encode()
         )
     out = cache_root() / f"{label}-{h.hexdigest()[:12]}"
-    if not layout.is_flash_folder(out):
-        print(f"mlx_flash: converting {source} into the flash folder {out} (once)", file=sys.stderr)
-        convert(source, out, overwrite=True, progress=True)
+    with conversion_lock(out):  # another process (a rank beside this one) may be converting it
+        if not layout.is_flash_folder(out):
+            print(f"mlx_flash: converting {source} into the flash folder {out} (once)", file=sys.stderr)
+            convert(source, out, overwrite=True, progress=True)
     return out
 
 
@@ -119,7 +120,7 @@ def load(
         runtime.close()
         raise
     model.flash = runtime
-    if verbose:
+    if verbose and runtime.shard.primary:
         print(runtime.plan.describe(), file=sys.stderr)
     return model, tokenizer
 

@@ -5,6 +5,10 @@ conversation is kept in a KV prompt cache, so each turn only processes the new t
 text continuation otherwise (the bundled demo model). Commands: /stats (the last turn's flash
 statistics), /reset (forget the conversation), /quit. A turn that would not fit the context
 (--context) is refused with a note, and the conversation goes on.
+
+Several processes (ranks started by mlx.launch or by hand, see README): rank 0 reads the
+terminal and prints; each line it reads is sent to the other ranks, which answer in silence
+(each computes its share of every FFN layer).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .distributed import broadcast_text, is_primary, print_primary
 from .errors import run_cli
 from .generate import add_model_arguments, load_from_args
 
@@ -31,29 +36,29 @@ def main(argv: list[str] | None = None) -> int:
     from .api import ContextLengthError, flash_stats, stream_generate
 
     model, tokenizer = load_from_args(args)
+    say = print_primary  # under mlx.launch: rank 0 only
     sampler = make_sampler(args.temp)
     templated = getattr(tokenizer, "chat_template", None) is not None
     prompt_cache = make_prompt_cache(model)
     first_turn = True
-    print(f"mlx_flash chat ({args.model or 'demo model'}, mode {args.mode}). {HELP}", flush=True)
+    say(f"mlx_flash chat ({args.model or 'demo model'}, mode {args.mode}). {HELP}", flush=True)
     while True:
-        try:
-            query = input(">> ")
-        except EOFError:
-            print()
+        query = broadcast_text(_read_line(">> ") if is_primary() else None)  # rank 0's line, on every rank
+        if query is None:
+            say()
             break
         command = query.strip()
         if command in ("/quit", "/exit"):
             break
         if command == "/reset":
             prompt_cache, first_turn = make_prompt_cache(model), True
-            print("(conversation cleared)")
+            say("(conversation cleared)")
             continue
         if command == "/stats":
-            print(flash_stats(model).format())
+            say(flash_stats(model).format())
             continue
         if command.startswith("/"):
-            print(HELP)
+            say(HELP)
             continue
         if not command:
             continue
@@ -73,14 +78,22 @@ def main(argv: list[str] | None = None) -> int:
                 sampler=sampler,
                 prompt_cache=prompt_cache,
             ):
-                print(response.text, end="", flush=True)
+                say(response.text, end="", flush=True)
         except ContextLengthError as e:  # checked before anything is generated: the conversation is as it was
-            print(f"(the conversation is full: {e}. /reset starts a new one; --context sets a larger one)")
+            say(f"(the conversation is full: {e}. /reset starts a new one; --context sets a larger one)")
             continue
         first_turn = False
-        print()
+        say()
     model.flash.close()
     return 0
+
+
+def _read_line(prompt: str) -> str | None:
+    """A line from the terminal, None at its end."""
+    try:
+        return input(prompt)
+    except EOFError:
+        return None
 
 
 if __name__ == "__main__":

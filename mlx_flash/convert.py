@@ -21,6 +21,8 @@ as the source has it. The manifest's `quantization.origin` says which was done.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -226,6 +228,24 @@ def _source_quant(
             f"{list(want)} from config.json"
         )
     return bits, elems // s.shape[1]
+
+
+@contextlib.contextmanager
+def conversion_lock(out: str | os.PathLike):
+    """Hold an exclusive lock on the flash folder `out` (a `.NAME.lock` file beside it,
+    `flock`ed), waiting while another process holds it: processes that may convert the same
+    folder (the ranks of one launch on one machine, two programs opening the same cached
+    conversion) check and convert under it, so that one converts and the others then find the
+    finished folder, instead of each replacing the folder another is opening. The lock goes
+    with the process (a killed converter leaves no stale lock)."""
+    out = Path(out).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _remove_stale_partials(out: Path, progress: bool) -> None:

@@ -157,6 +157,10 @@ class LayerState:
 
     layer: int
     num_neurons: int
+    # the neurons [first, stop) this process owns (all of them alone; a part under mlx.launch,
+    # see distributed.py): it selects, reads, caches and computes only these
+    first: int = 0
+    stop: int = -1  # -1: num_neurons
     resident: dict[str, mx.array] = field(default_factory=dict)  # hybrid: rows [:resident]
     num_resident: int = 0
     # flash + exact: gate (or up) rows of all neurons; quantized: {"weight", "scales", "biases"}
@@ -164,6 +168,10 @@ class LayerState:
     up_bias: mx.array | None = None  # two-matrix: per-neuron bias, all neurons
     down_bias: mx.array | None = None
     cache: object | None = None  # NeuronCache in flash mode
+
+    def __post_init__(self):
+        if self.stop < 0:
+            self.stop = self.num_neurons
 
 
 class FlashFFN(nn.Module):
@@ -220,12 +228,14 @@ class FlashFFN(nn.Module):
             arrays.append(st.selector)
         return arrays + [a for a in (st.up_bias, st.down_bias) if a is not None]
 
-    def blocks(self, start: int = 0, *, floats: bool = False) -> Iterator[NeuronBlock]:
-        """Neurons [start, n) of the layer streamed from flash in blocks (`FlashRuntime.stream_blocks`:
+    def blocks(self, start: int | None = None, *, floats: bool = False) -> Iterator[NeuronBlock]:
+        """Neurons [start, stop) of the layer (default: all this process owns, [first, stop);
+        everything in one process) streamed from flash in blocks (`FlashRuntime.stream_blocks`:
         large sequential reads, the next block read while the caller works on this one; a block's
         arrays are valid until the next is asked for, and whatever was computed from them must be
         evaluated by then). floats: float32 rows even in a quantized folder (else its fields)."""
-        ids = np.arange(start, self._state.num_neurons, dtype=np.int64)
+        st = self._state
+        ids = np.arange(st.first if start is None else start, st.stop, dtype=np.int64)
         return self._rt.stream_blocks(self._state.layer, ids, floats=floats)
 
     def streamed(self, x: mx.array, min_activation: float | None = None) -> mx.array:
@@ -251,15 +261,16 @@ class FlashFFN(nn.Module):
                 if rt.mode == "flash" and x.shape[-2] == 1 and x.size // x.shape[-1] == 1:
                     y = self._decode_flash(x)
                 else:
-                    y = self._stream(x, start=st.num_resident)
+                    y = self._stream(x, start=st.first + st.num_resident)
                     if st.num_resident:
                         y = y + ffn_block(
                             x,
                             st.resident,
                             rt.act,
-                            _first(st.up_bias, st.num_resident),
+                            _range(st.up_bias, st.first, st.first + st.num_resident),
                             quant=self.quantization,
                         )
+                y = rt.all_sum(y)  # the other ranks' neurons (one process: y itself)
                 if st.down_bias is not None:
                     y = y + st.down_bias
                 y = y.astype(x.dtype)
@@ -274,7 +285,7 @@ class FlashFFN(nn.Module):
 
     # -- streaming: naive, hybrid, prefill ---------------------------------------------------
     def _stream(self, x: mx.array, start: int) -> mx.array:
-        """Stream neurons [start, n) of the layer from flash in blocks and compute densely. In
+        """Stream neurons [start, stop) of the layer from flash in blocks and compute densely. In
         flash mode, also seed the window with the last prompt tokens' active sets: the cache
         reserves their rows first and each is written as its block goes by."""
         rt, st = self._rt, self._state
@@ -366,17 +377,19 @@ class FlashFFN(nn.Module):
         return y
 
     def _select(self, xc: mx.array) -> np.ndarray:
-        """Ids of the neurons this token needs: exact (the resident selector) or predicted."""
+        """Ids of the owned neurons this token needs: exact (the resident selector, whose rows
+        are the owned neurons') or predicted."""
         rt, st = self._rt, self._state
         if rt.selection == "predictor":
-            return rt.predict(st.layer, xc)
+            ids = rt.predict(st.layer, xc)
+            return ids[(ids >= st.first) & (ids < st.stop)] if st.stop - st.first < st.num_neurons else ids
         q = self.quantization
         sel = "gate" if "gate" in rt.manifest.part_names else "up"
         parts = {f"{sel}.{k}": v for k, v in st.selector.items()} if q is not None else {sel: st.selector}
-        a = neuron_activations(xc, parts, rt.act, st.up_bias, q)
+        a = neuron_activations(xc, parts, rt.act, _range(st.up_bias, st.first, st.stop), q)
         mx.eval(a)
-        return np.flatnonzero(np.array(a).reshape(-1)).astype(np.int64)
+        return np.flatnonzero(np.array(a).reshape(-1)).astype(np.int64) + st.first
 
 
-def _first(a: mx.array | None, n: int) -> mx.array | None:
-    return None if a is None else a[:n]
+def _range(a: mx.array | None, lo: int, hi: int) -> mx.array | None:
+    return None if a is None else a[lo:hi]

@@ -2,7 +2,8 @@
 
 With no --model it runs the bundled demo model (converted to a flash folder on first use).
 It streams the text, then says what was read from flash; --stats adds the memory plan and
-where every millisecond of each token went.
+where every millisecond of each token went. Under `mlx.launch -n N` every rank generates (each
+reads its share of every FFN layer) and rank 0 alone prints: the text, and its own statistics.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import sys
 
 from .budget import MODES, SELECTIONS
+from .distributed import print_primary
 from .errors import run_cli
 
 DEFAULT_PROMPT = "The for statement"
@@ -93,21 +95,22 @@ def main(argv: list[str] | None = None) -> int:
     from .api import flash_stats, stream_generate
 
     model, tokenizer = load_from_args(args)
-    print(args.prompt, end="", flush=True)
+    say = print_primary  # under mlx.launch: rank 0 only
+    say(args.prompt, end="", flush=True)
     for response in stream_generate(
         model, tokenizer, args.prompt, max_tokens=args.max_tokens, sampler=make_sampler(args.temp)
     ):
-        print(response.text, end="", flush=True)
-    print()
+        say(response.text, end="", flush=True)
+    say()
     records = model.flash.records
     summary = flash_stats(model)
     if args.stats:
-        print(PASS_HEADER)
+        say(PASS_HEADER)
         for i, r in enumerate(records):
             if not r.is_prefill:
-                print(format_pass(i, r))
-    print("==========")
-    print(summary.format())
+                say(format_pass(i, r))
+    say("==========")
+    say(summary.format())
     model.flash.close()
     return 0
 

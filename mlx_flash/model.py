@@ -8,13 +8,17 @@ taken out of them and kept by the FlashFFN.
 A quantized folder's dense part is made quantized as mlx-lm makes an mlx-community model
 (`quantize.quantize_loaded`, from config.json's `quantization`), and its FFN rows stay quantized
 wherever they are held: the neuron caches, the hybrid's resident rows, the exact selector.
+
+Under `mlx.launch -n N` each process owns a part of every layer's neurons (distributed.py): the
+memory plan is made for the dense part and this rank's neurons (a budget, and a percentage, are
+of this rank's memory), and only its neurons' selector, resident and cached rows are read.
 """
 
 from __future__ import annotations
 
 import json
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -24,6 +28,7 @@ import numpy as np
 from . import layout
 from .budget import ModelSizes, parse_budget, plan_with_selection
 from .cache import NeuronCache
+from .distributed import Shard, process_shard
 from .errors import MlxFlashError, one_line
 from .families import ACTIVATIONS, architecture_for
 from .ffn import ACTIVATION_FUNCTIONS, FlashFFN, LayerState, activate
@@ -46,6 +51,7 @@ class FlashOptions:
     threads: int | None = None
     context: int | None = None  # tokens of KV cache the plan reserves
     verify: bool = False
+    shard: Shard | None = None  # this process's part of each layer's neurons; None: the launch's
 
 
 def compute_dtype_for(flash_dtype: str) -> mx.Dtype:
@@ -179,6 +185,15 @@ def load_flash_model(
         raise layout.FlashFormatError(
             f"{folder / 'config.json'}: malformed attention settings ({e})"
         ) from None
+    shard = options.shard or process_shard()
+    first, stop = shard.neurons(sizes.num_neurons)
+    if stop == first:
+        raise MlxFlashError(
+            f"{shard.size} processes share {sizes.num_neurons} FFN neurons a layer: rank {shard.rank} would own "
+            "none; launch fewer processes"
+        )
+    if stop - first < sizes.num_neurons:  # the plan is of this rank's memory: its neurons only
+        sizes = replace(sizes, num_neurons=stop - first)
     mode = options.mode
     window = _positive_int("window", DEFAULT_WINDOW if options.window is None else options.window)
     if options.threads is not None:
@@ -191,8 +206,6 @@ def load_flash_model(
             f"python -m mlx_flash.predictors train --model {folder} --data TEXTFILE, or use selection='exact'"
         )
     if mode == "flash" and manifest.predictors_file and options.selection in (None, "predictor"):
-        from dataclasses import replace
-
         from .predictors.store import predictor_elems
 
         sizes = replace(sizes, predictor_elems=predictor_elems(folder, manifest))
@@ -221,6 +234,7 @@ def load_flash_model(
             plan=plan,
             act=act,
             compute_dtype=dtype,
+            shard=shard,
         )
         if mode == "flash" and selection == "predictor":
             from .predictors.store import Predictors
@@ -342,17 +356,19 @@ def _layer_state(
         a = mx.array(v)
         return a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a
 
-    st = LayerState(layer=i, num_neurons=manifest.layers[i].num_neurons)
+    n = manifest.layers[i].num_neurons
+    first, stop = runtime.shard.neurons(n)
+    st = LayerState(layer=i, num_neurons=n, first=first, stop=stop)
     st.up_bias = biases.get((i, "up_bias"))
     st.down_bias = biases.get((i, "down_bias"))
     if plan.resident_neurons:
-        rows = reader.read_rows(i, 0, plan.resident_neurons, raw=True)
+        rows = reader.read_rows(i, first, first + plan.resident_neurons, raw=True)
         st.resident = {k: as_mx(v) for k, v in rows.items()}
         st.num_resident = plan.resident_neurons
     if runtime.mode == "flash":
         if runtime.selection == "exact":
             selector_part = "gate" if "gate" in manifest.part_names else "up"
-            rows = reader.read_rows(i, 0, st.num_neurons, raw=True)
+            rows = reader.read_rows(i, first, stop, raw=True)
             if manifest.quantized:
                 st.selector = {f: as_mx(rows[f"{selector_part}.{f}"]) for f in layout.QUANT_FIELDS}
             else:

@@ -16,6 +16,7 @@ import numpy as np
 
 from .budget import MemoryPlan, stream_block_neurons
 from .cache import host_writable_buffer
+from .distributed import Shard
 from .layout import SECTOR, Manifest
 from .reader import FlashReader, ReadFuture
 from .reader.checksums import FlashChecksumError, VerifyingReader  # noqa: F401 - importable from here
@@ -43,6 +44,7 @@ class FlashRuntime:
         plan: MemoryPlan,
         act: Callable[[mx.array], mx.array],
         compute_dtype: mx.Dtype,
+        shard: Shard | None = None,
     ):
         self.manifest = manifest
         self.reader = reader
@@ -52,7 +54,9 @@ class FlashRuntime:
         self.plan = plan
         self.act = act
         self.compute_dtype = compute_dtype
-        self.stream_block = stream_block_neurons(manifest.layers[0].num_neurons)
+        self.shard = shard or Shard()  # this process's part of each layer's neurons (distributed.py)
+        first, stop = self.shard.neurons(manifest.layers[0].num_neurons)
+        self.stream_block = stream_block_neurons(stop - first)
         self.records: list[PassStats] = []
         self._current: PassStats | None = None
         self._pass_start = 0.0
@@ -116,7 +120,22 @@ class FlashRuntime:
         s.extra["mode"] = self.mode
         s.extra["selection"] = self.selection
         s.extra["window"] = self.window
+        s.extra["rank"] = self.shard.rank
+        s.extra["group_size"] = self.shard.size
         return s
+
+    def all_sum(self, y: mx.array) -> mx.array:
+        """A layer's partial output summed over the group, evaluated; the time it took (the
+        exchange, and the wait for the slowest rank) is counted apart from compute. One
+        process: y as it is, nothing evaluated here."""
+        if self.shard.size == 1:
+            return y
+        mx.eval(y)
+        t0 = time.perf_counter()
+        y = self.shard.all_sum(y)
+        mx.eval(y)
+        self.add_time("all_sum", time.perf_counter() - t0)
+        return y
 
     # -- streaming ----------------------------------------------------------------------------
     def read_missing(self, layer: int, ids: np.ndarray) -> dict[str, np.ndarray]:

@@ -12,7 +12,7 @@ import resource
 import sys
 from dataclasses import asdict, dataclass, field
 
-TIME_KEYS = ("selection", "io", "memory", "compute")
+TIME_KEYS = ("selection", "io", "memory", "all_sum", "compute")
 
 
 def peak_rss_bytes() -> int:
@@ -28,6 +28,7 @@ class PassStats:
     selection_ms: float = 0.0
     io_ms: float = 0.0  # waiting for flash reads
     memory_ms: float = 0.0  # neuron cache management
+    all_sum_ms: float = 0.0  # several processes: summing the layers' outputs over the group
     bytes_read: int = 0
     reads: int = 0
     neurons_active: int = 0  # summed over layers
@@ -38,7 +39,7 @@ class PassStats:
 
     @property
     def compute_ms(self) -> float:
-        return max(0.0, self.wall_ms - self.selection_ms - self.io_ms - self.memory_ms)
+        return max(0.0, self.wall_ms - self.selection_ms - self.io_ms - self.memory_ms - self.all_sum_ms)
 
     @property
     def is_prefill(self) -> bool:
@@ -76,10 +77,16 @@ class StatsSummary:
     resident_bytes: int = 0
     peak_memory_bytes: int = 0  # MLX's allocations
     peak_rss_bytes: int = 0  # the whole process (Python, libraries, reader buffers)
+    all_sum_ms: float = 0.0  # several processes: the layers' outputs summed over the group
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    @property
+    def group_size(self) -> int:
+        """Processes sharing the model's FFN neurons (1: one process; see distributed.py)."""
+        return self.extra.get("group_size", 1)
 
     def format(self) -> str:
         ms = self.ms_per_token or 1e-9
@@ -92,12 +99,18 @@ class StatsSummary:
                     ("selection", self.selection_ms),
                     ("I/O wait", self.io_ms),
                     ("cache", self.memory_ms),
+                    *((("all_sum", self.all_sum_ms),) if self.group_size > 1 else ()),
                     ("compute", self.compute_ms),
                 )
             ),
             f"  flash: {self.bytes_per_token / 1e6:.2f} MB in {self.reads_per_token:.0f} reads per token, "
             f"{self.neurons_loaded_per_token:.0f} neurons loaded, window hit rate {100 * self.window_hit_rate:.1f}%",
         ]
+        if self.group_size > 1:
+            lines.append(
+                f"group: rank {self.extra.get('rank', 0)} of {self.group_size} processes; "
+                "flash figures and memory are this rank's own"
+            )
         if self.prefill_tokens:
             lines.append(
                 f"prefill: {self.prefill_tokens} tokens in {self.prefill_ms:.0f} ms, {self.prefill_bytes / 1e6:.1f} MB read"
@@ -128,6 +141,7 @@ def summarize(
         io_ms=mean("io_ms"),
         memory_ms=mean("memory_ms"),
         compute_ms=mean("compute_ms"),
+        all_sum_ms=mean("all_sum_ms"),
         bytes_per_token=mean("bytes_read"),
         reads_per_token=mean("reads"),
         neurons_loaded_per_token=mean("neurons_loaded"),

@@ -1,0 +1,85 @@
+"""Several processes sharing each FlashFFN layer's neurons, on MLX's distributed engine.
+
+Under ``mlx.launch -n N`` (any backend: ring, MPI, JACCL), `mlx_flash.load` gives rank r of N
+a fixed, contiguous part of every FFN layer's neurons (`Shard.neurons`): it reads, caches and
+selects only those, computes its partial FFN output (the FFN is a sum over neurons), and one
+``mx.distributed.all_sum`` per layer (`Shard.all_sum`) makes the layer's output, the same on
+every rank. Attention, embeddings and norms are replicated: every rank runs the whole model
+and samples the same token. Each rank's memory budget is its own (see `model.py`).
+
+One process (no launcher, or N = 1) is the group of one: nothing is shared and nothing is
+summed. What a program does once for the group (printing, reading a terminal) it does on the
+primary rank (`is_primary`); a line typed on rank 0 reaches the others with `broadcast_text`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's place in the group: rank `rank` of `size` (the group of one by default)."""
+
+    rank: int = 0
+    size: int = 1
+    group: mx.distributed.Group | None = None  # None: the group of one
+
+    def neurons(self, num_neurons: int) -> tuple[int, int]:
+        """The [first, stop) neurons of a layer this rank owns: contiguous, as even as they
+        divide (rank r: r * n // size up to (r + 1) * n // size)."""
+        return self.rank * num_neurons // self.size, (self.rank + 1) * num_neurons // self.size
+
+    def all_sum(self, y: mx.array) -> mx.array:
+        """y summed over the group (lazy: evaluated with what uses it); y itself for one process."""
+        if self.size == 1:
+            return y
+        return mx.distributed.all_sum(y, group=self.group)
+
+    @property
+    def primary(self) -> bool:
+        return self.rank == 0
+
+
+@functools.cache
+def process_shard() -> Shard:
+    """The shard of this process: `mx.distributed.init()`'s group (a launcher's environment
+    names it; without one, the group of one)."""
+    group = mx.distributed.init()
+    if group.size() == 1:
+        return Shard()
+    return Shard(rank=group.rank(), size=group.size(), group=group)
+
+
+def is_primary() -> bool:
+    """Whether this process prints and talks to the user for its group (rank 0, or alone).
+    The hook for every front end (generate, chat, the server): other ranks compute in silence."""
+    return process_shard().primary
+
+
+def print_primary(*args, **kwargs) -> None:
+    """`print` on the primary rank only."""
+    if is_primary():
+        print(*args, **kwargs)
+
+
+def broadcast_text(text: str | None, shard: Shard | None = None) -> str | None:
+    """Rank 0's `text` on every rank (the others pass anything, e.g. None); None stays None.
+    Two all_sums: the length (-1 for None), then the UTF-8 bytes (zeros from other ranks)."""
+    shard = shard or process_shard()
+    if shard.size == 1:
+        return text
+    data = text.encode() if shard.primary and text is not None else b""
+    n = len(data) if shard.primary and text is not None else -1
+    length = int(shard.all_sum(mx.array([n if shard.primary else 0], dtype=mx.int32)).item())
+    if length < 0:
+        return None
+    mine = np.frombuffer(data, np.uint8) if shard.primary else np.zeros(length, np.uint8)
+    if length == 0:
+        return ""
+    summed = shard.all_sum(mx.array(mine.astype(np.int32)))
+    return bytes(np.array(summed).astype(np.uint8)).decode()

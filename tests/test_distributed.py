@@ -1,0 +1,226 @@
+"""Several processes sharing each FlashFFN layer's neurons (mlx_flash/distributed.py).
+
+In one process: the shards of a layer cover its neurons once, and the partial outputs of two
+shards add up to the layer's output in every mode. Under `mlx.launch -n 2 --backend ring` on
+this machine (benchmarks/bench_distributed.py's launcher): the demo model and tiny dense models
+give both ranks the greedy tokens of one process, and each rank reads about half of one
+process's bytes per token; the ranks convert the demo model into one fresh cache at once
+(the conversion lock); chat prints only on rank 0."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from argparse import Namespace
+from dataclasses import replace
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from tiny_models import make_tiny_model
+
+from mlx_flash import layout
+from mlx_flash.convert import conversion_lock, convert, verify
+from mlx_flash.distributed import Shard, broadcast_text
+from mlx_flash.model import FlashOptions, load_flash_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENS = 16
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location(
+        "bench_distributed", ROOT / "benchmarks" / "bench_distributed.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+bench = _bench()
+
+
+def _env(**over) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.update(over)
+    return env
+
+
+@pytest.mark.parametrize("n", [1, 7, 256, 1024])
+@pytest.mark.parametrize("size", [1, 2, 3, 5])
+def test_shards_cover_every_neuron_once(n, size):
+    ranges = [Shard(r, size).neurons(n) for r in range(size)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert max(b - a for a, b in ranges) - min(b - a for a, b in ranges) <= 1
+
+
+def test_one_process_is_the_group_of_one():
+    s = Shard()
+    y = mx.arange(4)
+    assert s.all_sum(y) is y and s.primary and broadcast_text("hi", s) == "hi"
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist_llama")
+    src = make_tiny_model(root / "src", "llama", hidden_act="relu", intermediate_size=1024)
+    convert(src, root / "flash", progress=False)
+    return src, root / "flash"
+
+
+@pytest.mark.parametrize(
+    "mode,budget", [("naive", None), ("hybrid", "60%"), ("flash", None), ("flash", "95%")]
+)
+def test_two_shards_add_up_to_the_layer(tiny_llama, mode, budget):
+    """Rank 0's and rank 1's FlashFFN outputs (each loaded alone, its all_sum that of a group of
+    one) sum to the whole layer's, when decoding and when prefilling; each rank's cache holds
+    only its own neurons, and its plan (made for its own neurons) fits the budget. (A random
+    model fires half its neurons: with the budget, flash's active sets overflow the cache.)"""
+    _, folder = tiny_llama
+    opts = FlashOptions(mode=mode, memory_budget=budget, context=16)
+    whole, rt = load_flash_model(folder, opts)
+    parts = [load_flash_model(folder, replace(opts, shard=Shard(r, 2))) for r in (0, 1)]
+    rng = np.random.default_rng(0)
+    d = rt.manifest.hidden_size
+    for shape in [(1, 1, d), (1, 1, d), (1, 6, d), (1, 1, d)]:
+        x = mx.array(rng.standard_normal(shape).astype(np.float32))
+        for layer in range(len(whole.layers)):
+            want = whole.layers[layer].mlp(x)
+            got = sum(m.layers[layer].mlp(x) for m, _ in parts)
+            np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-5)
+    n = rt.manifest.layers[0].num_neurons
+    for r, (m, prt) in enumerate(parts):
+        first, stop = Shard(r, 2).neurons(n)
+        if mode == "flash" and budget is None:
+            ids = m.layers[0].mlp._state.cache.resident_ids()
+            assert len(ids) and ids.min() >= first and ids.max() < stop
+        if budget is not None:
+            assert prt.plan.total_bytes <= prt.plan.budget_bytes
+        assert prt.stats().extra["group_size"] == 2
+    for _, prt in [(whole, rt), *parts]:
+        prt.close()
+
+
+def _args(model, **over) -> Namespace:
+    args = Namespace(
+        model=model, max_tokens=TOKENS, mode="flash", memory_budget=None, threads=None, prompt_chars=200
+    )
+    for k, v in over.items():
+        setattr(args, k, v)
+    return args
+
+
+def _one_process(model) -> dict:
+    """The reference: this (test) process, the group of one."""
+    a = _args(model)
+    return bench.measure(model, prompt=bench.prompt_text(a.prompt_chars), max_tokens=a.max_tokens)
+
+
+def _two_ranks(tmp_path, model, env=None) -> list[dict]:
+    return bench.launch(
+        2, tmp_path / "run-2", bench.worker_args(_args(model)), timeout=240, env=env or _env()
+    )
+
+
+def _check_two_ranks(one: dict, two: list[dict]) -> None:
+    assert [r["rank"] for r in two] == [0, 1] and all(r["size"] == 2 for r in two)
+    assert one["size"] == 1 and len(one["tokens"]) == TOKENS
+    for r in two:
+        assert r["tokens"] == one["tokens"], f"rank {r['rank']}"
+        share = r["bytes_per_token"] / one["bytes_per_token"]
+        assert 0.25 <= share <= 0.75, f"rank {r['rank']} reads {share:.2f} of one process's bytes"
+        assert r["all_sum_ms"] > 0
+    total = sum(r["bytes_per_token"] for r in two) / one["bytes_per_token"]
+    assert 0.8 <= total <= 1.2  # the ranks' shares add up to about one process's bytes
+
+
+def test_demo_model_on_two_ranks(tmp_path):
+    """The issue's check: the demo model under mlx.launch -n 2 --backend ring, the same 16
+    greedy tokens on both ranks as one process, each rank reading a quarter to three quarters
+    of its bytes per token. Both ranks start with an empty cache and convert the demo model
+    at once into it: one converts, the other waits and opens the finished folder."""
+    cache = tmp_path / "cache"
+    _check_two_ranks(_one_process(None), _two_ranks(tmp_path, None, env=_env(MLX_FLASH_CACHE=str(cache))))
+    folders = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    assert len(folders) == 1 and layout.is_flash_folder(folders[0])
+    assert not [p for p in cache.iterdir() if ".partial-" in p.name or ".old-" in p.name]
+    verify(folders[0], progress=False)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "opt"])
+def test_tiny_dense_models_on_two_ranks(tmp_path, model_type):
+    """A gated (llama, ReLU) and a two-matrix model with per-neuron and output biases (OPT)."""
+    size = {"intermediate_size" if model_type == "llama" else "ffn_dim": 2048}  # enough reads a token
+    src = make_tiny_model(tmp_path / "src", model_type, **size)
+    folder = convert(src, tmp_path / "flash", progress=False) and tmp_path / "flash"
+    _check_two_ranks(_one_process(str(folder)), _two_ranks(tmp_path, str(folder)))
+
+
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs Linux's /proc/locks")
+def test_a_second_process_waits_for_the_conversion(tmp_path):
+    """While one process holds the conversion lock of the demo model's cached folder, a second
+    one asking for the folder waits on the lock (seen in /proc/locks), then finds the folder
+    the first converted and opens it without converting again."""
+    from mlx_flash.api import DEMO_SOURCE
+
+    env = _env(MLX_FLASH_CACHE=str(tmp_path))
+    code = "from mlx_flash.api import resolve_flash_folder as r; print(r(None))"
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = Path(first.stdout.strip())
+    assert first.returncode == 0 and out.parent == tmp_path, first.stderr
+    shutil.rmtree(out)  # the folder's name is known: now two processes want it at once
+    with conversion_lock(out):
+        p = subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        deadline = time.monotonic() + 60
+        while not any(
+            "-> FLOCK" in l and f" {p.pid} " in l for l in Path("/proc/locks").read_text().splitlines()
+        ):
+            assert p.poll() is None, p.communicate()
+            assert time.monotonic() < deadline, "the second process never waited on the lock"
+            time.sleep(0.05)
+        convert(DEMO_SOURCE, out, progress=False)  # as the first process would
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 0, stderr
+    assert Path(stdout.strip()) == out and "converting" not in stderr
+
+
+def test_chat_prints_only_on_rank_zero(tmp_path):
+    """Two chat processes started by hand (the ring backend's environment, as mlx.launch sets
+    it): rank 0 reads the terminal and prints the answer; rank 1 gets each line from rank 0,
+    computes its share, and prints nothing."""
+    port = bench.free_port(2)
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
+    cmd = [sys.executable, "-m", "mlx_flash.chat", "--max-tokens", "8"]
+    procs = [
+        subprocess.Popen(
+            cmd,
+            env=_env(MLX_RANK=str(r), MLX_HOSTFILE=str(hosts), MLX_FLASH_CACHE=str(tmp_path / "cache")),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for r in (0, 1)
+    ]
+    outs = []
+    for r, p in enumerate(procs):
+        try:
+            outs.append(p.communicate("The for statement\n/stats\n/quit\n" if r == 0 else "", timeout=180))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                os.killpg(q.pid, 9)
+            raise
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "mlx_flash chat" in outs[0][0] and "group: rank 0 of 2" in outs[0][0]
+    assert outs[1][0] == ""
