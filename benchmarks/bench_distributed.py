@@ -85,8 +85,26 @@ def measure(
         "load_s": load_s,
         "device": str(mx.default_device()),
     }
+    if res["size"] > 1:
+        res["all_sum_alone_us"] = all_sum_latency_us(m.flash.shard, m.flash.manifest.hidden_size)
     m.flash.close()
     return res
+
+
+def all_sum_latency_us(shard, hidden: int, repeats: int = 200) -> dict:
+    """The all_sum of one decoded token's layer output alone ([1, 1, hidden] float32, as the
+    FFN sums it), in microseconds: median and 10th percentile over `repeats`."""
+    import mlx.core as mx
+    import numpy as np
+
+    x = mx.ones((1, 1, hidden), dtype=mx.float32)
+    mx.eval(shard.all_sum(x))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mx.eval(shard.all_sum(x))
+        times.append((time.perf_counter() - t0) * 1e6)
+    return {"median": float(np.median(times)), "p10": float(np.percentile(times, 10)), "bytes": hidden * 4}
 
 
 def free_port(count: int) -> int:
@@ -197,8 +215,9 @@ def run_worker(args: argparse.Namespace) -> int:
 def table(runs: dict[int, list[dict]]) -> str:
     one = runs[1][0]
     lines = [
-        "| ranks | rank | tokens equal to 1 process | KB read / token | share of 1 process | ms / token | all_sum ms / token | plan MB | peak RSS MB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| ranks | rank | tokens equal to 1 process | KB read / token | share of 1 process | ms / token | "
+        "I/O wait ms | all_sum ms / token | one all_sum alone, us (median) | plan MB | peak RSS MB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for n, results in sorted(runs.items()):
         for r in results:
@@ -206,7 +225,9 @@ def table(runs: dict[int, list[dict]]) -> str:
             lines.append(
                 f"| {n} | {r['rank']} | {'yes' if r['tokens'] == one['tokens'] else 'NO'} | "
                 f"{r['bytes_per_token'] / 1e3:.1f} | {share:.3f} | {r['ms_per_token']:.1f} | "
-                f"{r['all_sum_ms']:.2f} | {r['plan_bytes'] / 1e6:.1f} | {r['peak_rss_bytes'] / 1e6:.0f} |"
+                f"{r['io_ms']:.1f} | {r['all_sum_ms']:.2f} | "
+                f"{r['all_sum_alone_us']['median'] if 'all_sum_alone_us' in r else 0:.0f} | "
+                f"{r['plan_bytes'] / 1e6:.1f} | {r['peak_rss_bytes'] / 1e6:.0f} |"
             )
     return "\n".join(lines)
 
