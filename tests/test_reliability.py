@@ -702,8 +702,11 @@ def test_conversion_interrupted_at_any_write_leaves_nothing(tiny, tmp_path, monk
 
 
 CONVERT_SLOWLY = """
-import pathlib, sys, time
+import pathlib, signal, sys, time
 import mlx_flash.convert as c
+# Ctrl-C raises KeyboardInterrupt even when the test runs as a background job (nohup ... &),
+# whose children inherit SIGINT ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
 ready = pathlib.Path(sys.argv[1])
 orig = c._write_layer
 def write_layer(src, i, *a, **k):
