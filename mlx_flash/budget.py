@@ -162,6 +162,7 @@ class MemoryPlan:
         )
 
     neuron_bytes_all_layers: int = 0
+    cache_label: str = ""  # what the cache rows are, when not neurons ("experts of 128")
 
     def describe(self) -> str:
         rows = [
@@ -175,7 +176,9 @@ class MemoryPlan:
             rows.append(("predictors", self.predictor_bytes))
         if self.mode == "hybrid":
             rows.append((f"resident FFN ({self.resident_neurons} neurons/layer)", self.resident_bytes))
-        if self.mode == "flash":
+        if self.mode == "flash" and self.cache_label:
+            rows.append((f"expert pools ({self.cache_capacity} {self.cache_label}/layer)", self.cache_bytes))
+        elif self.mode == "flash":
             rows.append((f"neuron caches ({self.cache_capacity} slots/layer)", self.cache_bytes))
         budget = "unlimited" if self.budget_bytes is None else fmt_bytes(self.budget_bytes)
         lines = [f"memory plan ({self.mode}, budget {budget}):"]
@@ -293,3 +296,60 @@ def plan_with_selection(
             selection="predictor",
         )
         return plan, "predictor"
+
+
+@dataclass(frozen=True)
+class ExpertSizes:
+    """What the planner needs to know of an MoE model, in bytes as held in memory."""
+
+    dense_bytes: int  # everything resident: attention, embeddings, routers, shared experts, dense FFNs
+    kv_bytes_per_token: int
+    moe_layers: int
+    num_experts: int  # per MoE layer
+    experts_per_token: int  # the router's k
+    slot_bytes: int  # one expert of one layer in its pool
+    stage_experts: int  # rows of the staging buffer the reads land in, at most (k at least)
+
+    @property
+    def model_bytes(self) -> int:
+        return self.dense_bytes + self.moe_layers * self.num_experts * self.slot_bytes
+
+
+def plan_experts(sizes: ExpertSizes, *, budget_bytes: int | None, context: int) -> MemoryPlan:
+    """The MoE plan: dense weights, KV cache, staging buffer, and per MoE layer a pool of as many
+    expert slots as fit (all experts without a budget; at least k, else a BudgetError naming
+    the smallest budget that works)."""
+    per_slot = sizes.slot_bytes * sizes.moe_layers
+    dense, kv = sizes.dense_bytes, sizes.kv_bytes_per_token * kv_tokens(context)
+    k, n = sizes.experts_per_token, sizes.num_experts
+    stage = max(k, sizes.stage_experts) * sizes.slot_bytes
+    if budget_bytes is not None and budget_bytes < dense + kv + stage + k * per_slot:
+        stage = k * sizes.slot_bytes  # a tight budget: reads staged k experts at a time
+    fixed = dense + kv + stage
+    if budget_bytes is None:
+        slots = n
+    else:
+        need = fixed + k * per_slot
+        if budget_bytes < need:
+            raise BudgetError(
+                f"memory budget {fmt_bytes(budget_bytes)} is too small for this mixture-of-experts model: it needs at "
+                f"least {fmt_bytes(need)} (dense weights {fmt_bytes(dense)}, KV cache {fmt_bytes(kv)} for {context} "
+                f"tokens, staging buffer {fmt_bytes(stage)}, and {k} experts per layer, one token's, "
+                f"{fmt_bytes(k * per_slot)}); pass memory_budget >= {need}"
+            )
+        slots = min(n, (budget_bytes - fixed) // per_slot)
+    return MemoryPlan(
+        mode="flash",
+        budget_bytes=budget_bytes,
+        dtype_bytes=0,
+        dense_bytes=dense,
+        kv_bytes=kv,
+        stream_bytes=stage,
+        selector_bytes=0,
+        predictor_bytes=0,
+        resident_neurons=0,
+        cache_capacity=int(slots),
+        context=context,
+        neuron_bytes_all_layers=per_slot,
+        cache_label=f"of {n} experts",
+    )

@@ -317,7 +317,12 @@ class NeuronCache:
             raise RuntimeError(f"{self._n_pending} missing neurons not inserted yet: call insert() first")
 
 
-_MX_DTYPES = {np.dtype(np.float32): mx.float32, np.dtype(np.uint32): mx.uint32, np.dtype(np.int32): mx.int32}
+_MX_DTYPES = {
+    np.dtype(np.float32): mx.float32,
+    np.dtype(np.float16): mx.float16,
+    np.dtype(np.uint32): mx.uint32,
+    np.dtype(np.int32): mx.int32,
+}
 
 
 def sorted_unique(a: np.ndarray) -> np.ndarray:

@@ -31,6 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,7 +106,8 @@ def resolve_source(src: str) -> Path:
         ) from None
 
 
-def open_source(path: Path) -> SourceModel:
+def source_config(path: Path) -> dict:
+    """A source folder's config.json, parsed; a one-line ConvertError when it cannot be."""
     config_path = path / "config.json"
     if not config_path.is_file():
         raise ConvertError(f"{path}: no config.json: not a model folder")
@@ -115,8 +117,21 @@ def open_source(path: Path) -> SourceModel:
         raise ConvertError(f"{config_path}: unreadable config ({e})") from None
     if not isinstance(config, dict):
         raise ConvertError(f"{config_path}: config is not a JSON object")
+    return config
+
+
+def open_source(path: Path) -> SourceModel:
+    config = source_config(path)
+    from .expert_convert import check_moe_config
+
+    check_moe_config(config)  # an MoE model is converted by expert_convert, not here
     arch = architecture_for(config)
     quantization = mlx_quantization(config)
+    return SourceModel(path, config, arch, source_tensors(path), quantization)
+
+
+def source_tensors(path: Path) -> dict[str, tuple[Path, TensorInfo]]:
+    """Every tensor of a source folder's safetensors files: name -> (file, header entry)."""
     files = sorted(path.glob("*.safetensors"))
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -134,7 +149,7 @@ def open_source(path: Path) -> SourceModel:
         header, _ = read_header(f)
         for name, info in header.items():
             tensors[name] = (f, info)
-    return SourceModel(path, config, arch, tensors, quantization)
+    return tensors
 
 
 @dataclass
@@ -296,10 +311,26 @@ def convert(
         default: the source's.
     activation: the FFN's activation when config.json does not say it right (e.g. "drelu" for
         TurboSparse's relu on gate and up); written into the flash folder's config.json."""
-    src = open_source(resolve_source(str(source)))
+    path = resolve_source(str(source))
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
         raise ConvertError(f"{out}: already exists (pass --overwrite to replace it)")
+    from . import expert_convert
+
+    if expert_convert.is_moe_source(path):
+        if activation is not None or not bundle:
+            raise ConvertError("--activation and --no-bundle do not apply to a mixture-of-experts model")
+        return expert_convert.convert_moe(
+            path,
+            out,
+            source_label=str(source),
+            dtype=dtype,
+            overwrite=overwrite,
+            progress=progress,
+            quantize=quantize,
+            group_size=group_size,
+        )
+    src = open_source(path)
     config, arch = src.config, src.arch
     hidden = int(config["hidden_size"])
     neurons = arch.num_neurons(config)
@@ -329,11 +360,7 @@ def convert(
     if quant is not None and src.quantization is None and dense_bits is not None:
         dense_quant = Quantization(dense_bits, quant.group_size)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(out, progress)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
-    old = out.parent / f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}"  # a folder being replaced
-    try:
+    with staged_folder(out, progress) as tmp:
         (tmp / layout.FFN_DIR).mkdir()
         ffn_names = {n for layer in ffn for n in layer.names()}
         dense_names = [n for n in src.tensors if n not in ffn_names]
@@ -395,6 +422,20 @@ def convert(
                 cfg["quantization_config"] = cfg["quantization"]
             (tmp / "config.json").write_text(json.dumps(cfg, indent=4))
         layout.write_manifest(tmp, manifest)
+    return manifest
+
+
+@contextmanager
+def staged_folder(out: Path, progress: bool):
+    """A temporary folder beside `out` to write a conversion into; renamed to `out` (replacing
+    it) when the block ends normally, removed when it raises: an interrupted conversion never
+    leaves a folder that looks complete."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(out, progress)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+    old = out.parent / f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}"  # a folder being replaced
+    try:
+        yield tmp
         if out.exists():  # renamed away, not deleted, until the new folder is in its place
             os.replace(out, old)
         os.replace(tmp, out)
@@ -404,7 +445,6 @@ def convert(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
-    return manifest
 
 
 def _quantization(
@@ -646,6 +686,13 @@ def verify(folder: str | os.PathLike, progress: bool = True) -> Manifest:
             raise layout.FlashFormatError(
                 f"{folder / e.file}: checksum mismatch in layer {e.layer}: the file is corrupt; re-run mlx_flash.convert"
             )
+    for e in tqdm(manifest.experts, desc="verify", unit="layer", disable=not progress, file=sys.stderr):
+        bad = layout.corrupt_experts(folder, e)
+        if bad:
+            raise layout.FlashFormatError(
+                f"{folder / e.file}: checksum mismatch in expert {bad[0]} of layer {e.layer}: the file is corrupt; "
+                "re-run mlx_flash.convert"
+            )
     if (
         manifest.dense_checksum
         and layout.file_digest(folder / manifest.dense_file) != manifest.dense_checksum
@@ -708,9 +755,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.verify:
         m = verify(args.verify, progress=not args.quiet)
-        print(
-            f"{args.verify}: OK ({m.num_layers} layers, {m.ffn_bytes() / 1e6:.1f} MB of FFN neurons, checksums match)"
+        what = (
+            f"{sum(e.data_bytes for e in m.experts) / 1e6:.1f} MB of experts"
+            if m.is_moe
+            else f"{m.ffn_bytes() / 1e6:.1f} MB of FFN neurons"
         )
+        print(f"{args.verify}: OK ({m.num_layers} layers, {what}, checksums match)")
         return 0
     if not args.model or not args.out:
         p.error("--model and --out are required (or --verify DIR)")
@@ -728,6 +778,15 @@ def main(argv: list[str] | None = None) -> int:
         activation=args.activation,
     )
     dt = time.perf_counter() - t0
+    if m.is_moe:
+        e = m.experts[0]
+        kind = f"{e.bits}-bit, groups of {e.group_size}" if e.bits else m.dtype
+        print(
+            f"wrote {args.out}: {len(m.experts)} MoE layers x {e.num_experts} experts, {e.expert_bytes} B per expert "
+            f"({kind}), {sum(x.data_bytes for x in m.experts) / 1e6:.1f} MB of experts on flash; {dt:.1f} s; "
+            f"peak memory {peak_rss_bytes() / 1e6:.0f} MB"
+        )
+        return 0
     kind = (
         m.dtype
         if m.quantization is None

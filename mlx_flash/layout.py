@@ -24,7 +24,21 @@ neuron's bundle be read alone.
 Versions: a float folder is written with ``format_version`` 1, as before (a reader of version
 1 reads it right). A quantized folder is written with version 2: a version-1 reader would
 take its packed bytes for float rows, and it refuses a version above 1 ("newer than this
-mlx_flash reads"). This module reads both.
+mlx_flash reads"). A mixture-of-experts folder is written with version 3 (see below). This
+module reads all three.
+
+Mixture-of-experts folders (format_version 3): the routed experts of every MoE layer are on
+flash, everything else (attention, embeddings, routers, shared experts, dense FFN layers such
+as DeepSeek's first ones) is in ``dense.safetensors``. Per MoE layer, ``experts/layer_NNN
+.safetensors`` holds one tensor ``[num_experts, expert_bytes]`` (bytes, ``U8``) whose row e is
+expert e's bundle: each of its fields (`ExpertField`: ``gate_proj.weight``, ``gate_proj.scales``,
+``gate_proj.biases``, ``gate_proj.bias``, ``up_proj...``, ``down_proj...``, as mlx-lm's stacked
+`SwitchGLU` / `SwitchMLP` parameters name them, sliced at expert e) one after the other at the
+byte offsets the manifest lists, then zeros up to `expert_bytes`, a multiple of `EXPERT_ALIGNMENT`:
+every expert starts on a 4 KiB boundary and is read with one O_DIRECT read. The manifest's
+`experts` lists, per MoE layer (`ExpertLayer`), the model layer, the path of the module in the
+mlx-lm model, file, tensor, data offset, the fields, the quantization of its weights (bits and
+group size, or none) and the sha256 of every expert's bundle; its `layers` and `parts` are empty.
 """
 
 from __future__ import annotations
@@ -40,9 +54,13 @@ import numpy as np
 
 from .errors import MlxFlashError
 
-FORMAT_VERSION = 2  # the newest version this module reads
+FORMAT_VERSION = 3  # the newest version this module reads
 FLOAT_FORMAT_VERSION = 1  # written for float folders (unchanged since version 1)
 QUANTIZED_FORMAT_VERSION = 2  # written for quantized folders; version-1 readers refuse them
+MOE_FORMAT_VERSION = 3  # written for mixture-of-experts folders
+EXPERTS_DIR = "experts"
+EXPERT_ALIGNMENT = 4096  # every expert's bundle starts (and its stride is) a multiple of this
+EXPERT_FIELD_ALIGNMENT = 16  # every field inside a bundle starts on this boundary
 MANIFEST_NAME = "flash_manifest.json"
 DENSE_NAME = "dense.safetensors"
 FFN_DIR = "ffn"
@@ -168,6 +186,63 @@ class LayerEntry:
         return self.num_neurons * self.bundle_bytes
 
 
+EXPERT_DTYPES = {"uint32": 4, **DTYPE_BYTES}  # what an expert's fields are stored as
+
+
+@dataclass(frozen=True)
+class ExpertField:
+    """One field of an expert's bundle: a parameter of mlx-lm's stacked switch module
+    (``gate_proj.weight``, ``down_proj.scales``, ``up_proj.bias``, ...) at one expert."""
+
+    name: str
+    dtype: str  # uint32 (packed quantized weights) or a float dtype, as stored
+    shape: tuple[int, ...]  # of one expert (the stacked parameter's shape without its first axis)
+    offset: int  # bytes from the start of the bundle
+
+    @property
+    def nbytes(self) -> int:
+        n = EXPERT_DTYPES[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class ExpertLayer:
+    """The routed experts of one MoE layer on flash."""
+
+    layer: int  # the model's layer index
+    module: str  # path of the routed-experts module in the mlx-lm model ("model.layers.3.mlp.switch_mlp")
+    file: str
+    tensor: str
+    data_offset: int  # bytes from the start of the file to expert 0's bundle
+    num_experts: int
+    expert_bytes: int  # the stride of the bundles: a multiple of EXPERT_ALIGNMENT
+    fields: tuple[ExpertField, ...]
+    checksums: tuple[str, ...]  # sha256 of each expert's bundle (expert_bytes bytes)
+    bits: int = 0  # quantized weights: bits and group size (0: float weights)
+    group_size: int = 0
+
+    def expert_offset(self, expert: int) -> int:
+        return self.data_offset + expert * self.expert_bytes
+
+    @property
+    def data_bytes(self) -> int:
+        return self.num_experts * self.expert_bytes
+
+
+def expert_field_layout(
+    fields: list[tuple[str, str, tuple[int, ...]]],
+) -> tuple[tuple[ExpertField, ...], int]:
+    """Offsets of (name, dtype, shape) fields packed into one bundle, and the bundle's stride."""
+    out, pos = [], 0
+    for name, dtype, shape in fields:
+        f = ExpertField(name, dtype, tuple(int(d) for d in shape), pos)
+        out.append(f)
+        pos = -(-(pos + f.nbytes) // EXPERT_FIELD_ALIGNMENT) * EXPERT_FIELD_ALIGNMENT
+    return tuple(out), max(EXPERT_ALIGNMENT, -(-pos // EXPERT_ALIGNMENT) * EXPERT_ALIGNMENT)
+
+
 @dataclass
 class Manifest:
     source_model: str
@@ -187,6 +262,47 @@ class Manifest:
     predictors_file: str | None = None
     extra: dict = field(default_factory=dict)
     quantization: Quantization | None = None
+    experts: list[ExpertLayer] = field(default_factory=list)  # MoE folders: the routed experts
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.experts)
+
+    def expert_layer(self, layer: int) -> ExpertLayer:
+        """The ExpertLayer of model layer `layer`."""
+        return next(e for e in self.experts if e.layer == layer)
+
+    def expert_rows(self) -> Manifest:
+        """The experts as a neuron-row manifest a `FlashReader` reads: its layer j is MoE layer
+        j (`self.experts[j]`), its "neurons" the experts, each row one whole bundle returned
+        as raw words (``{"expert.bundle": uint32 [n, expert_bytes / 4]}`` with ``raw=True``)."""
+        entries = [
+            LayerEntry(
+                j,
+                e.file,
+                e.num_experts,
+                e.expert_bytes,
+                "",
+                (Segment(e.tensor, ("expert",), e.data_offset, e.expert_bytes),),
+            )
+            for j, e in enumerate(self.experts)
+        ]
+        stride = self.experts[0].expert_bytes
+        if any(e.expert_bytes != stride for e in self.experts):
+            raise FlashFormatError(f"{MANIFEST_NAME}: MoE layers with different expert strides")
+        return Manifest(
+            source_model=self.source_model,
+            model_type=self.model_type,
+            family="experts",
+            activation="",
+            dtype="float32",  # rows are raw words: read straight into the outputs where aligned
+            hidden_size=self.hidden_size,
+            num_layers=len(entries),
+            bundled=True,
+            parts=(Part("expert", stride // 4, (Field("bundle", "uint32", stride // 4, 0),)),),
+            layers=entries,
+            format_version=self.format_version,
+        )
 
     @property
     def dtype_bytes(self) -> int:
@@ -209,7 +325,7 @@ class Manifest:
     def part_bytes(self, name: str) -> int:
         """Bytes of one neuron's part `name` on flash."""
         p = next(p for p in self.parts if p.name == name)
-        return p.nbytes_quantized if self.quantized else p.elems * self.dtype_bytes
+        return p.nbytes_quantized if p.fields else p.elems * self.dtype_bytes
 
     def columns(self, seg: Segment) -> list[Column]:
         """The reader's outputs held by each row of `seg`, with their byte ranges in a row."""
@@ -217,7 +333,7 @@ class Manifest:
         by_name = {p.name: p for p in self.parts}
         for name in seg.parts:
             p = by_name[name]
-            if self.quantized:
+            if p.fields:
                 cols += [
                     Column(f"{name}.{f.name}", pos + f.offset, pos + f.offset + f.nbytes, f.dtype)
                     for f in p.fields
@@ -231,7 +347,7 @@ class Manifest:
         """What a reader returns per neuron: {key: (elements, numpy dtype name)}. Float folders:
         {part: (elems, "float32")}; quantized: {"part.weight": (packed, "uint32"),
         "part.scales": (groups, "float32"), "part.biases": (groups, "float32")} per part."""
-        if not self.quantized:
+        if not any(p.fields for p in self.parts):
             return {p.name: (p.elems, "float32") for p in self.parts}
         return {
             f"{p.name}.{f.name}": (f.elems, "uint32" if f.dtype == "uint32" else "float32")
@@ -304,6 +420,26 @@ class Manifest:
                 entry["tensor"] = e.tensor
                 entry["data_offset"] = e.data_offset
             d["layers"].append(entry)
+        if self.experts:
+            d["experts"] = [
+                {
+                    "layer": e.layer,
+                    "module": e.module,
+                    "file": e.file,
+                    "tensor": e.tensor,
+                    "data_offset": e.data_offset,
+                    "num_experts": e.num_experts,
+                    "expert_bytes": e.expert_bytes,
+                    "bits": e.bits,
+                    "group_size": e.group_size,
+                    "fields": [
+                        {"name": f.name, "dtype": f.dtype, "shape": list(f.shape), "offset": f.offset}
+                        for f in e.fields
+                    ],
+                    "checksums": list(e.checksums),
+                }
+                for e in self.experts
+            ]
         return d
 
     @classmethod
@@ -382,6 +518,7 @@ class Manifest:
                 predictors_file=_rel_path(d["predictors_file"]) if d.get("predictors_file") else None,
                 extra=dict(d.get("extra") or {}),
                 quantization=quantization,
+                experts=[_expert_layer(e) for e in d.get("experts") or ()],
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise FlashFormatError(
@@ -398,6 +535,9 @@ class Manifest:
         """Internal consistency: sizes, alignment, parts. Raises FlashFormatError."""
         if self.dtype not in DTYPE_BYTES:
             raise FlashFormatError(f"{where}: unknown dtype {self.dtype!r}")
+        if self.experts:
+            self._validate_experts(where)
+            return
         if len(self.layers) != self.num_layers or [e.layer for e in self.layers] != list(
             range(self.num_layers)
         ):
@@ -426,6 +566,32 @@ class Manifest:
             if e.bundle_bytes != sum(s.row_bytes for s in e.segments):
                 raise FlashFormatError(f"{where}: layer {e.layer}: bundle_bytes does not match its parts")
 
+    def _validate_experts(self, where: str) -> None:
+        """An MoE folder: no neuron layers; each MoE layer's bundles aligned, fields inside."""
+        if self.format_version < MOE_FORMAT_VERSION:
+            raise FlashFormatError(f"{where}: an MoE folder needs format_version {MOE_FORMAT_VERSION}")
+        if self.layers or self.parts:
+            raise FlashFormatError(f"{where}: an MoE folder lists neuron layers")
+        seen = set()
+        for e in self.experts:
+            what = f"{where}: MoE layer {e.layer}"
+            if e.layer >= self.num_layers or e.layer in seen:
+                raise FlashFormatError(f"{what}: not a layer of the model, or listed twice")
+            seen.add(e.layer)
+            if e.data_offset % DATA_ALIGNMENT or e.expert_bytes % EXPERT_ALIGNMENT:
+                raise FlashFormatError(f"{what}: bundles not {EXPERT_ALIGNMENT}-aligned")
+            if len(e.checksums) != e.num_experts:
+                raise FlashFormatError(f"{what}: {len(e.checksums)} checksums for {e.num_experts} experts")
+            for f in e.fields:
+                if f.dtype not in EXPERT_DTYPES or f.offset % EXPERT_FIELD_ALIGNMENT:
+                    raise FlashFormatError(
+                        f"{what}: field {f.name!r} has dtype {f.dtype!r} or a misaligned offset"
+                    )
+                if f.offset + f.nbytes > e.expert_bytes:
+                    raise FlashFormatError(f"{what}: field {f.name!r} lies past the bundle's end")
+            if e.bits and (e.bits not in (2, 3, 4, 5, 6, 8) or e.group_size < 1):
+                raise FlashFormatError(f"{what}: quantization {e.bits}-bit group {e.group_size} is malformed")
+
     def _validate_quantization(self, where: str) -> None:
         """A quantized folder's parts must hold exactly the fields MLX's scheme makes."""
         q = self.quantization
@@ -453,6 +619,30 @@ class Manifest:
                 )
 
 
+def _expert_layer(e: dict) -> ExpertLayer:
+    return ExpertLayer(
+        layer=_nonneg_int(e["layer"]),
+        module=str(e["module"]),
+        file=_rel_path(e["file"]),
+        tensor=str(e["tensor"]),
+        data_offset=_nonneg_int(e["data_offset"]),
+        num_experts=_pos_int(e["num_experts"]),
+        expert_bytes=_pos_int(e["expert_bytes"]),
+        fields=tuple(
+            ExpertField(
+                str(f["name"]),
+                str(f["dtype"]),
+                tuple(_pos_int(x) for x in f["shape"]),
+                _nonneg_int(f["offset"]),
+            )
+            for f in e["fields"]
+        ),
+        checksums=tuple(str(c) for c in e["checksums"]),
+        bits=_nonneg_int(e.get("bits", 0)),
+        group_size=_nonneg_int(e.get("group_size", 0)),
+    )
+
+
 def _pos_int(x) -> int:
     if isinstance(x, bool) or not isinstance(x, int) or x <= 0:
         raise ValueError(f"expected a positive integer, got {x!r}")
@@ -476,6 +666,19 @@ def _describe(exc: Exception) -> str:
     if isinstance(exc, KeyError):
         return f"missing key {exc.args[0]!r}"
     return str(exc)
+
+
+def expert_file(layer: int) -> str:
+    return f"{EXPERTS_DIR}/layer_{layer:03d}.safetensors"
+
+
+def expert_tensor_name(layer: int) -> str:
+    return f"layers.{layer}.experts"
+
+
+def expert_digest(bundle: bytes | memoryview | np.ndarray) -> str:
+    """The checksum of one expert's bundle as stored (its `expert_bytes` bytes)."""
+    return hashlib.new(CHECKSUM, memoryview(bundle).cast("B")).hexdigest()
 
 
 def layer_file(layer: int) -> str:
@@ -559,9 +762,36 @@ def check_files(folder: str | os.PathLike, manifest: Manifest) -> None:
                     f"{path}: tensor {s.tensor!r} is {got}, {MANIFEST_NAME} says {want[0]} {list(want[1])} at byte "
                     f"{want[2]}: the file is not from this conversion; re-run mlx_flash.convert"
                 )
+    for e in manifest.experts:
+        _check_expert_file(folder, manifest, e, headers)
     dense = folder / manifest.dense_file
     if not dense.is_file():
         raise FlashFormatError(f"{dense}: missing; re-run mlx_flash.convert")
+
+
+def _check_expert_file(folder: Path, manifest: Manifest, e: ExpertLayer, headers: dict) -> None:
+    from .safetensors_file import read_header
+
+    path = folder / e.file
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise FlashFormatError(f"{path}: missing; re-run mlx_flash.convert") from None
+    end = e.data_offset + e.data_bytes
+    if size < end:
+        raise FlashFormatError(
+            f"{path}: truncated ({size} bytes, manifest needs {end}); re-run mlx_flash.convert"
+        )
+    if e.file not in headers:
+        headers[e.file] = read_header(path)[0]
+    t = headers[e.file].get(e.tensor)
+    want = ("U8", (e.num_experts, e.expert_bytes), e.data_offset)
+    if t is None or (t.dtype, t.shape, t.offset) != want:
+        got = "missing" if t is None else f"{t.dtype} {list(t.shape)} at byte {t.offset}"
+        raise FlashFormatError(
+            f"{path}: tensor {e.tensor!r} is {got}, {MANIFEST_NAME} says U8 {list(want[1])} at byte {want[2]}: "
+            "the file is not from this conversion; re-run mlx_flash.convert"
+        )
 
 
 def file_digest(
@@ -581,6 +811,23 @@ def file_digest(
     finally:
         os.close(fd)
     return h.hexdigest()
+
+
+def corrupt_experts(folder: str | os.PathLike, entry: ExpertLayer) -> list[int]:
+    """The experts of a layer whose bundle on flash does not match its checksum."""
+    from .safetensors_file import pread_exact
+
+    path = Path(folder) / entry.file
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return [
+            x
+            for x in range(entry.num_experts)
+            if expert_digest(pread_exact(fd, entry.expert_bytes, entry.expert_offset(x), str(path)))
+            != entry.checksums[x]
+        ]
+    finally:
+        os.close(fd)
 
 
 def layer_data_ranges(entry: LayerEntry) -> list[tuple[int, int]]:

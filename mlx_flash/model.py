@@ -172,6 +172,10 @@ def load_flash_model(
     folder = Path(folder)
     manifest = layout.read_manifest(folder)
     layout.check_files(folder, manifest)
+    if manifest.is_moe:
+        from .moe_model import load_moe_model
+
+        return load_moe_model(folder, manifest, options)
     row_checksums = _verify(folder, manifest) if options.verify else None
     config = read_config(folder)
     arch = check_config(folder, manifest, config)
@@ -457,6 +461,16 @@ def load_dense(
 
     source = Path(source)
     model, config = load_model(source, get_model_classes=get_model_classes)
+    from .expert_convert import switch_modules
+
+    if switch_modules(model):  # a mixture of experts: mlx-lm's model as it is, in `dtype`
+        if quantize is not None:
+            raise MlxFlashError("load_dense(quantize=...) is not supported for mixture-of-experts models")
+        if dtype is not None:
+            model.update(_tree_cast(model.parameters(), dtype))
+        mx.eval(model.parameters())
+        model.eval()
+        return model
     arch = architecture_for(config)
     act = ACTIVATION_FUNCTIONS[ACTIVATIONS[arch.activation(config)]]
     if arch.family.name == "gated":

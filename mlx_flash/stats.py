@@ -111,6 +111,12 @@ class StatsSummary:
                 f"group: rank {self.extra.get('rank', 0)} of {self.group_size} processes; "
                 "flash figures and memory are this rank's own"
             )
+        ex = self.extra.get("experts")
+        if ex:
+            lines.append(
+                f"  experts: {ex['slots']} of {ex['experts']} per layer in memory, hit rate {100 * ex['hit_rate']:.1f}% "
+                f"({ex['hits']} hits, {ex['misses']} misses, {ex['bytes_read'] / 1e6:.1f} MB read, prefill included)"
+            )
         if self.prefill_tokens:
             lines.append(
                 f"prefill: {self.prefill_tokens} tokens in {self.prefill_ms:.0f} ms, {self.prefill_bytes / 1e6:.1f} MB read"

@@ -61,8 +61,53 @@ def base_config(model_type: str, **over) -> dict:
             "layer_norm_elementwise_affine": True,
             "tie_word_embeddings": True,
         }
+    if model_type in MOE_CONFIGS:
+        cfg.update(MOE_CONFIGS[model_type])
     cfg.update(over)
     return cfg
+
+
+# Tiny mixtures of experts: 8 experts, 2 per token (mlx-lm's own architectures).
+_MOE = {"num_experts_per_tok": 2, "hidden_act": "silu"}
+MOE_CONFIGS = {
+    "qwen3_moe": {
+        **_MOE,
+        "num_experts": 8,
+        "moe_intermediate_size": 32,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "head_dim": 16,
+        "norm_topk_prob": True,
+    },
+    "mixtral": {**_MOE, "num_local_experts": 8, "intermediate_size": 32},
+    "olmoe": {**_MOE, "num_experts": 8, "intermediate_size": 32, "norm_topk_prob": False},
+    "deepseek_v3": {  # a first dense layer, shared experts, grouped sigmoid routing
+        **_MOE,
+        "num_hidden_layers": 3,
+        "n_routed_experts": 8,
+        "n_shared_experts": 1,
+        "moe_intermediate_size": 32,
+        "first_k_dense_replace": 1,
+        "kv_lora_rank": 16,
+        "q_lora_rank": 32,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 16,
+        "num_key_value_heads": 4,
+        "n_group": 2,
+        "topk_group": 1,
+        "routed_scaling_factor": 2.5,
+    },
+    "gpt_oss": {
+        **_MOE,
+        "num_local_experts": 8,
+        "intermediate_size": 32,
+        "head_dim": 16,
+        "num_key_value_heads": 2,
+        "sliding_window": 8,
+        "layer_types": ["sliding_attention", "full_attention"],
+    },
+}
 
 
 def make_tiny_model(
@@ -86,6 +131,9 @@ def make_tiny_model(
         mod = importlib.import_module(f"mlx_lm.models.{model_type}")
         model = mod.Model(mod.ModelArgs.from_dict(cfg))
         weights = dict(tree_flatten(model.parameters()))
+        for k, v in weights.items():  # routers mlx-lm starts at zero (DeepSeek's): random, or all tie
+            if v.ndim and not mx.any(v != 0).item() and (k.endswith("gate.weight") or "correction" in k):
+                weights[k] = mx.random.normal(v.shape) * (0.5 if v.ndim > 1 else 0.1)
     weights = {k: v.astype(MX_DTYPES[dtype]) for k, v in weights.items()}
     names = sorted(weights)
     if shards == 1:

@@ -1,0 +1,197 @@
+"""Loading a mixture-of-experts flash folder: mlx-lm's model, its routed experts on flash.
+
+The architecture's mlx-lm model is built (weights not evaluated); every routed-experts module
+the manifest lists (`expert_convert.switch_modules`) gets its stacked parameters replaced by
+the layer's expert pool (`experts.ExpertPool`, made quantized first where the experts are) and
+is wrapped in a `switch.FlashSwitch`, before any weight is loaded: the dense weights then come
+from ``dense.safetensors`` alone, through the model's own `sanitize` and quantization, as
+mlx-lm loads a model. Slots per layer come from the budget planner (`budget.plan_experts`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from . import layout
+from .budget import ExpertSizes, parse_budget, plan_experts
+from .errors import MlxFlashError, one_line
+from .expert_convert import switch_modules
+from .experts import ExpertCache, ExpertPool
+from .quantize import quantize_loaded
+from .reader import FlashReader
+from .runtime import FlashRuntime
+from .safetensors_file import read_header
+from .stats import StatsSummary
+from .switch import FlashSwitch
+
+STAGE_BYTES = 64 << 20  # the staging buffer holds k experts, or as many as fit in this
+
+
+class ExpertRuntime(FlashRuntime):
+    """The runtime of an MoE model: the reader of its experts, the plan, the expert cache and
+    the per-pass statistics (a FlashRuntime whose "layers" are the MoE layers)."""
+
+    experts: ExpertCache
+
+    def stats(self) -> StatsSummary:
+        s = super().stats()
+        s.extra.pop("window", None)
+        s.extra["experts"] = self.experts.summary()
+        return s
+
+    def reset_stats(self) -> None:
+        super().reset_stats()
+        self.experts.reset_stats()
+
+
+def experts_per_token(config: dict, model: nn.Module) -> int:
+    """The router's k: config.json's, else the attribute of the model's MoE blocks."""
+    for key in ("num_experts_per_tok", "moe_top_k", "top_k", "num_selected_experts"):
+        v = config.get(key)
+        if isinstance(v, int) and v > 0:
+            return v
+    raise layout.FlashFormatError(
+        "config.json does not say how many experts each token uses (num_experts_per_tok)"
+    )
+
+
+def load_moe_model(folder: Path, manifest: layout.Manifest, options) -> tuple[nn.Module, ExpertRuntime]:
+    from .model import (
+        _config_int,
+        _context,
+        build_model_skeleton,
+        compute_dtype_for,
+        read_config,
+    )
+
+    if options.mode != "flash" or options.selection not in (None, "exact"):
+        raise MlxFlashError(
+            f"mode {options.mode!r} / selection {options.selection!r}: a mixture-of-experts model runs in flash "
+            "mode, its router selecting the experts"
+        )
+    if options.verify and layout.file_digest(folder / manifest.dense_file) != manifest.dense_checksum:
+        raise layout.FlashFormatError(
+            f"{folder / manifest.dense_file}: checksum mismatch: the file is corrupt; re-run mlx_flash.convert"
+        )
+    config = read_config(folder)
+    if config.get("model_type") != manifest.model_type:
+        raise layout.FlashFormatError(
+            f"{folder}: config.json and {layout.MANIFEST_NAME} disagree on model_type; re-run mlx_flash.convert"
+        )
+    dtype = compute_dtype_for(manifest.dtype)
+    model = build_model_skeleton(config)
+    switches = {sw.path: sw for sw in switch_modules(model)}
+    if sorted(switches) != sorted(e.module for e in manifest.experts):
+        raise layout.FlashFormatError(
+            f"{folder}: the model's routed experts ({len(switches)} modules) are not the {len(manifest.experts)} "
+            f"MoE layers of {layout.MANIFEST_NAME}; re-run mlx_flash.convert"
+        )
+    k = experts_per_token(config, model)
+    header, _ = read_header(folder / manifest.dense_file)
+    dense_bytes = sum(
+        t.numel * (dtype.size if t.dtype in ("F32", "F16", "BF16") else t.nbytes // max(t.numel, 1))
+        for n, t in header.items()
+        if not n.startswith("__padding")
+    )
+    heads = _config_int(config, "num_attention_heads")
+    kv_heads = _config_int(config, "num_key_value_heads", heads)
+    head_dim = _config_int(
+        config, "head_dim", getattr(model.args, "head_dim", None) or manifest.hidden_size // heads
+    )
+    first = manifest.experts[0]
+    slot_bytes = ExpertPool.slot_bytes(first, dtype.size)
+    sizes = ExpertSizes(
+        dense_bytes=dense_bytes,
+        kv_bytes_per_token=manifest.num_layers * 2 * kv_heads * head_dim * dtype.size,
+        moe_layers=len(manifest.experts),
+        num_experts=first.num_experts,
+        experts_per_token=k,
+        slot_bytes=slot_bytes,
+        stage_experts=min(first.num_experts, max(k, STAGE_BYTES // first.expert_bytes)),
+    )
+    if k > first.num_experts:
+        raise layout.FlashFormatError(f"{folder}: num_experts_per_tok {k} > {first.num_experts} experts")
+    context = _context(config, options.context)
+    plan = plan_experts(
+        sizes, budget_bytes=parse_budget(options.memory_budget, sizes.model_bytes), context=context
+    )
+    view = manifest.expert_rows()
+    reader = FlashReader(folder, view, threads=options.threads)
+    try:
+        runtime = ExpertRuntime(
+            view,
+            reader,
+            mode="flash",
+            selection="exact",
+            window=1,
+            plan=plan,
+            act=None,
+            compute_dtype=dtype,
+        )
+        cache = ExpertCache(
+            manifest.experts,
+            reader,
+            plan.cache_capacity,
+            plan.stream_bytes // slot_bytes,
+            dtype,
+            verify=options.verify,
+        )
+        runtime.experts = cache
+        for j, entry in enumerate(manifest.experts):
+            inner = switches[entry.module].module
+            _pool_parameters(inner, entry, cache.pools[j])
+            _set_module(model, entry.module, FlashSwitch(inner, j, cache, runtime))
+        weights = {
+            n: a
+            for n, a in mx.load(str(folder / manifest.dense_file)).items()
+            if not n.startswith("__padding")
+        }
+        weights = {
+            n: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a for n, a in weights.items()
+        }
+        if hasattr(model, "sanitize"):
+            weights = model.sanitize(weights)
+        try:
+            quantize_loaded(model, config, weights)
+            model.load_weights(list(weights.items()), strict=True)
+        except (ValueError, TypeError) as e:
+            raise layout.FlashFormatError(
+                f"{folder / manifest.dense_file}: weights do not match config.json ({one_line(e)}); re-run mlx_flash.convert"
+            ) from None
+        mx.eval(model.parameters())
+    except BaseException:
+        reader.close()
+        raise
+    model.eval()
+    return model, runtime
+
+
+def _pool_parameters(inner: nn.Module, entry: layout.ExpertLayer, pool: ExpertPool) -> None:
+    """Make `inner`'s stacked parameters the pool's buffers (quantized projections first where
+    the experts are quantized); its parameters must be exactly the bundle's fields."""
+    from mlx_lm.models.switch_layers import SwitchLinear
+
+    if entry.bits:
+        for name, child in list(inner.children().items()):
+            if isinstance(child, SwitchLinear):
+                setattr(inner, name, child.to_quantized(group_size=entry.group_size, bits=entry.bits))
+    have = {n for n, _ in tree_flatten(inner.parameters())}
+    want = {f.name for f in entry.fields}
+    if have != want:
+        raise layout.FlashFormatError(
+            f"{entry.module}: the module's parameters {sorted(have)} are not the experts' fields {sorted(want)} "
+            "on flash; re-run mlx_flash.convert"
+        )
+    inner.update(tree_unflatten(list(pool.buffers.items())))
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent: object = model
+    *parents, last = path.split(".")
+    for p in parents:
+        parent = parent[int(p)] if isinstance(parent, list) else getattr(parent, p)
+    setattr(parent, last, module)

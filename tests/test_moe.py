@@ -1,0 +1,244 @@
+"""Mixture-of-experts models from flash: routed experts streamed through the expert cache, exact."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+from tiny_models import TOKENIZER_TEXT, make_mlx_quantized_model, make_tiny_model
+
+import mlx_flash
+from mlx_flash import layout
+from mlx_flash.budget import BudgetError
+from mlx_flash.convert import convert
+from mlx_flash.experts import ExpertChecksumError, LRUPolicy
+from mlx_flash.model import load_dense
+from mlx_flash.switch import split_tokens
+
+PROMPT = TOKENIZER_TEXT[:120]
+MAX_TOKENS = 10
+CONTEXT = 128
+FAMILIES = ["qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss"]
+
+
+def budget_for_slots(folder, slots: int) -> int:
+    """A budget whose expert pools hold `slots` experts per layer."""
+    _, rt = load(folder)
+    plan = rt.plan
+    rt.close()
+    return plan.total_bytes - plan.cache_bytes + slots * plan.neuron_bytes_all_layers
+
+
+def load(folder, **kw):
+    model, _ = mlx_flash.load(folder, context=CONTEXT, **kw)
+    return model, model.flash
+
+
+def reference(src):
+    dense = load_dense(src)
+    tok = mlx_lm.utils.load_tokenizer(src)
+    tokens = [r.token for r in mlx_lm.stream_generate(dense, tok, PROMPT, max_tokens=MAX_TOKENS)]
+    x = mx.array(tok.encode(PROMPT))[None]
+    return tokens, np.array(dense(x)), x
+
+
+@pytest.fixture(scope="module", params=FAMILIES + ["qwen3_moe-4bit"])
+def family(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    if request.param.endswith("-4bit"):
+        src = make_mlx_quantized_model(root / "src", request.param.split("-")[0], bits=4, group_size=32)
+    else:
+        src = make_tiny_model(root / "src", request.param)
+    convert(src, root / "flash", progress=False)
+    return src, root / "flash", reference(src)
+
+
+@pytest.mark.parametrize("slots", ["all", "half", "min"])
+def test_moe_equals_mlx_lm(family, slots):
+    src, flash, (ref_tokens, ref_logits, x) = family
+    manifest = layout.read_manifest(flash)
+    n = manifest.experts[0].num_experts
+    k = json.loads((src / "config.json").read_text())["num_experts_per_tok"]
+    want = {"all": n, "half": n // 2, "min": k}[slots]
+    model, rt = load(flash, memory_budget=budget_for_slots(flash, want))
+    try:
+        assert rt.plan.cache_capacity == want
+        tokens = [r.token for r in mlx_flash.stream_generate(model, _tok(src), PROMPT, max_tokens=MAX_TOKENS)]
+        assert tokens == ref_tokens
+        logits = np.array(model(x))
+        if slots == "all":
+            np.testing.assert_array_equal(logits, ref_logits)  # one call: the same gather_mm
+        else:
+            np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
+        s = mlx_flash.flash_stats(model)
+        ex = s.extra["experts"]
+        assert ex["misses"] > 0 and ex["bytes_read"] > 0
+        assert ex["hits"] + ex["misses"] == sum(v["hits"] + v["misses"] for v in ex["layers"].values())
+        if slots != "all":  # a pool smaller than the layer: decoding reads experts from flash
+            assert s.bytes_per_token > 0
+    finally:
+        rt.close()
+
+
+def _tok(src):
+    return mlx_lm.utils.load_tokenizer(src)
+
+
+def test_moe_manifest_format(family):
+    _, flash, _ = family
+    m = layout.read_manifest(flash)
+    assert m.format_version == layout.MOE_FORMAT_VERSION and m.is_moe and not m.layers
+    for e in m.experts:
+        assert e.expert_bytes % layout.EXPERT_ALIGNMENT == 0 and e.data_offset % layout.DATA_ALIGNMENT == 0
+        assert len(e.checksums) == e.num_experts
+        with open(flash / e.file, "rb") as f:
+            f.seek(e.expert_offset(3))
+            assert layout.expert_digest(f.read(e.expert_bytes)) == e.checksums[3]
+
+
+def test_quantized_experts_stay_quantized(family):
+    src, flash, _ = family
+    m = layout.read_manifest(flash)
+    quantized = "quantization" in json.loads((src / "config.json").read_text())
+    assert all((e.bits == 4) == quantized for e in m.experts)
+    assert any(f.dtype == "uint32" for f in m.experts[0].fields) == quantized
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwen")
+    src = make_tiny_model(root / "src", "qwen3_moe")
+    convert(src, root / "flash", progress=False)
+    return src, root / "flash"
+
+
+def test_corrupt_expert_with_verify_is_a_checksum_error(qwen, tmp_path):
+    import shutil
+
+    _, flash = qwen
+    bad = tmp_path / "bad"
+    shutil.copytree(flash, bad)
+    e = layout.read_manifest(bad).experts[0]
+    with open(bad / e.file, "r+b") as f:  # every expert of the first MoE layer
+        for x in range(e.num_experts):
+            f.seek(e.expert_offset(x) + 8)
+            f.write(b"\xff\xfe\xfd\xfc")
+    model, rt = load(bad, verify=True)
+    try:
+        with pytest.raises(ExpertChecksumError, match="does not match its checksum"):
+            mlx_flash.generate(model, _tok(qwen[0]), PROMPT, max_tokens=2)
+    finally:
+        rt.close()
+
+
+def test_truncated_expert_shard_is_an_error_at_load(qwen, tmp_path):
+    import shutil
+
+    _, flash = qwen
+    bad = tmp_path / "bad"
+    shutil.copytree(flash, bad)
+    e = layout.read_manifest(bad).experts[-1]
+    with open(bad / e.file, "r+b") as f:
+        f.truncate(e.expert_offset(e.num_experts - 1) + 100)
+    with pytest.raises(layout.FlashFormatError, match="truncated"):
+        load(bad)
+
+
+def test_budget_below_k_experts_names_the_smallest(qwen):
+    import re
+
+    _, flash = qwen
+    with pytest.raises(BudgetError, match="2 experts per layer") as e:
+        load(flash, memory_budget=1000)
+    smallest = int(re.search(r"memory_budget >= (\d+)", str(e.value)).group(1))
+    with pytest.raises(BudgetError, match=f"memory_budget >= {smallest}"):
+        load(flash, memory_budget=smallest - 1)
+    _, rt = load(flash, memory_budget=smallest)
+    assert rt.plan.cache_capacity == 2 and rt.plan.total_bytes <= smallest
+    rt.close()
+
+
+def test_unstreamable_moe_layout_names_the_architecture(tmp_path):
+    src = make_tiny_model(tmp_path / "src", "llama")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(model_type="llama", num_local_experts=4)  # experts mlx-lm does not build as switch modules
+    (src / "config.json").write_text(json.dumps(cfg))
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_flash.convert",
+            "--model",
+            str(src),
+            "--out",
+            str(tmp_path / "o"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "'llama'" in r.stderr and "experts" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_lru_never_evicts_a_slot_in_use():
+    p = LRUPolicy(4)
+    p.touch(np.array([0, 1, 2, 3]), 1)
+    p.touch(np.array([0]), 2)
+    protected = np.array([False, True, False, False])
+    v = p.victims(2, protected, np.zeros(4, bool))
+    assert list(v) == [2, 3]
+    assert 1 not in p.victims(3, protected, np.zeros(4, bool))
+
+
+def test_split_tokens_fits_the_pool():
+    ids = np.array([[0, 1], [2, 3], [0, 2], [4, 5], [4, 1]])
+    parts = split_tokens(ids, 4)
+    assert parts[0] == (0, 3) and parts[-1][1] == len(ids)
+    for lo, hi in parts:
+        assert len(np.unique(ids[lo:hi])) <= 4
+    assert split_tokens(ids, 6) == [(0, 5)]
+
+
+def test_cli_convert_verify_generate(qwen, tmp_path):
+    src, flash = qwen
+    budget = str(budget_for_slots(flash, 3))
+    out = tmp_path / "cli"
+    r = subprocess.run(
+        [sys.executable, "-m", "mlx_flash.convert", "--model", str(src), "--out", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "MoE layers x 8 experts" in r.stdout
+    r = subprocess.run(
+        [sys.executable, "-m", "mlx_flash.convert", "--verify", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0 and "MB of experts" in r.stdout, r.stderr
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_flash.generate",
+            "--model",
+            str(out),
+            "--prompt",
+            "The quick",
+            "--max-tokens",
+            "4",
+            "--memory-budget",
+            budget,
+            "--stats",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "experts:" in r.stdout + r.stderr
