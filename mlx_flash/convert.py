@@ -42,7 +42,14 @@ from . import layout
 from . import quantize as q
 from .dtypes import FLOAT_ST_DTYPES, convert_raw
 from .errors import MlxFlashError, run_cli
-from .families import ACTIVATIONS, Architecture, architecture_for, mlx_quantization
+from .families import (
+    ACTIVATIONS,
+    Architecture,
+    architecture_for,
+    check_moe_config,
+    config_experts,
+    mlx_quantization,
+)
 from .layout import (
     DATA_ALIGNMENT,
     DTYPE_TO_ST,
@@ -122,8 +129,6 @@ def source_config(path: Path) -> dict:
 
 def open_source(path: Path) -> SourceModel:
     config = source_config(path)
-    from .expert_convert import check_moe_config
-
     check_moe_config(config)  # an MoE model is converted by expert_convert, not here
     arch = architecture_for(config)
     quantization = mlx_quantization(config)
@@ -315,9 +320,9 @@ def convert(
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
         raise ConvertError(f"{out}: already exists (pass --overwrite to replace it)")
-    from . import expert_convert
+    if config_experts(source_config(path)):  # a mixture of experts (mlx is imported only then)
+        from . import expert_convert
 
-    if expert_convert.is_moe_source(path):
         if activation is not None or not bundle:
             raise ConvertError("--activation and --no-bundle do not apply to a mixture-of-experts model")
         return expert_convert.convert_moe(

@@ -28,13 +28,11 @@ from tqdm import tqdm
 from . import layout
 from .dtypes import FLOAT_ST_DTYPES, convert_raw
 from .errors import MlxFlashError, one_line
-from .families import UnsupportedModelError
+from .families import UnsupportedModelError, check_moe_config, config_experts
 from .layout import DTYPE_TO_ST, ST_TO_DTYPE, ExpertLayer, Manifest
 from .quantize import to_mx, to_raw
 from .safetensors_file import PlannedTensor, SafetensorsWriter, TensorInfo, read_tensor
 
-# Config keys that say a model routes tokens to experts (whatever the family calls them).
-EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 PROJECTION_ORDER = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2")
 FIELD_ORDER = ("weight", "scales", "biases", "bias")
 BLOCK_BYTES = 64 << 20  # expert bundles are assembled and written in blocks of about this size
@@ -64,32 +62,13 @@ def switch_modules(model: nn.Module) -> list[SwitchModule]:
     return sorted(found, key=lambda s: s.layer)
 
 
-def config_experts(config: dict) -> int:
-    """The number of routed experts config.json declares (0: none)."""
-    for k in EXPERT_COUNT_KEYS:
-        v = config.get(k)
-        if isinstance(v, int) and not isinstance(v, bool) and v > 1:
-            return v
-    return 0
-
-
-def check_moe_config(config: dict) -> None:
-    """For the dense (neuron) path: a config with routed experts is not one it converts."""
-    if config_experts(config):
-        model_type = config.get("model_type")
-        raise UnsupportedModelError(
-            f"architecture {model_type!r} has routed experts but mlx_flash cannot stream them: its mlx-lm model "
-            "does not build them from SwitchGLU/SwitchMLP modules (or mlx-lm has no such model)"
-        )
-
-
 def moe_skeleton(config: dict) -> tuple[nn.Module, list[SwitchModule]] | None:
     """The config's mlx-lm model (weights not evaluated) and its switch modules, when it has
     routed experts that mlx_flash streams; None for a model without experts. A model whose
     config declares experts that are not switch modules is a one-line UnsupportedModelError."""
     from .models import get_model_classes
 
-    if not config_experts(config) and config.get("model_type") not in _MOE_TYPES_WITHOUT_COUNT:
+    if not config_experts(config):
         return None
     try:
         model_cls, args_cls = get_model_classes(config)
@@ -102,15 +81,6 @@ def moe_skeleton(config: dict) -> tuple[nn.Module, list[SwitchModule]] | None:
         check_moe_config(config)
         return None
     return model, switches
-
-
-_MOE_TYPES_WITHOUT_COUNT: tuple[str, ...] = ()
-
-
-def is_moe_source(path: Path) -> bool:
-    from .convert import source_config
-
-    return moe_skeleton(source_config(path)) is not None
 
 
 def _layer_of(name: str) -> int | None:

@@ -162,3 +162,26 @@ def mlx_quantization(config: dict) -> dict | None:
             f"MLX quantization mode {q.get('mode')!r} is not supported (only affine): convert from a float checkpoint"
         )
     return q
+
+
+# Config keys that say a model routes tokens to experts (whatever the family calls them).
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def config_experts(config: dict) -> int:
+    """The number of routed experts config.json declares (0: none)."""
+    for k in EXPERT_COUNT_KEYS:
+        v = config.get(k)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 1:
+            return v
+    return 0
+
+
+def check_moe_config(config: dict) -> None:
+    """For the dense (neuron) path: a config with routed experts is not one it converts."""
+    if config_experts(config):
+        model_type = config.get("model_type")
+        raise UnsupportedModelError(
+            f"architecture {model_type!r} has routed experts but mlx_flash cannot stream them: its mlx-lm model "
+            "does not build them from SwitchGLU/SwitchMLP modules (or mlx-lm has no such model)"
+        )
