@@ -246,34 +246,43 @@ def load_flash_model(
             runtime.predictors = Predictors.load(folder, manifest, dtype)
             # Not ReLU: a cached neuron not predicted for this token is zeroed (see ffn.py).
             runtime.mask_inactive = ACTIVATIONS[manifest.activation] not in ("relu", "drelu")
-        weights = {
-            n: a
-            for n, a in mx.load(str(folder / manifest.dense_file)).items()
-            if not n.startswith("__padding")
-        }
-        weights = {
-            n: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a for n, a in weights.items()
-        }
+        weights = dense_weights(folder, manifest, dtype)
         biases = {key: weights.pop(name) for key, name in dense.bias_names.items()}
         for i, layer in enumerate(layers):
             st = _layer_state(i, manifest, reader, runtime, biases)
             layer.mlp = FlashFFN(st, runtime)
-        if hasattr(model, "sanitize"):
-            weights = model.sanitize(weights)
-        try:
-            quantize_loaded(model, config, weights)
-            model.load_weights(list(weights.items()), strict=True)
-        except (ValueError, TypeError) as e:
-            raise layout.FlashFormatError(
-                f"{folder / manifest.dense_file}: weights do not match config.json ({one_line(e)}); re-run mlx_flash.convert"
-            ) from None
-        mx.eval(model.parameters())
+        load_dense_weights(model, config, weights, folder / manifest.dense_file)
         mx.eval([a for l in layers for a in l.mlp.resident_arrays()])
     except BaseException:
         reader.close()
         raise
     model.eval()
     return model, runtime
+
+
+def dense_weights(folder: Path, manifest: layout.Manifest, dtype: mx.Dtype) -> dict[str, mx.array]:
+    """The dense file's tensors, floats in the compute dtype (lazy: read when evaluated)."""
+    weights = mx.load(str(folder / manifest.dense_file))
+    return {
+        n: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a
+        for n, a in weights.items()
+        if not n.startswith("__padding")
+    }
+
+
+def load_dense_weights(model: nn.Module, config: dict, weights: dict[str, mx.array], path: Path) -> None:
+    """Load the dense weights into `model` as mlx-lm loads a model (its `sanitize`, the
+    quantization config.json names), strictly, and evaluate them; a mismatch is one line."""
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)
+    try:
+        quantize_loaded(model, config, weights)
+        model.load_weights(list(weights.items()), strict=True)
+    except (ValueError, TypeError) as e:
+        raise layout.FlashFormatError(
+            f"{path}: weights do not match config.json ({one_line(e)}); re-run mlx_flash.convert"
+        ) from None
+    mx.eval(model.parameters())
 
 
 def _verify(folder: Path, manifest: layout.Manifest) -> list:

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import layout
 from .budget import ExpertSizes, parse_budget, plan_experts
-from .errors import MlxFlashError, one_line
+from .errors import MlxFlashError
 from .expert_convert import switch_modules
 from .experts import ExpertCache, ExpertPool
-from .quantize import quantize_loaded
 from .reader import FlashReader
 from .runtime import FlashRuntime
 from .safetensors_file import read_header
@@ -65,6 +63,8 @@ def load_moe_model(folder: Path, manifest: layout.Manifest, options) -> tuple[nn
         _context,
         build_model_skeleton,
         compute_dtype_for,
+        dense_weights,
+        load_dense_weights,
         read_config,
     )
 
@@ -145,24 +145,9 @@ def load_moe_model(folder: Path, manifest: layout.Manifest, options) -> tuple[nn
             inner = switches[entry.module].module
             _pool_parameters(inner, entry, cache.pools[j])
             _set_module(model, entry.module, FlashSwitch(inner, j, cache, runtime))
-        weights = {
-            n: a
-            for n, a in mx.load(str(folder / manifest.dense_file)).items()
-            if not n.startswith("__padding")
-        }
-        weights = {
-            n: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a for n, a in weights.items()
-        }
-        if hasattr(model, "sanitize"):
-            weights = model.sanitize(weights)
-        try:
-            quantize_loaded(model, config, weights)
-            model.load_weights(list(weights.items()), strict=True)
-        except (ValueError, TypeError) as e:
-            raise layout.FlashFormatError(
-                f"{folder / manifest.dense_file}: weights do not match config.json ({one_line(e)}); re-run mlx_flash.convert"
-            ) from None
-        mx.eval(model.parameters())
+        load_dense_weights(
+            model, config, dense_weights(folder, manifest, dtype), folder / manifest.dense_file
+        )
     except BaseException:
         reader.close()
         raise
