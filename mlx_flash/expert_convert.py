@@ -98,11 +98,30 @@ def _load(tensors: dict[str, tuple[Path, TensorInfo]], name: str) -> mx.array:
     return to_mx(raw, info.dtype) if info.dtype in FLOAT_ST_DTYPES else mx.array(raw)
 
 
+def _gpt_oss_transformers(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """gpt-oss as transformers writes it (``experts.gate_up_proj [E, hidden, 2I]`` and
+    ``experts.down_proj [E, I, hidden]``, no ``.weight``) in the layout mlx-lm's sanitize reads
+    (OpenAI's: ``[E, 2I, hidden]`` / ``[E, hidden, I]``, named ``.weight``)."""
+    out = {}
+    for n, a in weights.items():
+        if n.endswith((".experts.gate_up_proj", ".experts.down_proj")) and a.ndim == 3:
+            n, a = n + ".weight", mx.contiguous(a.swapaxes(-1, -2))
+        out[n] = a
+    return out
+
+
+# Source layouts mlx-lm's sanitize does not read, put into one it does (by model_type).
+SOURCE_LAYOUTS = {"gpt_oss": _gpt_oss_transformers}
+
+
 def sanitize_layer(
     model: nn.Module, tensors: dict[str, tuple[Path, TensorInfo]], names: list[str], layer: int
 ) -> dict[str, mx.array]:
     """Layer `layer`'s source tensors as mlx-lm names them (the model's own `sanitize`)."""
     weights = {_relabel(n, layer, 0): _load(tensors, n) for n in names}
+    adapt = SOURCE_LAYOUTS.get(getattr(model, "model_type", None) or getattr(model.args, "model_type", ""))
+    if adapt is not None:
+        weights = adapt(weights)
     if hasattr(model, "sanitize"):
         try:
             weights = model.sanitize(weights)

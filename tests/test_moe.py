@@ -242,3 +242,29 @@ def test_cli_convert_verify_generate(qwen, tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "experts:" in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_transformers_per_expert_source_converts_to_the_same_model(model_type, tmp_path):
+    """A checkpoint with the experts as transformers saves them (per expert; gpt-oss fused and
+    transposed) converts, through mlx-lm's sanitize, to the model of the stacked folder."""
+    from tiny_models import write_transformers_experts
+
+    stacked = make_tiny_model(tmp_path / "stacked", model_type)
+    hf = write_transformers_experts(stacked, tmp_path / "hf")
+    names = list(mx.load(str(hf / "model.safetensors")))
+    assert not any(
+        "switch_mlp" in n or n.endswith("gate_proj.weight") and ".experts.0." not in n for n in names
+    )
+    assert any((".experts.gate_up_proj" if model_type == "gpt_oss" else ".experts.7.") in n for n in names)
+    convert(hf, tmp_path / "flash", progress=False)
+    ref_tokens, ref_logits, x = reference(stacked)
+    model, rt = load(tmp_path / "flash", memory_budget=budget_for_slots(tmp_path / "flash", 4))
+    try:
+        np.testing.assert_allclose(np.array(model(x)), ref_logits, rtol=1e-5, atol=1e-5)
+        tokens = [
+            r.token for r in mlx_flash.stream_generate(model, _tok(stacked), PROMPT, max_tokens=MAX_TOKENS)
+        ]
+        assert tokens == ref_tokens
+    finally:
+        rt.close()

@@ -236,3 +236,49 @@ def make_mlx_quantized_model(
             shutil.copy2(f, folder / f.name)
     shutil.rmtree(float_src)
     return folder
+
+
+def write_transformers_experts(src: Path, dst: Path) -> Path:
+    """A copy of the mlx-lm-named MoE folder `src` with its routed experts as transformers saves
+    them (the inverse of mlx-lm's sanitize): one tensor per expert and projection
+    (``mlp.experts.{e}.gate_proj.weight``; Mixtral's ``block_sparse_moe.experts.{e}.w1/w3/w2``),
+    gpt-oss's fused, interleaved ``experts.gate_up_proj [E, hidden, 2I]`` with its bias and
+    ``experts.down_proj [E, I, hidden]``. The other tensors keep mlx-lm's names."""
+    import shutil
+
+    dst = Path(dst)
+    shutil.copytree(src, dst)
+    weights = mx.load(str(dst / "model.safetensors"))
+    cfg = json.loads((dst / "config.json").read_text())
+    out: dict[str, mx.array] = {}
+    mixtral = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+    for name, a in weights.items():
+        if cfg["model_type"] == "gpt_oss" and ".mlp.experts." in name:
+            stem, proj, field = name.rsplit(".", 2)
+            if proj == "down_proj":
+                out[f"{stem}.down_proj" + ("_bias" if field == "bias" else "")] = (
+                    a if field == "bias" else a.swapaxes(-1, -2)
+                )
+            elif proj == "gate_proj":
+                up = weights[f"{stem}.up_proj.{field}"]
+                fused = mx.stack([a, up], axis=-2 if field == "weight" else -1)  # interleaved rows
+                fused = (
+                    fused.reshape(a.shape[0], -1, a.shape[-1])
+                    if field == "weight"
+                    else fused.reshape(a.shape[0], -1)
+                )
+                out[f"{stem}.gate_up_proj" + ("_bias" if field == "bias" else "")] = (
+                    fused if field == "bias" else fused.swapaxes(-1, -2)
+                )
+            continue
+        if ".switch_mlp." in name:
+            stem, rest = name.split(".switch_mlp.")
+            proj, field = rest.split(".")
+            if cfg["model_type"] == "mixtral":
+                proj = mixtral[proj]
+            for e in range(a.shape[0]):
+                out[f"{stem}.experts.{e}.{proj}.{field}"] = a[e]
+            continue
+        out[name] = a
+    mx.save_safetensors(str(dst / "model.safetensors"), out)
+    return dst
