@@ -6,6 +6,7 @@ import json
 import math
 
 import mlx.core as mx
+import mlx.nn
 import mlx_lm
 import numpy as np
 import pytest
@@ -16,8 +17,9 @@ from mlx_flash import layout
 from mlx_flash.budget import ModelSizes, plan_with_selection
 from mlx_flash.convert import convert
 from mlx_flash.errors import MlxFlashError
+from mlx_flash.ffn import ffn_block
 from mlx_flash.model import FlashOptions, load_dense, load_flash_model
-from mlx_flash.predictors import Predictors, training
+from mlx_flash.predictors import Predictors, fitting, training
 from mlx_flash.predictors import calibration as cal
 from mlx_flash.predictors.__main__ import main as cli
 from mlx_flash.predictors.evaluation import agreement, evaluate, layer_metrics
@@ -72,17 +74,93 @@ def recall_at_true_size(p: LayerPredictor, x, y) -> float:
 # -- training ------------------------------------------------------------------------------------
 
 
-def test_training_improves_recall_over_untrained(relu_flash):
+def test_numpy_forward_matches_the_mlx_model(relu_flash):
+    """Calibration's forward (every product in numpy, the FFN by ffn.ffn_block on numpy rows)
+    gives the flash model's own logits and FFN inputs."""
     _, folder, text = relu_flash
-    x, y = calibration_data(folder, text)
-    opts = training.TrainOptions(epochs=25, batch=128)
-    untrained = training.fit(x, y, 16, opts, epochs=0)
-    trained = training.fit(x, y, 16, opts)
-    r0, r1 = recall_at_true_size(untrained, x, y), recall_at_true_size(trained, x, y)
-    assert r1 > r0 + 0.15, (r0, r1)
-    # and the threshold chosen for a recall target reaches it on the data it was chosen on
-    t, m = training.choose_threshold(trained, x, y, 0.95)
-    assert m["recall"] >= 0.95 and np.isclose(m["recall"], layer_metrics(trained.logits(x) >= t, y)["recall"])
+    model, rt = load_flash_model(folder, FlashOptions(mode="naive", context=128))
+    ids = cal.read_tokens(mlx_lm.utils.load_tokenizer(folder), text, 64)
+    inputs = mx.array(ids[None])
+    ref_x = []
+    saved = [layer.mlp for layer in model.layers]
+
+    class Keep(mlx.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def __call__(self, x):
+            ref_x.append(np.array(x.reshape(-1, x.shape[-1])))
+            return self.inner(x)
+
+    for layer, ffn in zip(model.layers, saved):
+        layer.mlp = Keep(ffn)
+    ref = np.array(model(inputs))
+    for layer, ffn in zip(model.layers, saved):
+        layer.mlp = ffn
+    got = []
+    cal.run_windows(model, ids, [(0, len(ids))], lambda b, logits, xs: got.append((np.array(logits), xs)))
+    rt.close()
+    ((logits, xs),) = got
+    assert np.allclose(logits, ref, atol=1e-4)
+    assert all(np.allclose(a, b, atol=1e-5) for a, b in zip(xs, ref_x))
+    # and the one FFN formula gives the same on numpy as on MLX
+    rng = np.random.default_rng(0)
+    parts = {k: rng.standard_normal((6, 4), dtype=np.float32) for k in ("gate", "up", "down")}
+    x = rng.standard_normal((3, 4), dtype=np.float32)
+    want = np.array(ffn_block(mx.array(x), {k: mx.array(v) for k, v in parts.items()}, mlx.nn.relu))
+    assert np.allclose(ffn_block(x, parts, cal.numpy_activation(mlx.nn.relu)), want, atol=1e-5)
+
+
+def _low_rank_problem(seed=0, n_tok=3000, d=24, n=200, r=4):
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((d, d)) * np.geomspace(3, 0.1, d)  # anisotropic inputs
+    x = (rng.standard_normal((n_tok, d)) @ mix + 0.5).astype(np.float32)
+    W = (rng.standard_normal((n, r)) @ rng.standard_normal((r, d)) / d).astype(np.float32)
+    b1 = (-np.quantile(x @ W.T, 0.9, axis=0)).astype(np.float32)  # each neuron fires for ~10% of tokens
+    return x, W, b1, (x @ W.T + b1) > 0
+
+
+def test_selector_svd_recovers_a_low_rank_selector():
+    x, W, b1, y = _low_rank_problem()
+    stats = fitting.InputStats.of(x)
+    svd = fitting.SelectorSVD.of(W, b1, stats, k=4)
+    z = svd.whitened_logits(stats.whiten(x), 4) + svd.offset
+    assert np.allclose(z, x @ W.T + b1, atol=1e-3)
+    p = fitting.fold(stats, *svd.factors(4), svd.offset.astype(np.float32))
+    assert np.allclose(p.logits(x), x @ W.T + b1, atol=1e-3)
+    assert fitting.ratio_at_recall(p.logits(x), y, 0.95) <= 0.96  # exact: recall 0.95 at 0.95x
+    low = svd.whitened_logits(stats.whiten(x), 2) + svd.offset  # too small a rank over-predicts
+    assert fitting.ratio_at_recall(low, y, 0.95) > 1.3
+
+
+def test_balanced_training_learns_from_a_poor_start():
+    x, W, b1, y = _low_rank_problem(seed=1)
+    stats = fitting.InputStats.of(x)
+    u = stats.whiten(x)
+    rng = np.random.default_rng(0)
+    A0 = (0.1 * rng.standard_normal((4, x.shape[1]))).astype(np.float32)
+    B0 = (0.1 * rng.standard_normal((W.shape[0], 4))).astype(np.float32)
+    c0 = np.zeros(W.shape[0], np.float32)
+    before = fitting.ratio_at_recall((u @ A0.T) @ B0.T + c0, y, 0.95)
+    A, B, c = fitting.train_balanced(u, y, A0, B0, c0, epochs=20, batch=256, lr=1e-2)
+    after = fitting.ratio_at_recall((u @ A.T) @ B.T + c, y, 0.95)
+    assert after < 0.5 * before and after < 2.5, (before, after)
+    w = fitting.class_weights(y)
+    assert fitting.balanced_bce((u @ A.T) @ B.T + c, y, *w) < fitting.balanced_bce(
+        (u @ A0.T) @ B0.T + c0, y, *w
+    )
+
+
+def test_ranks_from_the_budget_by_hand():
+    assert training.rank_ladder(64, 1000, 40) == [8, 10, 12, 14, 16, 20, 24, 28, 32, 40]
+    # layer 0 gains a lot from rank 10, layer 1 nothing: the budget goes to layer 0
+    curves = [{8: 3.0, 10: 1.5, 12: 1.499}, {8: 1.2, 10: 1.199, 12: 1.198}]
+    d, ns = 10, [90, 90]
+    one = training.predictor_elems(d, 90, 8)
+    assert training.allocate_ranks(curves, [5.0, 5.0], d, ns, 10 * one, min_gain=0.05) == [10, 8]
+    assert training.allocate_ranks(curves, [5.0, 5.0], d, ns, 2 * one, min_gain=0.05) == [8, 8]  # no room
+    assert training.allocate_ranks(curves, [5.0, 5.0], d, ns, 10 * one, min_gain=0.0) == [12, 12]
 
 
 def test_train_saves_file_manifest_and_metadata(relu_trained):

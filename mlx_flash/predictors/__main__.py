@@ -49,7 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--data", required=True, type=Path, metavar="TEXTFILE", help="calibration text (UTF-8)")
     t.add_argument(
-        "--tokens", type=int, default=65536, help="calibration tokens to use (default: %(default)s)"
+        "--tokens",
+        type=int,
+        default=8192,
+        help="calibration tokens to use; their FFN inputs are streamed to disk (default: %(default)s)",
     )
     t.add_argument(
         "--seq-len",
@@ -71,16 +74,22 @@ def _parser() -> argparse.ArgumentParser:
         help="one fixed rank for every layer (its threshold still reaches --recall 0.95)",
     )
     t.add_argument(
-        "--max-ratio",
-        type=float,
-        default=d.max_ratio,
-        help="rank search: the smallest rank whose predicted set is at most this many times the true one (default: %(default)s)",
-    )
-    t.add_argument(
         "--max-size",
         type=float,
         default=d.max_size,
-        help="all predictors at most this fraction of the model's bytes (default: %(default)s)",
+        help="all predictors at most this fraction of the model's bytes; ranks are chosen within it (default: %(default)s)",
+    )
+    t.add_argument(
+        "--max-rank",
+        type=int,
+        default=d.max_rank,
+        help="the largest rank any layer gets (default: %(default)s)",
+    )
+    t.add_argument(
+        "--min-gain",
+        type=float,
+        default=d.min_gain,
+        help="a layer gets more rank only while it cuts its predicted/true ratio by this much (default: %(default)s)",
     )
     t.add_argument(
         "--sparsity",
@@ -89,7 +98,16 @@ def _parser() -> argparse.ArgumentParser:
         help="non-ReLU models: fraction of activations counted as inactive (default: %(default)s)",
     )
     t.add_argument(
-        "--epochs", type=int, default=d.epochs, help="training epochs per rank tried (default: %(default)s)"
+        "--epochs",
+        type=int,
+        default=d.epochs,
+        help="balanced-loss epochs from the SVD initialisation (0: the SVD alone) (default: %(default)s)",
+    )
+    t.add_argument(
+        "--train-tokens",
+        type=int,
+        default=d.train_tokens,
+        help="at most this many calibration tokens feed the training steps (default: %(default)s)",
     )
     t.add_argument("--batch", type=int, default=d.batch, help="tokens per Adam step (default: %(default)s)")
     t.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default: %(default)s)")
@@ -143,9 +161,11 @@ def main(argv: list[str] | None = None) -> int:
 
         opts = TrainOptions(
             recall=args.recall,
-            max_ratio=args.max_ratio,
             rank=args.rank,
             max_size=args.max_size,
+            max_rank=args.max_rank,
+            min_gain=args.min_gain,
+            train_tokens=args.train_tokens,
             sparsity=args.sparsity,
             epochs=args.epochs,
             batch=args.batch,

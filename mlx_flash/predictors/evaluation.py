@@ -20,12 +20,10 @@ import tempfile
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 from tqdm import tqdm
 
 from .. import layout
-from ..ffn import FlashFFN
 from . import calibration as cal
 from .store import Predictors, read_predictors_header
 from .training import default_seq_len, set_counts
@@ -76,17 +74,44 @@ def _positions(lo: int, hi: int) -> np.ndarray:
     return np.arange(lo, hi - 1)
 
 
-class ThresholdFFN(nn.Module):
-    """A layer's FFN streamed from flash with every neuron whose |activation| is at most
-    `threshold` zeroed (the thresholded model of CATS / TEAL, computed exactly)."""
+def _predicted_mask(predictors: Predictors):
+    """mask_for(layer, x) of `calibration.run_windows`: each token's predicted set."""
 
-    def __init__(self, inner: FlashFFN, threshold: float):
-        super().__init__()
-        object.__setattr__(self, "_inner", inner)
-        self.threshold = threshold
+    def mask_for(layer: int, x: np.ndarray):
+        m = predictors.predict_mask(layer, x).astype(np.float32)
+        return lambda lo, hi: m[:, lo:hi]
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self._inner.streamed(x, min_activation=self.threshold)
+    return mask_for
+
+
+def _threshold_mask(ffns: list[cal.LayerFFN], thresholds: list[float]):
+    """mask_for(layer, x): the neurons whose |activation| exceeds the layer's threshold (the
+    thresholded model of CATS / TEAL, computed exactly)."""
+
+    def mask_for(layer: int, x: np.ndarray):
+        f, t = ffns[layer], thresholds[layer]
+        masks = {lo: np.abs(f.activations(x, rows, lo, hi)) > t for lo, hi, rows in f.blocks()}
+        return lambda lo, hi: masks[lo].astype(np.float32)
+
+    return mask_for
+
+
+def _score(model, token_ids, spans, batch_tokens, progress, desc, mask_for=None, keep_inputs=None) -> _Scorer:
+    """Teacher-forced scores of the windows (numpy BLAS), optionally masked per layer."""
+    sc = _Scorer(token_ids)
+
+    def on_batch(batch, logits, layer_x):
+        if keep_inputs is not None:
+            keep_inputs.add(layer_x)
+        for b, (lo, hi) in enumerate(batch):
+            sc.add(_positions(lo, hi), logits[b, : hi - lo - 1])
+
+    n_rows = sum(hi - lo for lo, hi in spans)
+    with tqdm(total=n_rows, desc=desc, unit="tok", disable=not progress) as bar:
+        cal.run_windows(
+            model, token_ids, spans, on_batch, batch_tokens=batch_tokens, progress=bar, mask_for=mask_for
+        )
+    return sc
 
 
 def evaluate(
@@ -96,12 +121,20 @@ def evaluate(
     tokens: int | None = 16384,
     seq_len: int | None = None,
     window: int | None = None,
-    batch_tokens: int = 2048,
+    decode_tokens: int = 2048,
+    batch_tokens: int = 4096,
     sweep: bool = True,
     progress: bool = True,
     log=None,
 ) -> dict:
-    """Measure a flash folder's predictors on the text of `data`; returns a JSON-able dict."""
+    """Measure a flash folder's predictors on the text of `data`; returns a JSON-able dict.
+
+    Teacher-forced over every token (numpy BLAS): the dense model's perplexity and FFN inputs,
+    per layer the predicted against the truly active sets, and the perplexity of the model in
+    which every layer computes only each token's predicted neurons (no window: what a token
+    gets from its own prediction, the pessimistic case). Then, on the first `decode_tokens`
+    tokens, the flash model with predictor selection token by token through the decode path
+    (neuron cache, window, reads from flash), against the dense model on the same tokens."""
     from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.utils import load_tokenizer
 
@@ -123,36 +156,29 @@ def evaluate(
     rule = cal.ActiveRule(
         kind, {i: float(r.get("activation_threshold", 0.0)) for i, r in enumerate(layer_info)}
     )
-
-    # 1. dense: teacher-forced logits, and every layer's FFN inputs
-    model, rt = load_flash_model(folder, FlashOptions(mode="naive", context=seq_len))
-    dense = _Scorer(token_ids)
     n_rows = sum(hi - lo for lo, hi in spans)
-    with tempfile.TemporaryDirectory(prefix="mlx_flash_eval_") as tmp:
-        inputs = cal.LayerInputs(
-            [Path(tmp) / f"x{i}.npy" for i in range(manifest.num_layers)],
-            n_rows,
-            manifest.hidden_size,
-            manifest.dtype,
-        )
-        xs = inputs.arrays
 
-        def keep(batch, logits, layer_x):
-            inputs.add(layer_x)
-            for b, (lo, hi) in enumerate(batch):
-                dense.add(_positions(lo, hi), logits[b, : hi - lo - 1])
-
-        try:
-            with tqdm(total=n_rows, desc="dense forward", unit="tok", disable=not progress) as bar:
-                cal.run_windows(model, token_ids, spans, keep, batch_tokens=batch_tokens, progress=bar)
+    model, rt = load_flash_model(folder, FlashOptions(mode="naive", context=seq_len))
+    try:
+        ffns = [cal.LayerFFN(f) for f in cal.flash_layers(model)]
+        with tempfile.TemporaryDirectory(prefix="mlx_flash_eval_") as tmp:
+            # 1. dense: teacher-forced logits, and every layer's FFN inputs
+            inputs = cal.LayerInputs(
+                [Path(tmp) / f"x{i}.npy" for i in range(manifest.num_layers)],
+                n_rows,
+                manifest.hidden_size,
+            )
+            dense = _score(
+                model, token_ids, spans, batch_tokens, progress, "dense forward", keep_inputs=inputs
+            )
+            inputs.flush()
 
             # 2. per layer: predicted against truly active
             layers = []
-            ffns = cal.flash_layers(model)
             for i in tqdm(
                 range(manifest.num_layers), desc="per-layer metrics", unit="layer", disable=not progress
             ):
-                x = xs[i]
+                x = inputs.arrays[i]
                 counts = np.zeros(4, np.int64)
                 for lo in range(0, n_rows, 4096):
                     xb = np.asarray(x[lo : lo + 4096], dtype=np.float32)
@@ -163,46 +189,50 @@ def evaluate(
                 layers.append(
                     {"layer": i, "rank": predictors.ranks()[i], **{k: round(v, 6) for k, v in c.items()}}
                 )
+            del x, inputs
 
-            # 3. the thresholded model's perplexity against sparsity
-            curve = []
-            if kind == "threshold" and sweep and layer_info and "activation_quantiles" in layer_info[0]:
-                grid = sorted(layer_info[0]["activation_quantiles"], key=float)
-                for s in tqdm(grid, desc="sparsity sweep", unit="point", disable=not progress):
-                    sc = _Scorer(token_ids)
-                    saved = [layer.mlp for layer in model.layers]
-                    for layer, ffn, rec in zip(model.layers, saved, layer_info):
-                        layer.mlp = ThresholdFFN(ffn, float(rec["activation_quantiles"][s]))
-                    try:
-                        cal.run_windows(
-                            model,
-                            token_ids,
-                            spans,
-                            lambda batch, logits, _x: [
-                                sc.add(_positions(lo, hi), logits[b, : hi - lo - 1])  # noqa: B023 (called within this iteration)
-                                for b, (lo, hi) in enumerate(batch)
-                            ],
-                            batch_tokens=batch_tokens,
-                        )
-                    finally:
-                        for layer, ffn in zip(model.layers, saved):
-                            layer.mlp = ffn
-                    nll, cnt = sc.result()
-                    curve.append({"sparsity": float(s), "perplexity": cal.perplexity(nll, cnt)})
-        finally:
-            rt.close()
-            del xs
+        # 3. every layer computes only the predicted neurons (teacher-forced, no window)
+        masked = _score(
+            model,
+            token_ids,
+            spans,
+            batch_tokens,
+            progress,
+            "predicted sets only",
+            _predicted_mask(predictors),
+        )
 
-    # 4. flash with predictors, token by token through the decode path
+        # 4. the thresholded model's perplexity against sparsity
+        curve = []
+        if kind == "threshold" and sweep and layer_info and "activation_quantiles" in layer_info[0]:
+            grid = sorted(layer_info[0]["activation_quantiles"], key=float)
+            for s in tqdm(grid, desc="sparsity sweep", unit="point", disable=not progress):
+                ts = [float(rec["activation_quantiles"][s]) for rec in layer_info]
+                sc = _score(model, token_ids, spans, batch_tokens, False, "", _threshold_mask(ffns, ts))
+                nll, cnt = sc.result()
+                curve.append({"sparsity": float(s), "perplexity": cal.perplexity(nll, cnt)})
+    finally:
+        rt.close()
+
+    # 5. flash with predictors, token by token through the decode path
     fmodel, frt = load_flash_model(
         folder, FlashOptions(mode="flash", selection="predictor", window=window, context=seq_len)
     )
     flash = _Scorer(token_ids)
+    dec_spans, left = [], max(0, decode_tokens)
+    for lo, hi in spans:
+        if left < 2:
+            break
+        dec_spans.append((lo, min(hi, lo + left)))
+        left -= dec_spans[-1][1] - lo
     try:
         with tqdm(
-            total=n_rows - len(spans), desc="flash decode (predictors)", unit="tok", disable=not progress
+            total=sum(hi - lo - 1 for lo, hi in dec_spans),
+            desc="flash decode (predictors)",
+            unit="tok",
+            disable=not progress,
         ) as bar:
-            for lo, hi in spans:
+            for lo, hi in dec_spans:
                 cache = make_prompt_cache(fmodel)
                 for j in range(lo, hi - 1):
                     logits = fmodel(mx.array(token_ids[j : j + 1])[None], cache=cache)
@@ -213,9 +243,10 @@ def evaluate(
         frt.close()
 
     d_nll, count = dense.result()
-    f_nll, _ = flash.result()
+    m_nll, _ = masked.result()
+    ppl_dense, ppl_masked = cal.perplexity(d_nll, count), cal.perplexity(m_nll, count)
     pos = sorted(dense.nll)
-    ppl_dense, ppl_flash = cal.perplexity(d_nll, count), cal.perplexity(f_nll, count)
+    dec_pos = sorted(flash.nll)
     result = {
         "model": str(folder),
         "data": str(data),
@@ -226,23 +257,40 @@ def evaluate(
         "rule": kind,
         "sparsity": info.get("sparsity"),
         "layers": layers,
+        "min_recall": min(l["recall"] for l in layers),
+        "max_ratio": max(l["ratio"] for l in layers),
+        "mean_ratio": sum(l["ratio"] for l in layers) / len(layers),
         "perplexity_dense": ppl_dense,
-        "perplexity_predictor": ppl_flash,
-        "perplexity_change": ppl_flash / ppl_dense - 1,
-        "greedy_agreement": agreement([dense.argmax[p] for p in pos], [flash.argmax[p] for p in pos]),
+        "perplexity_predicted_sets": ppl_masked,
+        "perplexity_change_predicted_sets": ppl_masked / ppl_dense - 1,
+        "greedy_agreement_predicted_sets": agreement(
+            [dense.argmax[p] for p in pos], [masked.argmax[p] for p in pos]
+        ),
+        "decode_positions": len(dec_pos),
         "predictor_elems": predictors.num_elems,
         "predictor_bytes": predictor_bytes,
         "model_bytes": info.get("model_bytes"),
         "predictor_fraction_of_model": predictor_bytes / info["model_bytes"]
         if info.get("model_bytes")
         else None,
-        "decode": {
-            "ms_per_token": stats.ms_per_token,
-            "neurons_loaded_per_token": stats.neurons_loaded_per_token,
-            "bytes_per_token": stats.bytes_per_token,
-            "window_hit_rate": stats.window_hit_rate,
-        },
     }
+    if dec_pos:
+        d_dec = cal.perplexity(sum(dense.nll[p] for p in dec_pos), len(dec_pos))
+        f_dec = cal.perplexity(sum(flash.nll[p] for p in dec_pos), len(dec_pos))
+        result.update(
+            perplexity_dense_decoded=d_dec,
+            perplexity_predictor=f_dec,
+            perplexity_change=f_dec / d_dec - 1,
+            greedy_agreement=agreement(
+                [dense.argmax[p] for p in dec_pos], [flash.argmax[p] for p in dec_pos]
+            ),
+            decode={
+                "ms_per_token": stats.ms_per_token,
+                "neurons_loaded_per_token": stats.neurons_loaded_per_token,
+                "bytes_per_token": stats.bytes_per_token,
+                "window_hit_rate": stats.window_hit_rate,
+            },
+        )
     if curve:
         result["sparsity_curve"] = curve
     return result
@@ -264,22 +312,32 @@ def format_result(r: dict) -> str:
             f"{100 * l['predicted_fraction']:>8.2f}% {100 * l['active_fraction']:>7.2f}% {l['ratio']:>9.2f}"
         )
     lines.append(
-        f"perplexity: dense {r['perplexity_dense']:.3f}, flash with predictors {r['perplexity_predictor']:.3f} "
-        f"({100 * r['perplexity_change']:+.2f}%), window {r['window']}"
+        f"held-out recall: lowest layer {100 * r['min_recall']:.2f}%; predicted / truly active: "
+        f"mean {r['mean_ratio']:.2f}, highest layer {r['max_ratio']:.2f}"
     )
     lines.append(
-        f"greedy-token agreement: {100 * r['greedy_agreement']:.2f}% of {r['predicted_positions']} positions"
+        f"perplexity, teacher-forced over {r['predicted_positions']} positions: dense {r['perplexity_dense']:.3f}, "
+        f"each token's predicted neurons only (no window) {r['perplexity_predicted_sets']:.3f} "
+        f"({100 * r['perplexity_change_predicted_sets']:+.2f}%), greedy-token agreement "
+        f"{100 * r['greedy_agreement_predicted_sets']:.2f}%"
     )
+    if r.get("decode_positions"):
+        lines.append(
+            f"perplexity, flash decode path (window {r['window']}) over the first {r['decode_positions']} positions: "
+            f"dense {r['perplexity_dense_decoded']:.3f}, flash with predictors {r['perplexity_predictor']:.3f} "
+            f"({100 * r['perplexity_change']:+.2f}%), greedy-token agreement {100 * r['greedy_agreement']:.2f}%"
+        )
     if r.get("predictor_fraction_of_model") is not None:
         lines.append(
             f"predictors: {r['predictor_bytes']} bytes ({r['predictor_elems']} weights), "
             f"{100 * r['predictor_fraction_of_model']:.2f}% of the model's {r['model_bytes']} bytes"
         )
-    dec = r["decode"]
-    lines.append(
-        f"decode: {dec['ms_per_token']:.1f} ms/token, {dec['neurons_loaded_per_token']:.0f} neurons "
-        f"({dec['bytes_per_token'] / 1e3:.1f} KB) read per token"
-    )
+    dec = r.get("decode")
+    if dec:
+        lines.append(
+            f"decode: {dec['ms_per_token']:.1f} ms/token, {dec['neurons_loaded_per_token']:.0f} neurons "
+            f"({dec['bytes_per_token'] / 1e3:.1f} KB) read per token"
+        )
     if r.get("sparsity_curve"):
         lines.append("thresholded model (exact active sets): sparsity -> perplexity")
         lines += [f"  {100 * c['sparsity']:5.1f}% -> {c['perplexity']:.3f}" for c in r["sparsity_curve"]]

@@ -1,19 +1,24 @@
 """Training the predictors: per layer, a low-rank classifier of which FFN neurons fire.
 
-For each layer (in order, each saved as it finishes, so an interrupted run resumes at the
-layer it was on):
-1. the layer's true active sets on the calibration tokens (`calibration.active_sets`);
-2. for ranks r on a ladder (8, 16, 32, ... up to what the size budget leaves for the layer),
-   train P(x) = sigmoid(B(A x) + b) with Adam on a balanced binary cross-entropy (positives and
-   negatives weigh half each, whatever the layer's sparsity), on 90% of the tokens;
-3. on the other 10% (the validation split, the tokens after the training ones), choose the
-   decision threshold as the highest one whose recall of truly active neurons reaches the
-   target, and measure how many neurons it then predicts against how many are truly active;
-4. keep the smallest rank whose predicted/true ratio is within `max_ratio` (so layers that
-   are harder to predict get more rank), or the best ratio when none is.
+1. Calibration: the model runs over the calibration text (teacher-forced windows, its FFN
+   streamed from flash, every matrix product in numpy: `calibration.run_windows`), and each
+   layer's FFN inputs are written to a memmap on disk (bounded memory for any --tokens; an
+   interrupted run resumes at the forward pass it was on). The last 10% of the tokens are held
+   out: they choose ranks and thresholds, never train.
+2. Per layer, the selector's SVD (`fitting.SelectorSVD`: the gate or up rows, whitened by the
+   inputs' covariance) at the largest rank the budget allows, and on the held-out tokens the
+   predicted / truly active ratio at the recall target for each rank of a ladder (8, 10, 12, 14, 16, 20, ...).
+3. Ranks from the byte budget (all predictors at most `max_size` of the model's bytes): every
+   layer starts at the smallest rank; the budget goes, step by step, to the layer where one
+   more rung of the ladder removes the most predicted neurons per added weight, while that
+   removes at least `min_gain` of the layer's true active set.
+4. Per layer, from the SVD factors at its rank, Adam on the balanced binary cross-entropy
+   (`fitting.train_balanced`); the trained predictor is kept when its held-out ratio is lower
+   than the SVD's, else the SVD's (both are recorded). The threshold is the highest logit
+   whose held-out recall reaches the target.
 
-The inputs are standardized per dimension while training, and the standardization is folded
-into A and b before saving, so the stored predictor takes the raw FFN input.
+Every layer's work is saved as it finishes (in FLASHDIR/predictors.work), so an interrupted
+run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -24,18 +29,16 @@ import math
 import shutil
 import sys
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
-import mlx.optimizers as optim
 import numpy as np
 from tqdm import tqdm
 
 from .. import layout
 from ..errors import MlxFlashError
 from . import calibration as cal
+from . import fitting as fit
+from .fitting import choose_threshold, set_counts  # noqa: F401 (part of this module's interface)
 from .store import LayerPredictor, install_predictors, sigmoid, storage_dtype
 
 WORK_DIR_NAME = "predictors.work"
@@ -45,212 +48,115 @@ MIN_RANK = 8
 
 @dataclass(frozen=True)
 class TrainOptions:
-    recall: float = 0.95  # target recall of truly active neurons, per layer, on validation tokens
-    max_ratio: float = 3.0  # predicted / truly active the chosen rank must reach at that recall
-    rank: int | None = None  # a fixed rank for every layer (else chosen per layer)
+    recall: float = 0.95  # target recall of truly active neurons, per layer, on held-out tokens
+    rank: int | None = None  # a fixed rank for every layer (else chosen per layer from the budget)
     max_size: float = 0.05  # all predictors at most this fraction of the model's bytes (as stored)
+    max_rank: int = 512  # the largest rank a layer may get
+    min_gain: float = 0.05  # a doubling of rank must cut predicted / true by at least this
     sparsity: float = 0.5  # threshold rule only: fraction of activations counted as inactive
-    epochs: int = 8
-    batch: int = 256
-    lr: float = 2e-3
+    epochs: int = 4
+    batch: int = 512
+    lr: float = 1e-3
+    train_tokens: int = 32768  # at most this many calibration tokens feed the Adam steps
     val_fraction: float = 0.1
     seed: int = 0
 
     def check(self) -> None:
         if not 0 < self.recall < 1:
             raise MlxFlashError(f"--recall must be between 0 and 1 (exclusive), got {self.recall}")
-        if self.max_ratio < 1:
-            raise MlxFlashError(f"--max-ratio must be at least 1, got {self.max_ratio}")
         if self.rank is not None and self.rank < 1:
             raise MlxFlashError(f"--rank must be a positive integer, got {self.rank}")
+        if self.max_rank < 1:
+            raise MlxFlashError(f"--max-rank must be a positive integer, got {self.max_rank}")
         if not 0 < self.max_size <= 1:
             raise MlxFlashError(f"--max-size must be a fraction in (0, 1], got {self.max_size}")
         if not 0 < self.sparsity < 1:
             raise MlxFlashError(f"--sparsity must be between 0 and 1 (exclusive), got {self.sparsity}")
-        if self.epochs < 1 or self.batch < 1 or self.lr <= 0:
-            raise MlxFlashError("--epochs, --batch and --lr must be positive")
+        if self.epochs < 0 or self.batch < 1 or self.lr <= 0 or self.train_tokens < 1:
+            raise MlxFlashError("--epochs must be >= 0; --batch, --lr and --train-tokens positive")
         if not 0 < self.val_fraction < 0.5:
             raise MlxFlashError(f"validation fraction must be in (0, 0.5), got {self.val_fraction}")
-
-
-# -- one predictor ---------------------------------------------------------------------------
-
-
-class LowRank(nn.Module):
-    """z = B(A x) + b."""
-
-    def __init__(self, d: int, n: int, r: int):
-        super().__init__()
-        self.A = nn.Linear(d, r, bias=False)
-        self.B = nn.Linear(r, n, bias=True)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.B(self.A(x))
-
-
-def balanced_bce(z: mx.array, y: mx.array, w_pos: float, w_neg: float) -> mx.array:
-    """Binary cross-entropy on logits z against 0/1 labels y, positives weighted w_pos and
-    negatives w_neg (balanced: w_pos = 1 / (2 p), w_neg = 1 / (2 (1 - p)) for a positive rate
-    p, so each class carries half the loss). Written with one softplus, as
-    (w_pos y + w_neg (1 - y)) softplus(z) - w_pos y z, since softplus(-z) = softplus(z) - z:
-    transcendental functions dominate a step on a CPU."""
-    softplus = mx.maximum(z, 0) + mx.log1p(mx.exp(-mx.abs(z)))
-    return mx.mean((w_neg + (w_pos - w_neg) * y) * softplus - w_pos * y * z)
-
-
-def class_weights(y: np.ndarray) -> tuple[float, float]:
-    p = float(np.clip(y.mean(), 1e-6, 1 - 1e-6))
-    return 0.5 / p, 0.5 / (1 - p)
-
-
-def fit(
-    x: np.ndarray,
-    y: np.ndarray,
-    rank: int,
-    opts: TrainOptions,
-    progress: bool = False,
-    desc: str = "",
-    epochs: int | None = None,
-) -> LayerPredictor:
-    """Train one rank-`rank` predictor on inputs x [N, d] and labels y [N, n] (bool) for
-    `epochs` (default opts.epochs; 0: the untrained initialization); returns it with threshold
-    0 (P >= 0.5), the standardization folded in."""
-    epochs = opts.epochs if epochs is None else epochs
-    n_tok, d = x.shape
-    n = y.shape[1]
-    rank = min(rank, d, n)
-    mu = x.mean(axis=0, dtype=np.float64).astype(np.float32)
-    sd = (x.std(axis=0, dtype=np.float64) + 1e-6).astype(np.float32)
-    mx.random.seed(opts.seed)
-    model = LowRank(d, n, rank)
-    w_pos, w_neg = class_weights(y)
-    model.B.bias = mx.zeros((n,))  # the balanced loss's prior: even odds
-    steps_per_epoch = max(1, n_tok // opts.batch)
-    total = max(1, steps_per_epoch * epochs)
-    sched = optim.cosine_decay(opts.lr, total, opts.lr * 0.05)
-    opt = optim.Adam(learning_rate=sched)
-    mu_a, sd_a = mx.array(mu), mx.array(sd)
-
-    def loss_fn(m, xb, yb):
-        return balanced_bce(m((xb - mu_a) / sd_a), yb, w_pos, w_neg)
-
-    state = [model.state, opt.state]
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def step(xb, yb):
-        loss, grads = nn.value_and_grad(model, loss_fn)(model, xb, yb)
-        opt.update(model, grads)
-        return loss
-
-    rng = np.random.default_rng(opts.seed)
-    bar = tqdm(total=total, desc=desc, leave=False, disable=not progress, unit="step")
-    for _ in range(epochs):
-        order = rng.permutation(n_tok)
-        for s in range(steps_per_epoch):
-            idx = np.sort(order[s * opts.batch : (s + 1) * opts.batch])
-            loss = step(mx.array(x[idx].astype(np.float32)), mx.array(y[idx].astype(np.float32)))
-            mx.eval(state)
-            bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-    bar.close()
-    A = np.array(model.A.weight) / sd[None, :]
-    B = np.array(model.B.weight)
-    b = np.array(model.B.bias) - B @ (np.array(model.A.weight) @ (mu / sd))
-    return LayerPredictor(A.astype(np.float32), B.astype(np.float32), b.astype(np.float32), 0.0)
-
-
-def logits_chunks(p: LayerPredictor, x: np.ndarray, chunk: int = 4096):
-    A, B, b = (mx.array(np.asarray(a, np.float32)) for a in (p.A, p.B, p.bias))
-    for lo in range(0, len(x), chunk):
-        z = (mx.array(np.asarray(x[lo : lo + chunk], np.float32)) @ A.T) @ B.T + b
-        mx.eval(z)
-        yield lo, np.array(z)
-
-
-def choose_threshold(p: LayerPredictor, x: np.ndarray, y: np.ndarray, recall: float) -> tuple[float, dict]:
-    """The highest logit threshold t whose recall (predicted z >= t among truly active,
-    pooled over tokens) is at least `recall` on (x, y), and the counts it gives."""
-    pos = np.concatenate([z[y[lo : lo + len(z)]] for lo, z in logits_chunks(p, x)])
-    num_pos = len(pos)
-    if num_pos == 0:
-        t = float(np.finfo(np.float32).max)
-    else:
-        pos.sort()
-        t = float(pos[int(math.floor((1 - recall) * num_pos + 1e-9))])
-    predicted = hit = 0
-    for lo, z in logits_chunks(p, x):
-        m = z >= t
-        predicted += int(m.sum())
-        hit += int((m & y[lo : lo + len(z)]).sum())
-    return t, set_counts(hit=hit, predicted=predicted, active=num_pos, total=y.size)
-
-
-def set_counts(*, hit: int, predicted: int, active: int, total: int) -> dict:
-    """Recall, precision and sizes of a predicted set against the true one, from counts pooled
-    over tokens: hit = |predicted ∩ active|; total = tokens x neurons."""
-    return {
-        "recall": hit / active if active else 1.0,
-        "precision": hit / predicted if predicted else 1.0,
-        "predicted_fraction": predicted / total if total else 0.0,
-        "active_fraction": active / total if total else 0.0,
-        "ratio": predicted / active if active else (0.0 if predicted == 0 else math.inf),
-    }
-
-
-def rank_ladder(d: int, n: int, max_rank: int) -> list[int]:
-    """8, 16, 32, ... up to max_rank (included), at most min(d, n)."""
-    top = min(d, n, max_rank)
-    ranks, r = [], MIN_RANK
-    while r < top:
-        ranks.append(r)
-        r *= 2
-    if top >= 1:
-        ranks.append(top)
-    return ranks
 
 
 def predictor_elems(d: int, n: int, rank: int) -> int:
     return rank * (d + n) + n + 1
 
 
-def train_layer(
-    x: np.ndarray,
-    y: np.ndarray,
-    opts: TrainOptions,
-    max_rank: int,
-    *,
-    store_dtype: np.dtype,
-    progress: bool = False,
-    layer: int = 0,
-) -> tuple[LayerPredictor, dict]:
-    """Train the layer's predictor: a rank from the ladder (or opts.rank) and its threshold."""
-    n_val = max(1, int(round(len(x) * opts.val_fraction)))
-    xt, yt, xv, yv = x[:-n_val], y[:-n_val], x[-n_val:], y[-n_val:]
-    d, n = x.shape[1], y.shape[1]
-    ranks = [min(opts.rank, d, n)] if opts.rank else rank_ladder(d, n, max_rank)
-    tried = []
-    for r in ranks:
-        p = fit(xt, yt, r, opts, progress=progress, desc=f"layer {layer} rank {r}").rounded(store_dtype)
-        t, m = choose_threshold(p, xv, yv, opts.recall)
-        p.threshold = t
-        tried.append((r, p, m))
-        if m["ratio"] <= opts.max_ratio:
-            break
-    met = [e for e in tried if e[2]["ratio"] <= opts.max_ratio]
-    r, p, m = met[0] if met else min(tried, key=lambda e: e[2]["ratio"])
-    record = {
-        "layer": layer,
-        "rank": r,
-        "threshold": p.threshold,
-        "threshold_probability": sigmoid(p.threshold),
-        "elems": p.num_elems,
-        "validation": {k: round(v, 6) for k, v in m.items()},
-        "ranks_tried": {str(rr): round(mm["ratio"], 4) for rr, _, mm in tried},
-        "met_max_ratio": m["ratio"] <= opts.max_ratio,
-        "train_tokens": int(len(xt)),
-        "validation_tokens": int(n_val),
-    }
-    return p, record
+def rank_ladder(d: int, n: int, max_rank: int) -> list[int]:
+    """Four ranks an octave from 8 (8, 10, 12, 14, 16, 20, 24, 28, 32, 40, ...) up to max_rank
+    (included), at most min(d, n)."""
+    top = min(d, n, max_rank)
+    ranks, r = [], MIN_RANK
+    while r < top:
+        ranks += [k for k in (r, r * 5 // 4, r * 3 // 2, r * 7 // 4) if k < top]
+        r *= 2
+    return ranks + [top] if top >= 1 else ranks
+
+
+def allocate_ranks(
+    curves: list[dict[int, float]], active: list[float], d: int, ns: list[int], budget: int, min_gain: float
+) -> list[int]:
+    """Ranks per layer within `budget` weights: start each layer at its smallest rank, then
+    repeatedly move the layer whose next rank removes the most predicted neurons per token
+    (ratio drop x truly active per token) per added weight, while the drop is at least
+    `min_gain` per doubling of the rank and the budget holds. curves[l]: rank -> predicted/true on held-out tokens."""
+    ladders = [sorted(c) for c in curves]
+    pos = [0] * len(curves)
+    used = sum(predictor_elems(d, n, lad[0]) for lad, n in zip(ladders, ns))
+    while True:
+        best, best_eff = None, 0.0
+        for l, (lad, c) in enumerate(zip(ladders, curves)):
+            if pos[l] + 1 >= len(lad):
+                continue
+            r0, r1 = lad[pos[l]], lad[pos[l] + 1]
+            drop = c[r0] - c[r1]
+            extra = (r1 - r0) * (d + ns[l])
+            if drop < min_gain * math.log2(r1 / r0) or used + extra > budget:
+                continue
+            eff = drop * active[l] / extra
+            if eff > best_eff:
+                best, best_eff = l, eff
+        if best is None:
+            return [lad[p] for lad, p in zip(ladders, pos)]
+        lad = ladders[best]
+        used += (lad[pos[best] + 1] - lad[pos[best]]) * (d + ns[best])
+        pos[best] += 1
+
+
+def pre_activation_threshold(act, t: float) -> float:
+    """The pre-activation p* above which act(p) > t on the positive branch (0 for t = 0 and a
+    ReLU): the SVD's logits are centred there."""
+    if t <= 0:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while float(act(np.array([hi], np.float32))[0]) <= t and hi < 1e6:
+        hi *= 2
+    for _ in range(50):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if float(act(np.array([mid], np.float32))[0]) <= t else (lo, mid)
+    return hi
+
+
+def selector_rows(f: cal.LayerFFN) -> tuple[np.ndarray, np.ndarray | None]:
+    """The layer's selector (gate or up rows, float32 [n, d]) and its bias (up: b1)."""
+    W = np.concatenate([rows[f.selector] for _, _, rows in f.blocks()])
+    return W, (f.up_bias if f.selector == "up" else None)
+
+
+def held_out_split(rows: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, held-out rows) of the calibration inputs: every 1/fraction-th run of up
+    to 32 consecutive rows is held out, so that the held-out tokens are spread over the text."""
+    k = max(2, int(round(1 / fraction)))
+    run = max(1, min(32, rows // (10 * k)))
+    held = (np.arange(rows) // run) % k == k - 1
+    if not held.any():
+        held[-1] = True
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def even_sample(n: int, k: int) -> np.ndarray:
+    """min(n, k) indices spread evenly over range(n)."""
+    return np.arange(n) if n <= k else np.linspace(0, n - 1, k).astype(np.int64)
 
 
 # -- the whole model -----------------------------------------------------------------------------
@@ -278,10 +184,10 @@ def train(
     folder: str | Path,
     data: str | Path,
     *,
-    tokens: int = 65536,
+    tokens: int = 8192,
     seq_len: int | None = None,
     opts: TrainOptions = TrainOptions(),
-    batch_tokens: int = 2048,
+    batch_tokens: int = 4096,
     work: str | Path | None = None,
     fresh: bool = False,
     keep_work: bool = False,
@@ -305,103 +211,122 @@ def train(
 
         tokenizer = load_tokenizer(folder)
         token_ids = cal.read_tokens(tokenizer, data, tokens)
-        ffns = cal.flash_layers(model)
         kind = cal.rule_kind_for(manifest.activation)
-        d = manifest.hidden_size
+        d, L = manifest.hidden_size, manifest.num_layers
         n_tok = len(token_ids)
         work = Path(work) if work else folder / WORK_DIR_NAME
         model_fp = _fingerprint(
             {"dense": manifest.dense_checksum, "layers": [e.checksum for e in manifest.layers]}
         )
         collect_fp = _fingerprint(
-            {"model": model_fp, "data": _file_sha(Path(data)), "tokens": n_tok, "seq_len": seq_len}
+            {
+                "model": model_fp,
+                "data": _file_sha(Path(data)),
+                "tokens": n_tok,
+                "seq_len": seq_len,
+                "batch_tokens": batch_tokens,
+            }
         )
         train_opts = asdict(opts)
         if kind == "relu":
             train_opts.pop("sparsity")
         train_fp = _fingerprint({"collect": collect_fp, "opts": train_opts})
         meta = _open_work(work, collect_fp, train_fp, fresh, log)
-        xs_paths = [work / f"x_layer_{i:03d}.npy" for i in range(manifest.num_layers)]
+        xs_paths = [work / f"x_layer_{i:03d}.npy" for i in range(L)]
 
+        spans = cal.windows(n_tok, seq_len)
+        n_rows = sum(hi - lo for lo, hi in spans)
         if not meta.get("collected"):
-            spans = cal.windows(n_tok, seq_len)
-            n_rows = sum(hi - lo for lo, hi in spans)
-            inputs = cal.LayerInputs(xs_paths, n_rows, d, manifest.dtype)
-            with tqdm(total=n_rows, desc="calibration forward", unit="tok", disable=not progress) as bar:
-                cal.run_windows(
-                    model,
-                    token_ids,
-                    spans,
-                    lambda _b, _l, layer_x: inputs.add(layer_x),
-                    batch_tokens=batch_tokens,
-                    progress=bar,
-                )
-            inputs.flush()
-            del inputs
-            meta["collected"] = True
-            meta["rows"] = n_rows
-            _write_meta(work, meta)
-
+            _collect(
+                model,
+                token_ids,
+                spans,
+                xs_paths,
+                n_rows,
+                d,
+                batch_tokens,
+                meta,
+                work,
+                progress,
+            )
+        xs = [np.load(p, mmap_mode="r") for p in xs_paths]
+        ffns = [cal.LayerFFN(f) for f in cal.flash_layers(model)]
+        train_rows, val_rows = held_out_split(n_rows, opts.val_fraction)
+        n_val = len(val_rows)
         st_dtype = storage_dtype(manifest.dtype)
         m_bytes = model_bytes(folder, manifest)
-        total_budget = int(opts.max_size * m_bytes / st_dtype.itemsize)  # in predictor elements
+        budget = int(opts.max_size * m_bytes / st_dtype.itemsize)  # in predictor elements
+        ns = [e.num_neurons for e in manifest.layers]
+        if budget < sum(predictor_elems(d, n, 1) for n in ns):
+            raise MlxFlashError(f"--max-size {opts.max_size} leaves no room for even rank-1 predictors")
+        # the largest rank one layer can get (the others at the smallest rank, or all equal)
+        others = sum(predictor_elems(d, n, MIN_RANK) for n in ns[1:])
+        k_max = max(
+            (budget - others - ns[0] - 1) // (d + ns[0]), (budget // L - max(ns) - 1) // (d + max(ns))
+        )
+        k_max = max(1, min(opts.rank or opts.max_rank, k_max))
+
+        # 2. per layer: the selector's SVD and its held-out ratio per rank
+        analyses = []
+        for i in tqdm(range(L), desc="selector SVD", unit="layer", disable=not progress):
+            path = work / f"svd_{i:03d}.npz"
+            if not path.is_file():
+                _analyse_layer(path, ffns[i], xs[i], train_rows, val_rows, kind, opts, k_max)
+            with np.load(path) as z:
+                analyses.append(json.loads(str(z["record"])))
+
+        # 3. ranks from the byte budget
+        if opts.rank:
+            ranks = [min(opts.rank, int(a["svd_rank"])) for a in analyses]
+        else:
+            curves = [{int(r): v for r, v in a["svd_ratio"].items()} for a in analyses]
+            active = [a["active_fraction"] * n for a, n in zip(analyses, ns)]
+            ranks = allocate_ranks(curves, active, d, ns, budget, opts.min_gain)
+        log(f"ranks from the budget ({budget} weights, {100 * opts.max_size:.1f}% of the model): {ranks}")
+
+        # 4. per layer: training from the SVD, threshold
         predictors: list[LayerPredictor] = []
         records: list[dict] = []
-        layer_bar = tqdm(range(manifest.num_layers), desc="predictors", unit="layer", disable=not progress)
-        for i in layer_bar:
+        for i in tqdm(range(L), desc="predictors", unit="layer", disable=not progress):
             done = work / f"layer_{i:03d}.npz"
             if done.is_file():
                 p, rec = _load_layer(done)
-                predictors.append(p)
-                records.append(rec)
-                continue
-            x = np.load(xs_paths[i], mmap_mode="r")
-            x = np.asarray(x, dtype=np.float32)
-            ffn = ffns[i]
-            rec_extra: dict = {}
-            if kind == "relu":
-                rule = cal.ActiveRule("relu")
             else:
-                qs = cal.activation_quantiles(ffn, x, list(SPARSITY_GRID) + [opts.sparsity], seed=opts.seed)
-                t_act = qs[-1]
-                rule = cal.ActiveRule("threshold", {i: t_act})
-                rec_extra = {
-                    "activation_threshold": t_act,
-                    "activation_quantiles": {str(s): q for s, q in zip(SPARSITY_GRID, qs)},
-                }
-            y = cal.active_sets(ffn, x, rule)
-            n = y.shape[1]
-            used = sum(p.num_elems for p in predictors)
-            left_layers = manifest.num_layers - i
-            cap_elems = total_budget - used - (left_layers - 1) * predictor_elems(d, n, MIN_RANK)
-            max_rank = max(1, (cap_elems - n - 1) // (d + n))
-            p, rec = train_layer(x, y, opts, max_rank, store_dtype=st_dtype, progress=progress, layer=i)
-            rec.update(rec_extra)
-            rec["calibration_active_fraction"] = round(float(y.mean()), 6)
-            _save_layer(done, p, rec)
+                p, rec = _train_layer(
+                    ffns[i],
+                    xs[i],
+                    train_rows,
+                    val_rows,
+                    analyses[i],
+                    ranks[i],
+                    opts,
+                    st_dtype,
+                    progress,
+                    work / f"svd_{i:03d}.npz",
+                )
+                _save_layer(done, p, rec)
+                v = rec["validation"]
+                log(
+                    f"layer {i}: rank {rec['rank']} ({rec['kept']}), held-out recall {v['recall']:.4f}, "
+                    f"predicted/true {v['ratio']:.2f} ({100 * v['predicted_fraction']:.2f}% vs "
+                    f"{100 * v['active_fraction']:.2f}% of neurons; SVD alone {rec['svd']['ratio']:.2f})"
+                )
             predictors.append(p)
             records.append(rec)
-            v = rec["validation"]
-            log(
-                f"layer {i}: rank {rec['rank']}, recall {v['recall']:.4f}, predicted/true {v['ratio']:.2f} "
-                f"({100 * v['predicted_fraction']:.1f}% vs {100 * v['active_fraction']:.1f}% of neurons)"
-                + (
-                    ""
-                    if rec["met_max_ratio"]
-                    else f" (ratio above --max-ratio {opts.max_ratio}: "
-                    + ("the rank is fixed by --rank)" if opts.rank else "the size budget capped the rank)")
-                )
-            )
-        layer_bar.close()
 
         elems = sum(p.num_elems for p in predictors)
         info = {
             "rule": kind,
+            "kind": "trained",
             "sparsity": opts.sparsity if kind == "threshold" else None,
             "recall_target": opts.recall,
-            "max_ratio": opts.max_ratio,
             "options": train_opts,
-            "calibration": {"data": Path(data).name, "tokens": int(n_tok), "seq_len": seq_len},
+            "calibration": {
+                "data": Path(data).name,
+                "tokens": int(n_tok),
+                "seq_len": seq_len,
+                "held_out_tokens": n_val,
+            },
             "elems": elems,
             "bytes": elems * st_dtype.itemsize,
             "model_bytes": m_bytes,
@@ -411,6 +336,7 @@ def train(
         summary = {
             "file": layout.PREDICTORS_NAME,
             "rule": kind,
+            "kind": "trained",
             "sparsity": info["sparsity"],
             "recall_target": opts.recall,
             "fraction_of_model": info["fraction_of_model"],
@@ -430,12 +356,170 @@ def train(
                 for r in records
             ],
         }
+        del xs
         install_predictors(folder, predictors, info, summary)
         if not keep_work:
             shutil.rmtree(work, ignore_errors=True)
         return info
     finally:
         rt.close()
+
+
+def _collect(model, token_ids, spans, xs_paths, n_rows, d, batch_tokens, meta, work, progress) -> None:
+    """The calibration forward, each layer's FFN inputs into its memmap; resumable per pass."""
+    passes = cal.passes(spans, batch_tokens)
+    done = int(meta.get("passes_done", 0))
+    rows_done = sum(hi - lo for batch in passes[:done] for lo, hi in batch)
+    inputs = cal.LayerInputs(xs_paths, n_rows, d, resume=done > 0, rows_done=rows_done)
+    if inputs.rows != rows_done:  # a memmap was missing: start over
+        done = 0
+    state = {"done": done}
+
+    def keep(_batch, _logits, layer_x):
+        inputs.add(layer_x)
+        inputs.flush()
+        state["done"] += 1
+        meta["passes_done"] = state["done"]
+        _write_meta(work, meta)
+
+    with tqdm(
+        total=n_rows, initial=inputs.rows, desc="calibration forward", unit="tok", disable=not progress
+    ) as bar:
+        cal.run_windows(
+            model, token_ids, spans, keep, batch_tokens=batch_tokens, progress=bar, logits=False, skip=done
+        )
+    inputs.flush()
+    meta["collected"] = True
+    meta["rows"] = n_rows
+    _write_meta(work, meta)
+
+
+def _rule(f: cal.LayerFFN, x_train: np.ndarray, kind: str, opts: TrainOptions) -> tuple[cal.ActiveRule, dict]:
+    if kind == "relu":
+        return cal.ActiveRule("relu"), {"pre_activation_threshold": 0.0}
+    qs = cal.activation_quantiles(f, x_train, list(SPARSITY_GRID) + [opts.sparsity], seed=opts.seed)
+    t_act = qs[-1]
+    return cal.ActiveRule("threshold", {f.layer: t_act}), {
+        "activation_threshold": t_act,
+        "activation_quantiles": {str(s): q for s, q in zip(SPARSITY_GRID, qs)},
+        "pre_activation_threshold": pre_activation_threshold(f.act, t_act),
+    }
+
+
+def _analyse_layer(
+    path: Path,
+    f: cal.LayerFFN,
+    x: np.ndarray,
+    train_rows: np.ndarray,
+    val_rows: np.ndarray,
+    kind: str,
+    opts: TrainOptions,
+    k_max: int,
+) -> None:
+    """Stage 2 for one layer: the selector's whitened SVD at rank k_max and its held-out curve."""
+    x_val = np.asarray(x[val_rows], np.float32)
+    rule, extra = _rule(f, x[train_rows[even_sample(len(train_rows), 4096)]], kind, opts)
+    stats = fit.InputStats.of(x, train_rows)
+    W, b1 = selector_rows(f)
+    svd = fit.SelectorSVD.of(W, b1, stats, k_max, seed=opts.seed)
+    del W
+    y_val = cal.active_sets(f, x_val, rule)
+    u_val = stats.whiten(x_val)
+    shift = svd.offset - extra["pre_activation_threshold"]
+    curve = {
+        str(r): fit.ratio_at_recall(z + shift, y_val, opts.recall)
+        for r, z in svd.logits_by_rank(u_val, rank_ladder(len(svd.U), len(svd.V), svd.rank))
+    }
+    record = {
+        "layer": f.layer,
+        "svd_rank": svd.rank,
+        "svd_ratio": curve,
+        "active_fraction": float(y_val.mean()),
+        **extra,
+    }
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, U=svd.U, S=svd.S, V=svd.V, offset=svd.offset, record=json.dumps(record))
+    tmp.replace(path)
+
+
+def _train_layer(
+    f: cal.LayerFFN,
+    x: np.ndarray,
+    train_rows: np.ndarray,
+    val_rows: np.ndarray,
+    analysis: dict,
+    rank: int,
+    opts: TrainOptions,
+    st_dtype: np.dtype,
+    progress: bool,
+    svd_path: Path,
+) -> tuple[LayerPredictor, dict]:
+    """Stage 4 for one layer: SVD factors at `rank`, balanced-loss training, the better of the
+    two on held-out tokens, its threshold."""
+    x_val = np.asarray(x[val_rows], np.float32)
+    rule = (
+        cal.ActiveRule("relu")
+        if "activation_threshold" not in analysis
+        else cal.ActiveRule("threshold", {f.layer: analysis["activation_threshold"]})
+    )
+    stats = fit.InputStats.of(x, train_rows)
+    with np.load(svd_path) as z:
+        svd = fit.SelectorSVD(z["U"], z["S"], z["V"], z["offset"])
+    shift = svd.offset - analysis["pre_activation_threshold"]
+    pick = train_rows[even_sample(len(train_rows), opts.train_tokens)]
+    x_pick = np.asarray(x[pick], np.float32)
+    u = stats.whiten(x_pick)
+    y = cal.active_sets(f, x_pick, rule)
+    del x_pick
+    w = fit.class_weights(y)
+    probe = even_sample(len(u), 2048)
+    scale = fit.fit_scale(svd.whitened_logits(u[probe], rank), shift, y[probe], w)
+    A0, B0 = svd.factors(rank, scale)
+    c0 = (scale * shift).astype(np.float32)
+    y_val = cal.active_sets(f, x_val, rule)
+    candidates = {"svd": fit.fold(stats, A0, B0, c0).rounded(st_dtype)}
+    if opts.epochs:
+        steps = max(1, len(u) // opts.batch) * opts.epochs
+        with tqdm(
+            total=steps, desc=f"layer {f.layer} rank {rank}", unit="step", leave=False, disable=not progress
+        ) as bar:
+            A, B, c = fit.train_balanced(
+                u,
+                y,
+                A0,
+                B0,
+                c0,
+                epochs=opts.epochs,
+                batch=opts.batch,
+                lr=opts.lr,
+                seed=opts.seed,
+                progress=bar,
+            )
+        candidates["trained"] = fit.fold(stats, A, B, c).rounded(st_dtype)
+    measured = {}
+    for name, p in candidates.items():
+        t, m = choose_threshold(p, x_val, y_val, opts.recall)
+        p.threshold = t
+        measured[name] = m
+    kept = min(measured, key=lambda k: measured[k]["ratio"])
+    p, m = candidates[kept], measured[kept]
+    record = {
+        "layer": f.layer,
+        "rank": rank,
+        "kept": kept,
+        "threshold": p.threshold,
+        "threshold_probability": sigmoid(p.threshold),
+        "logit_scale": scale,
+        "elems": p.num_elems,
+        "validation": {k: round(v, 6) for k, v in m.items()},
+        **{name: {k: round(v, 6) for k, v in mm.items()} for name, mm in measured.items()},
+        "svd_ratio_by_rank": analysis["svd_ratio"],
+        "train_tokens": int(len(pick)),
+        "validation_tokens": int(len(val_rows)),
+        "calibration_active_fraction": round(float(y.mean()), 6),
+        **{k: analysis[k] for k in ("activation_threshold", "activation_quantiles") if k in analysis},
+    }
+    return p, record
 
 
 def default_seq_len(config: dict) -> int:
@@ -458,9 +542,12 @@ def _open_work(work: Path, collect_fp: str, train_fp: str, fresh: bool, log) -> 
         meta = {"collect": collect_fp}
     elif meta.get("collected"):
         log(f"resuming from {work}: calibration inputs already collected")
+    elif meta.get("passes_done"):
+        log(f"resuming from {work}: calibration forward from pass {meta['passes_done'] + 1}")
     if meta.get("train") != train_fp:
-        for f in work.glob("layer_*.npz") if work.exists() else []:
-            f.unlink()
+        for pattern in ("svd_*.npz", "layer_*.npz"):
+            for f in work.glob(pattern) if work.exists() else []:
+                f.unlink()
         meta["train"] = train_fp
     else:
         done = sorted(work.glob("layer_*.npz"))
