@@ -168,10 +168,11 @@ def calibration_text() -> str:
 
 
 def train_predictors(folder: Path, work: Path, tokens: int, log) -> None:
-    """python -m mlx_flash.predictors train on the calibration text, unless `folder` has predictors."""
-    from mlx_flash import layout
+    """python -m mlx_flash.predictors train on the calibration text (Python's documentation
+    topics the benchmark text leaves out), unless `folder` has trained predictors; its FFN inputs
+    stay in WORK/calibration-inputs (for --svd-predictors RANK without a folder)."""
 
-    if layout.read_manifest(folder).predictors_file:
+    if (predictor_summary(folder) or {}).get("kind") == "trained":
         return
     data = work / "calibration.txt"
     data.write_text(calibration_text(), encoding="utf-8")
@@ -186,6 +187,9 @@ def train_predictors(folder: Path, work: Path, tokens: int, log) -> None:
         str(data),
         "--tokens",
         str(tokens),
+        "--keep-work",
+        "--work",
+        str(work / "calibration-inputs"),
         "--quiet",
     ]
     log(f"training predictors: {' '.join(cmd[1:])}")
@@ -584,15 +588,26 @@ def run_row(spec: Row, cfg: dict) -> dict:
         selection = None
         if spec.mode == "flash":
             selection = "predictor" if manifest.predictors_file else "exact"
-        model, tokenizer = mlx_flash.load(
-            folder,
-            mode=spec.mode,
-            memory_budget=cfg["budget"],
-            window=max(1, spec.window),
-            selection=selection,
-            threads=cfg["threads"],
-            context=len(prompt) + len(cont) + 1,
-        )
+        from mlx_flash.budget import BudgetError
+
+        try:
+            model, tokenizer = mlx_flash.load(
+                folder,
+                mode=spec.mode,
+                memory_budget=cfg["budget"],
+                window=max(1, spec.window),
+                selection=selection,
+                threads=cfg["threads"],
+                context=len(prompt) + len(cont) + 1,
+            )
+        except BudgetError as e:
+            if selection != "exact":
+                raise
+            raise BenchError(
+                f"{folder} has no predictors and the exact selector does not fit the budget ({e}); "
+                "add --train-predictors 8192 (trains them on calibration text first) or run "
+                f"python -m mlx_flash.predictors train --model {folder} --data TEXTFILE"
+            ) from None
         rt = model.flash
         res.update(
             selection=rt.selection,
@@ -911,10 +926,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--svd-predictors",
-        metavar="RANK:XDIR",
+        metavar="RANK[:XDIR]",
         default=None,
         help="install rank-RANK SVD predictors of the selector (thresholds for 95%% recall on the calibration "
-        "inputs XDIR/x_layer_NNN.npy) in the flash folders, replacing trained ones",
+        "inputs XDIR/x_layer_NNN.npy; default XDIR: those --train-predictors kept) in the flash folders, "
+        "replacing trained ones: the untrained shortcut, labelled svd-RANK in the outputs",
     )
     ap.add_argument("--prepare-only", action="store_true", help="convert (and train predictors), then stop")
     ap.add_argument(
@@ -980,6 +996,7 @@ def run(args, rows: list[str]) -> int:
         share_all_predictors(folders, log)
     if args.svd_predictors:
         rank, _, xdir = args.svd_predictors.partition(":")
+        xdir = xdir or str(work / "calibration-inputs")
         first = folders.get("bundled") or folders.get("unbundled") or next(iter(folders.values()))
         if (predictor_summary(first) or {}).get("kind") != f"svd-{rank}":
             log(f"installing rank-{rank} SVD predictors in {first} (calibration inputs {xdir})")
@@ -1084,6 +1101,12 @@ def run(args, rows: list[str]) -> int:
         f"{label}: budget {args.memory_budget} ({fmt_bytes(budget)}), prompt {args.prompt_tokens} tokens, {args.decode} decode, "
         f"{args.dtype} on flash; {mach['cpu']} x{mach['nproc']}, {mach['blas']}"
     )
+    p = result["predictors"]
+    if p:
+        header += (
+            f"; predictors: {p['kind']} (ranks {min(p['ranks'])}-{max(p['ranks'])}, "
+            f"predicted/true {p['mean_ratio_predicted_to_active']:.2f} on held-out calibration tokens)"
+        )
     (out / "bench_flash.md").write_text(f"{header}\n\n{table}\n")
     print(header)
     print(table)
