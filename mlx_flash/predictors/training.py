@@ -139,8 +139,9 @@ def pre_activation_threshold(act, t: float) -> float:
 
 def selector_rows(f: cal.LayerFFN) -> tuple[np.ndarray, np.ndarray | None]:
     """The layer's selector (gate or up rows, float32 [n, d]) and its bias (up: b1)."""
-    W = np.concatenate([rows[f.selector] for _, _, rows in f.blocks()])
-    return W, (f.up_bias if f.selector == "up" else None)
+    parts = [(rows["gate"] if "gate" in rows else rows["up"]).copy() for _, _, rows in f.blocks()]
+    gated = "gate" in next(f.blocks())[2]  # (the blocks' buffers are reused: copied above)
+    return np.concatenate(parts), (None if gated else f.up_bias)
 
 
 def held_out_split(rows: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
