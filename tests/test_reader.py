@@ -100,13 +100,8 @@ ENGINES = available_engines()  # every engine that loads here: the same results 
 
 
 def open_reader(folder, manifest, engine, **kw) -> FlashReader:
-    """A FlashReader on `engine`; skips the test where Linux native AIO is refused."""
-    try:
-        return FlashReader(folder, manifest, engine=engine, **kw)
-    except OSError as e:
-        if engine != "aio":
-            raise
-        pytest.skip(f"no Linux native AIO here: {e}")
+    """A FlashReader on `engine`."""
+    return FlashReader(folder, manifest, engine=engine, **kw)
 
 
 def check_rows(out, raw_layer, ids, dtype):
@@ -256,10 +251,7 @@ def test_reads_small_bundles_at_the_device_alignment(tmp_path):
 
 def faulty(engine: str, threads: int, kind: str, at: int):
     """An engine (by name) whose `at`-th low-level read gets the fault `kind`."""
-    try:
-        return make_engine(engine, threads, faults=(Fault(kind, at),))
-    except OSError as e:
-        pytest.skip(f"engine {engine} refused here: {e}")
+    return make_engine(engine, threads, faults=(Fault(kind, at),))
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -420,23 +412,6 @@ def test_close_with_requests_queued_fails_or_finishes_them_and_leaks_nothing(tmp
             outcomes.append("closed")
     assert "closed" in outcomes  # the queue was not drained before closing
     assert _open_fds() == fds and threading.active_count() == threads
-
-
-def test_aio_thread_failure_fails_the_requests_instead_of_hanging(tmp_path):
-    m, _ = make_flash_folder(tmp_path)
-    if "aio" not in ENGINES:
-        pytest.skip("no Linux native AIO here")
-    engine = make_engine("aio", 2)
-
-    def broken(*_a):
-        raise OSError(errno.EIO, "io_getevents: Input/output error")
-
-    engine._aio.reap = broken  # the kernel's completions fail
-    with FlashReader(tmp_path, m, coalesce_gap=-1, engine=engine) as r:
-        with pytest.raises(OSError, match="io_getevents"):
-            r.read(0, np.arange(0, 300, 20))
-        with pytest.raises(OSError, match="AIO thread stopped"):
-            r.read(0, [1])
 
 
 def test_unknown_engine_is_refused_before_any_file_is_opened(tmp_path):

@@ -3,7 +3,7 @@
 A planning layer (`plan`: rows to aligned, coalesced reads and the cost model's defaults;
 `request`: where each read lands and what it becomes; `checksums`: rows verified against the
 checksums taken at load) and engines that only execute reads (`native`, the C extension `_native.c`: io_uring or
-pthreads; `threads`; `aio`; chosen in `engines`), with the I/O counters in `stats`. `FlashReader` (`flash_reader`) puts them
+pthreads; `threads`; chosen in `engines`), with the I/O counters in `stats`. `FlashReader` (`flash_reader`) puts them
 together; this package's names are its public API."""
 
 from .checksums import FlashChecksumError, VerifyingReader

@@ -10,7 +10,10 @@ fault injection as an argument (`faults`, see `faults.Fault`).
   macOS included, where the files are opened with F_NOCACHE and read-ahead off). "native" is
   io_uring where it works, else pthreads.
 - "threads": a pool of Python threads (`threads`), the reference and the fallback.
-- "aio": Linux native AIO through ctypes (`aio`), needs O_DIRECT.
+
+(A Linux native AIO engine through ctypes was removed once the native engine existed: in
+`benchmarks/bench_io.py` it was slower than the native engine in 38 of 40 cells and used more
+CPU per read in all of them; benchmarks/RESULTS.md.)
 
 The default is the fastest that loads: native, else threads (said once, in a log warning).
 """
@@ -18,14 +21,12 @@ The default is the fastest that loads: native, else threads (said once, in a log
 from __future__ import annotations
 
 import logging
-import os
 
-from . import kernel_aio, native
-from .aio import AioEngine
+from . import native
 from .faults import Fault
 from .threads import ThreadEngine
 
-ENGINE_NAMES = ("native", "native-io_uring", "native-pthreads", "threads", "aio")
+ENGINE_NAMES = ("native", "native-io_uring", "native-pthreads", "threads")
 _log = logging.getLogger("mlx_flash")
 _said_fallback = False
 
@@ -34,8 +35,6 @@ def available_engines() -> list[str]:
     """The engines that run on this machine, by their concrete names, fastest first."""
     names = [f"native-{b}" for b in native.BACKENDS if native.backend_error(b) is None]
     names.append("threads")
-    if kernel_aio.available() and hasattr(os, "O_DIRECT"):
-        names.append("aio")
     return names
 
 
@@ -60,8 +59,6 @@ def make_engine(name: str | None, depth: int, *, faults: tuple[Fault, ...] = ())
     name = name or default_engine_name()
     if name == "threads":
         return ThreadEngine(depth, faults=faults)
-    if name == "aio":
-        return AioEngine(depth, faults=faults)
     if name in ("native", "native-io_uring", "native-pthreads"):
         backend = "auto" if name == "native" else name.split("-", 1)[1]
         return native.NativeEngine(depth, backend=backend, faults=faults)

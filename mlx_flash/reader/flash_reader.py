@@ -96,10 +96,6 @@ class FlashReader:
             for entry in manifest.layers:
                 if entry.file not in self._files:
                     self._files[entry.file] = self._open(entry, direct)
-            if self._engine.requires_direct and not (self.direct and hasattr(os, "O_DIRECT")):
-                raise OSError(
-                    errno.ENOTSUP, f"engine {self.engine!r} needs Linux and reads that bypass the page cache"
-                )
         except BaseException:
             self._engine.close()
             self._close_files()

@@ -75,8 +75,6 @@ class NativeEngine:
     """`depth` reads in flight in C. backend: "io_uring", "pthreads" or "auto" (io_uring where
     the kernel allows it); faults: `Fault`s injected by the C code."""
 
-    requires_direct = False
-
     def __init__(self, depth: int, *, backend: str = "auto", faults: tuple[Fault, ...] = ()):
         if _native is None:
             raise OSError(errno.ENOSYS, f"the native engine is not built: {_LOAD_ERROR}")

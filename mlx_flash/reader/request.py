@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
+from functools import cached_property
 
 import numpy as np
 
@@ -63,9 +64,6 @@ class Request:
         self.layer, self.ids, self.out, self.dest, self.gather = layer, ids, out, dest, gather
         # Rows go straight into the outputs only if these are aligned for O_DIRECT.
         self.aligned = all(a.ctypes.data % align == 0 for a in out.values())
-        self.id_list = ids.tolist()
-        self.dest_list = None if dest is None else dest.tolist()
-        self.out_bytes = {k: memoryview(v).cast("B") for k, v in out.items()}  # flat, for preadv
         self.future = future
         self.plans = plans
         self._chunks: list[Chunk] | None = None
@@ -78,6 +76,20 @@ class Request:
         self._workers = 0
         self._stats = LayerIOStats()
         self._sink = stats
+
+    # What the engines that build each read in Python use (made on first use).
+    @cached_property
+    def id_list(self) -> list[int]:
+        return self.ids.tolist()
+
+    @cached_property
+    def dest_list(self) -> list[int] | None:
+        return None if self.dest is None else self.dest.tolist()
+
+    @cached_property
+    def out_bytes(self) -> dict[str, memoryview]:
+        """The outputs as flat byte views, for preadv."""
+        return {k: memoryview(v).cast("B") for k, v in self.out.items()}
 
     @property
     def chunks(self) -> list[Chunk]:

@@ -22,7 +22,6 @@ class ThreadEngine:
     may pass its own, e.g. one that blocks); faults: `Fault`s injected into it."""
 
     name = "threads"
-    requires_direct = False
 
     def __init__(self, threads: int, *, pread: Pread | None = None, faults: tuple[Fault, ...] = ()):
         if threads < 1:
