@@ -613,8 +613,10 @@ static PyObject *Engine_submit(Engine *e, PyObject *args) {
     else e->pend_head = b;
     e->pend_tail = b;
     e->outstanding++;
-    if (e->backend == BACKEND_URING) pthread_cond_signal(&e->work_cv);
-    else pthread_cond_broadcast(&e->work_cv);
+    /* wake as many workers as there are reads (one for io_uring): a broadcast would wake
+     * every idle thread of the pool for a batch of one read */
+    Py_ssize_t wake = e->backend == BACKEND_URING ? 1 : (b->nreads < e->nthreads ? b->nreads : e->nthreads);
+    for (Py_ssize_t w = 0; w < wake; w++) pthread_cond_signal(&e->work_cv);
     pthread_mutex_unlock(&e->mu);
     Py_RETURN_NONE;
 fail3:

@@ -40,7 +40,12 @@ else:
 
 _SHORT = -1  # the C engine's status of a read that ended before the bytes it needed
 _FAULT_CODES = {k: i + 1 for i, k in enumerate(FAULT_KINDS)}  # the C side's numbering
-BACKENDS = ("io_uring", "pthreads")
+BACKENDS = ("pthreads", "io_uring")  # fastest first
+# The default backend ("native"): on the project's Linux VM the pthread pool read faster than
+# io_uring in 35 of 40 cells of bench_io's grid (4 KiB-1 MiB, 1-64 in flight, quiet and busy;
+# fio's own io_uring engine was no faster than its psync either), while io_uring took 20-40%
+# less CPU per read: "native-io_uring" is there for a machine short of CPU (RESULTS.md).
+DEFAULT_BACKEND = "pthreads"
 _probed: dict[str, str | None] = {}
 
 
@@ -65,7 +70,7 @@ def backend_error(backend: str) -> str | None:
 class _Batch:
     """A request as submitted to C: the arrays C reads and writes, what each read is."""
 
-    __slots__ = ("req", "reads", "iovs", "results", "chunks", "vectored", "scratch", "keep")
+    __slots__ = ("req", "reads", "iovs", "results", "chunks", "vectored", "into_outputs", "scratch", "keep")
 
     def __init__(self, req: Request):
         self.req = req
@@ -133,7 +138,7 @@ class NativeEngine:
                 self._junk = aligned_scratch(req.max_length)
             b.keep = self._junk  # the gaps' buffer, alive until the reads are done
         junk_at = b.keep.ctypes.data
-        reads, iovs, b.vectored = [], [], []
+        reads, iovs, b.vectored, b.into_outputs = [], [], [], 0
         n_iov = used = 0
         for plan, vec in zip(req.plans, masks):
             n = len(plan.first)
@@ -161,6 +166,7 @@ class NativeEngine:
                 n_iov += len(k)
             reads.append(r)
             b.vectored.append((vec, at))
+            b.into_outputs += int(vec.sum())
         b.iovs = iovs[0] if len(iovs) == 1 else np.concatenate(iovs)
         b.reads = reads[0] if len(reads) == 1 else np.concatenate(reads)
         b.results = np.zeros((len(b.reads), 4), dtype=np.int64)
@@ -241,26 +247,30 @@ class NativeEngine:
         res = b.results
         stats = LayerIOStats()
         try:
-            ok = res[:, 0] == 0
-            got = res[:, 1]
-            row = 0
             error: BaseException | None = None
-            into_outputs = via_scratch = used = 0
-            for plan, (vec, at) in zip(b.chunks, b.vectored):
-                n = len(plan.first)
-                seg_ok = ok[row : row + n]
-                used += int(((plan.stop - plan.first)[seg_ok]).sum()) * plan.reads.segment.row_bytes
-                into_outputs += int((vec & seg_ok).sum())
-                if error is None and not seg_ok.all():
-                    bad = int(np.flatnonzero(~seg_ok)[0])
-                    error = self._error(req, plan, bad, res[row + bad])
-                if error is None:
-                    for j, place in zip(np.flatnonzero(~vec).tolist(), at.tolist()):
-                        req.scatter(_chunk(plan, j), b.scratch[place:])
-                        via_scratch += 1
-                row += n
+            via_scratch = 0
+            if res[:, 0].any():  # a read failed (or was cancelled): the first one names the error
+                row = 0
+                for plan in b.chunks:
+                    bad = np.flatnonzero(res[row : row + len(plan.first), 0])
+                    if len(bad):
+                        error = self._error(req, plan, int(bad[0]), res[row + int(bad[0])])
+                        break
+                    row += len(plan.first)
+            else:
+                for plan, (vec, at) in zip(b.chunks, b.vectored):
+                    if len(at):
+                        for j, place in zip(np.flatnonzero(~vec).tolist(), at.tolist()):
+                            req.scatter(_chunk(plan, j), b.scratch[place:])
+                        via_scratch += len(at)
+            ok = res[:, 0] == 0
+            used = (
+                len(req.ids) * sum(p.reads.segment.row_bytes for p in b.chunks)
+                if error is None
+                else int(sum(((p.stop - p.first) * p.reads.segment.row_bytes).sum() for p in b.chunks))
+            )
             stats = LayerIOStats.of_reads(
-                int(got[ok].sum()), used, (res[:, 2] * 1e-9).tolist(), into_outputs, via_scratch
+                int(res[ok, 1].sum()), used, (res[:, 2] * 1e-9).tolist(), b.into_outputs, via_scratch
             )
             stats.reads = int(res[:, 3].sum())
             if error is not None:
