@@ -140,6 +140,7 @@ def reader_run(
     rng: np.random.Generator,
     engine: str | None = None,
     dtype: str = "float32",
+    buffers: str = "small_pages",
 ) -> dict:
     """Random `chunk`-byte reads through FlashReader for `seconds` with `depth` reads in
     flight: MB/s of flash bytes, CPU microseconds per read, and how the reads landed. Two
@@ -151,7 +152,7 @@ def reader_run(
     with FlashReader(
         path.parent, m, threads=depth, direct=True, coalesce_gap=-1, max_read=chunk, engine=engine
     ) as r:
-        outs = [host_buffer(r, per_request) for _ in range(2)]
+        outs = [host_buffer(r, per_request, buffers) for _ in range(2)]
         r.read(0, sets[0], out=outs[0])  # warm: threads started, buffers touched
         r.stats.take()
 
@@ -246,14 +247,21 @@ class BusyNeighbour:
 
 
 def measure_cell(
-    path: Path, chunk: int, depth: int, seconds: float, repeats: int, engines: list[str], rng
+    path: Path,
+    chunk: int,
+    depth: int,
+    seconds: float,
+    repeats: int,
+    engines: list[str],
+    rng,
+    buffers: str = "small_pages",
 ) -> dict:
     """Every engine and both fio engines alternately, `repeats` times each, medians: the
     disk's throughput drifts from second to second, alternation spreads the drift evenly."""
     samples: dict[str, list[dict]] = {e: [] for e in engines + [f"fio-{f}" for f in FIO_ENGINES]}
     for _ in range(repeats):
         for e in engines:
-            samples[e].append(reader_run(path, chunk, depth, seconds, rng, e))
+            samples[e].append(reader_run(path, chunk, depth, seconds, rng, e, buffers=buffers))
         for f in FIO_ENGINES:
             samples[f"fio-{f}"].append(fio_run(path, chunk, depth, seconds, f))
     cell = {"chunk_bytes": chunk, "depth": depth, "results": {}}
@@ -664,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
             with BusyNeighbour() if cond == "busy" else contextlib.nullcontext():
                 for c in chunks:
                     for d in depths:
-                        cell = measure_cell(data, c, d, seconds, args.repeats, engines, rng)
+                        cell = measure_cell(data, c, d, seconds, args.repeats, engines, rng, args.buffers)
                         cell["condition"] = cond
                         cells.append(cell)
                         print(
@@ -701,6 +709,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         "machine": machine(),
         "engines": engines,
+        "buffers": args.buffers,
         "seconds_per_point": seconds,
         "repeats": args.repeats,
         "file_bytes": int(gb * 1e9),
