@@ -19,6 +19,9 @@ exactly the same tokens; --decode greedy lets the model choose):
   windowing  + the neurons of the last --window tokens stay cached; only new ones are read
   bundling   + the bundled layout: one read fetches a neuron's up row and down column (the
              full method)
+  lookahead  + I/O off the critical path: while a layer computes, the next layer's neurons
+             guessed from this layer's input are read, and the cached rows are computed on while
+             the rest is read (`mlx_flash.load(lookahead=True)`)
   dense      mlx-lm with the whole model in memory, float32 (when it fits in memory)
 
 The first five rows use the unbundled folder except `bundling`. The selector is the folder's
@@ -27,7 +30,9 @@ folder's predictors are shared with the unbundled one), else the exact selector 
 up/gate projection: exact, but as large as a third to a half of the FFN, so it may not fit the
 budget). Each row's selection is in its output.
 
-Writes OUT/bench_flash.json (one object per row: name, ms_per_token, io_ms, mem_ms,
+Writes OUT/bench_flash.json (one object per row: name, ms_per_token, io_ms (the time the token
+waited on reads), reader_busy_ms (the reader had a read in flight), lookahead_recall,
+lookahead_wasted_bytes_per_token, lookahead_wasted_fraction, mem_ms,
 compute_ms, selection_ms, bytes_per_token, reads_per_token, flash_mbps, peak_memory_bytes,
 peak_rss_bytes, tokens_per_s, speedup_vs_naive, ...), OUT/bench_flash.md (the table) and
 OUT/bench_flash.png (stacked bars, as the paper's Figure 1).
@@ -49,7 +54,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-ROWS = ("naive", "hybrid", "predictor", "windowing", "bundling", "dense")
+ROWS = ("naive", "hybrid", "predictor", "windowing", "bundling", "lookahead", "dense")
 DEFAULT_WINDOW = 5
 QUANT_GROUP = 64  # group size of the quantized rows' bundles (convert's default)
 OPENBLAS_HINT = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
@@ -73,6 +78,7 @@ class Row:
     layout: str  # unbundled | bundled | source
     window: int  # tokens whose neurons stay cached (flash); 0: nothing reused
     what: str
+    lookahead: bool = False
 
 
 def row_specs(window: int, quantize: tuple[int, ...] = ()) -> dict[str, Row]:
@@ -91,6 +97,14 @@ def row_specs(window: int, quantize: tuple[int, ...] = ()) -> dict[str, Row]:
         ),
         "bundling": Row(
             "bundling", "flash", "bundled", window, "+ bundled up row/down column: the full method"
+        ),
+        "lookahead": Row(
+            "lookahead",
+            "flash",
+            "bundled",
+            window,
+            "+ look-ahead reads of the next layer and compute overlapped with the reads",
+            lookahead=True,
         ),
         "dense": Row("dense", "dense", "source", 0, "mlx-lm, whole model in memory, float32"),
     }
@@ -599,6 +613,7 @@ def run_row(spec: Row, cfg: dict) -> dict:
                 selection=selection,
                 threads=cfg["threads"],
                 context=len(prompt) + len(cont) + 1,
+                lookahead=spec.lookahead,
             )
         except BudgetError as e:
             if selection != "exact":
@@ -650,6 +665,10 @@ def run_row(spec: Row, cfg: dict) -> dict:
         res.update(
             ms_per_token=s.ms_per_token,
             io_ms=s.io_ms,
+            reader_busy_ms=s.reader_busy_ms,
+            lookahead_recall=s.lookahead_recall,
+            lookahead_wasted_bytes_per_token=s.lookahead_wasted_bytes_per_token,
+            lookahead_wasted_fraction=s.lookahead_wasted_fraction,
             mem_ms=s.memory_ms,
             compute_ms=s.compute_ms,
             selection_ms=s.selection_ms,
@@ -670,6 +689,7 @@ def run_row(spec: Row, cfg: dict) -> dict:
         res.update(
             ms_per_token=res["wall_ms_per_token"],
             io_ms=0.0,
+            reader_busy_ms=0.0,
             mem_ms=0.0,
             selection_ms=0.0,
             compute_ms=res["wall_ms_per_token"],
@@ -679,7 +699,8 @@ def run_row(spec: Row, cfg: dict) -> dict:
         )
     ms = res["ms_per_token"] or float("nan")
     res["tokens_per_s"] = 1e3 / ms if ms else 0.0
-    res["flash_mbps"] = res["bytes_per_token"] / res["io_ms"] / 1e3 if res["io_ms"] > 0 else 0.0
+    busy = res["reader_busy_ms"]  # the reader's own time: with reads overlapped, I/O wait is less
+    res["flash_mbps"] = res["bytes_per_token"] / busy / 1e3 if busy > 0 else 0.0
     res["mem_share"] = res["mem_ms"] / ms if ms else 0.0
     return res
 
@@ -778,24 +799,31 @@ def fmt_table(rows: list[dict], paper: bool = True) -> str:
     from mlx_flash.budget import fmt_bytes
 
     head = (
-        "| row | selection | tokens | ms/token | I/O ms | memory mgmt ms | compute ms | selection ms | MB read/token "
-        "| reads/token | flash MB/s | peak memory (MLX) | peak RSS | tok/s | speed-up vs naive |"
+        "| row | selection | tokens | ms/token | I/O wait ms | reader busy ms | memory mgmt ms | compute ms "
+        "| selection ms | MB read/token | reads/token | flash MB/s | look-ahead recall | wasted MB/token | peak memory (MLX) | peak RSS | tok/s | speed-up vs naive |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['name']} | — | — | {r['error']} |" + " |" * 11)
+            lines.append(f"| {r['name']} | — | — | {r['error']} |" + " |" * (head.count("|") - 5))
             continue
         sp = r.get("speedup_vs_naive")
+        look = (
+            f"{100 * r['lookahead_recall']:.1f}% | {r['lookahead_wasted_bytes_per_token'] / 1e6:.2f} "
+            f"({100 * r['lookahead_wasted_fraction']:.0f}%)"
+            if r.get("lookahead_recall") or r.get("lookahead_wasted_bytes_per_token")
+            else "— | —"
+        )
         sel = (
             "—"
             if r["mode"] in ("naive", "hybrid", "dense")
             else f"{r['selection']}, " + (f"window {r['window']}" if r["window"] else "no reuse")
         )
         lines.append(
-            f"| {r['name']} | {sel} | {r['decode_tokens']} | {r['ms_per_token']:.1f} | {r['io_ms']:.1f} | {r['mem_ms']:.1f} | "
+            f"| {r['name']} | {sel} | {r['decode_tokens']} | {r['ms_per_token']:.1f} | {r['io_ms']:.1f} | "
+            f"{r.get('reader_busy_ms', 0.0):.1f} | {r['mem_ms']:.1f} | "
             f"{r['compute_ms']:.1f} | {r['selection_ms']:.1f} | {r['bytes_per_token'] / 1e6:.2f} | {r['reads_per_token']:.0f} | "
-            f"{r['flash_mbps']:.0f} | {fmt_bytes(r['peak_memory_bytes'])} | {fmt_bytes(r['peak_rss_bytes'])} | "
+            f"{r['flash_mbps']:.0f} | {look} | {fmt_bytes(r['peak_memory_bytes'])} | {fmt_bytes(r['peak_rss_bytes'])} | "
             f"{r['tokens_per_s']:.2f} | {f'{sp:.2f}x' if sp else '—'} |"
         )
     out = "\n".join(lines)
@@ -1064,7 +1092,8 @@ def run(args, rows: list[str]) -> int:
             log(f"{name}: error: {res['error']}")
         else:
             log(
-                f"{name}: {res['ms_per_token']:.1f} ms/token (I/O {res['io_ms']:.1f}, memory {res['mem_ms']:.1f}, compute "
+                f"{name}: {res['ms_per_token']:.1f} ms/token (I/O wait {res['io_ms']:.1f}, reader busy "
+                f"{res['reader_busy_ms']:.1f}, memory {res['mem_ms']:.1f}, compute "
                 f"{res['compute_ms']:.1f}, selection {res['selection_ms']:.1f}), {res['bytes_per_token'] / 1e6:.2f} MB/token, "
                 f"peak {res['peak_memory_bytes'] / 1e6:.0f} MB; {res['row_seconds']:.0f} s"
             )

@@ -76,6 +76,7 @@ def load(
     threads: int | None = None,
     context: int | None = None,
     verify: bool = False,
+    lookahead: bool = False,
     verbose: bool = False,
 ) -> tuple[nn.Module, object]:
     """Load a model with its FFN on flash; returns (model, tokenizer) like mlx_lm.load.
@@ -94,6 +95,9 @@ def load(
         changed or corrupted after load is an error (FlashChecksumError), not wrong text.
         Without it, load checks what is cheap: the manifest, each shard's size and header, and
         config.json against them.
+    lookahead: (flash mode) while a layer computes, read the next layer's neurons guessed from
+        this layer's input (its predictor or exact selector), and compute on the cached rows
+        while the rest is read; exact selection stays exact (the guess only warms the cache).
     """
     from mlx_lm.utils import load_tokenizer
 
@@ -106,6 +110,7 @@ def load(
         threads=threads,
         context=context,
         verify=verify,
+        lookahead=lookahead,
     )
     model, runtime = load_flash_model(folder, options)
     try:

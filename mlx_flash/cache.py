@@ -199,17 +199,30 @@ class NeuronCache:
         self._missing = None
         return need
 
-    def views(self) -> dict[str, mx.array]:
-        """{part: buffer[:used]}, the rows to compute on (neuron of row i: `resident_ids()[i]`)."""
-        self._check_complete()
+    def views(self, partial: bool = False) -> dict[str, mx.array]:
+        """{part: buffer[:used]}, the rows to compute on (neuron of row i: `resident_ids()[i]`).
+        partial: also while reserved rows are not inserted yet (their contents are stale: zero
+        them with `ready_mask()`, and insert nothing until what was computed is evaluated)."""
+        if not partial:
+            self._check_complete()
         return {name: buf[: self.used] for name, buf in self._buffers.items()}
 
-    def active_mask(self) -> mx.array:
+    def ready_mask(self) -> mx.array:
+        """float32 ``[used]``: 0 for the rows reserved by `begin_token` and not inserted yet, 1
+        for the others (a fresh MLX array)."""
+        ready = np.ones(self.used, np.float32)
+        if self._n_pending:
+            slots = self._slot_of[np.flatnonzero(self._pending)]
+            ready[slots] = 0.0
+        return mx.array(ready)
+
+    def active_mask(self, partial: bool = False) -> mx.array:
         """float32 ``[used]``: 1 for the rows of this token's active neurons, 0 for the rows
         kept only because an earlier token of the window used them. A lazy MLX gather (each
         row's neuron's last token, compared with this one), computed with the FFN that uses
         it: evaluate it before the next `begin_token`, like `views()`."""
-        self._check_complete()
+        if not partial:
+            self._check_complete()
         if self._mask is None:
             last = mx.take(self._last_mx, self._rows_mx[: self.used])
             self._mask = (last == self._clock).astype(mx.float32)
@@ -229,11 +242,12 @@ class NeuronCache:
         """The neuron held by each row [:used] (a copy)."""
         return self._neuron_of[: self.used].astype(np.int64)
 
-    def resident_rows(self) -> mx.array:
+    def resident_rows(self, partial: bool = False) -> mx.array:
         """int32 ``[used]``, the neuron held by each row, as an MLX view of the cache's own map
         (no copy): ``mx.take(per_neuron, cache.resident_rows())`` orders per-neuron data (a
         bias) like the rows. Evaluate what uses it before the next `begin_token`."""
-        self._check_complete()
+        if not partial:
+            self._check_complete()
         return self._rows_mx[: self.used]
 
     @property

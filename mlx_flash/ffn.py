@@ -186,6 +186,8 @@ class FlashFFN(nn.Module):
         super().__init__()
         self._state = state
         self._rt = runtime
+        self._deferred: tuple[np.ndarray, dict[str, np.ndarray]] | None = None  # rows to insert (`_finish`)
+        self._needed: int | None = None  # neurons the last decoded token missed here (look-ahead's size)
 
     # -- the public surface ---------------------------------------------------------------------
     @property
@@ -275,7 +277,10 @@ class FlashFFN(nn.Module):
                     y = y + st.down_bias
                 y = y.astype(x.dtype)
                 mx.eval(y)
+                self._finish()
             except BaseException as exc:
+                self._deferred = None
+                rt.drop_staged()
                 if st.cache is not None:
                     st.cache.clear()
                 if isinstance(exc, CacheCapacityError):
@@ -338,34 +343,121 @@ class FlashFFN(nn.Module):
         rt = self._rt
         flat = xc.reshape(-1, xc.shape[-1])
         last = flat[-rt.window :]
-        return [self._select(last[i : i + 1]) for i in range(last.shape[0])]
+        return [self._select(last[i : i + 1])[0] for i in range(last.shape[0])]
 
     # -- flash decode -----------------------------------------------------------------------
     def _decode_flash(self, x: mx.array) -> mx.array:
+        """One decoded token: select, read what the cache misses, compute on the cached rows.
+        With look-ahead, the guess of the next layer's neurons is scored in the same evaluation
+        as this layer's selection, the rows read ahead for this layer are collected, the rest is
+        read while the rows already cached are computed on, and the missing rows' share of the
+        FFN is added from the read buffer when they arrive (they enter the cache once the
+        layer's output is evaluated: `_finish`)."""
         rt, st = self._rt, self._state
         xc = x.astype(rt.compute_dtype).reshape(1, -1)
-        mx.eval(xc)  # the attention above this FFN (counted as compute)
-        t1 = time.perf_counter()
-        ids = self._select(xc)
-        t2 = time.perf_counter()
-        rt.add_time("selection", t2 - t1)
+        nxt = rt.layers[st.layer + 1] if rt.lookahead and st.layer + 1 < len(rt.layers) else None
+        guess = nxt.scores(xc) if nxt is not None else None
+        ids, guess = self._select(xc, guess)
         if len(ids) > st.cache.capacity:
+            rt.drop_staged()
             return self._decode_overflow(xc, ids).reshape(x.shape)
+        t0 = time.perf_counter()
         missing = st.cache.begin_token(ids)
-        t3 = time.perf_counter()
-        rows = rt.read_missing(st.layer, missing) if len(missing) else {}
-        t4 = time.perf_counter()
-        if len(missing):
-            st.cache.insert(missing, rows)
-        views = st.cache.views()
-        bias = mx.take(st.up_bias, st.cache.resident_rows()) if st.up_bias is not None else None
-        t5 = time.perf_counter()
-        rt.add_time("memory", (t3 - t2) + (t5 - t4))
-        rt.add_time("io", t4 - t3)
-        rt.count_token_layer(st.layer, active=len(ids), loaded=len(missing), used=st.cache.used)
-        mask = st.cache.active_mask() if rt.mask_inactive else None
-        y = ffn_block(xc, views, rt.act, bias, mask, quant=self.quantization)
+        needed = self._needed = len(missing)
+        staged = rt.take_staged(st.layer) if rt.lookahead else None
+        if staged is not None:  # the rows read ahead while the layer before computed
+            sids, srows = staged
+            pos = np.searchsorted(sids, missing)
+            hit = pos < len(sids)
+            hit[hit] = sids[pos[hit]] == missing[hit]
+            if hit.any():
+                st.cache.insert(missing[hit], {k: v[pos[hit]] for k, v in srows.items()})
+            rt.count_lookahead(
+                needed=needed, hits=int(hit.sum()), fetched=len(sids), bundle_bytes=rt.bundle_bytes
+            )
+            missing = missing[~hit]
+
+        def stage() -> None:  # after this layer's own read, so that it goes first
+            if nxt is not None:
+                t = time.perf_counter()
+                rt.stage(nxt.layer, nxt.guessed(guess, rt.lookahead_factor))
+                rt.add_time("selection", time.perf_counter() - t)  # the next layer's selection
+
+        rt.count_token_layer(st.layer, active=len(ids), loaded=needed, used=st.cache.used)
+        mask = st.cache.active_mask(partial=True) if rt.mask_inactive else None
+        bias = mx.take(st.up_bias, st.cache.resident_rows(partial=True)) if st.up_bias is not None else None
+        overlap = rt.lookahead and 0 < len(missing) <= rt.stream_block
+        if overlap:  # compute on the rows at hand while the rest is read
+            host, arrays = rt.missing_buffer()
+            future = rt.submit(st.layer, missing, host)
+            ready = st.cache.ready_mask()
+            rt.add_time("memory", time.perf_counter() - t0)
+            stage()
+            y = ffn_block(
+                xc,
+                st.cache.views(partial=True),
+                rt.act,
+                bias,
+                ready if mask is None else ready * mask,
+                quant=self.quantization,
+            )
+            mx.async_eval(y)
+            rows = future.result()
+            n = len(missing)
+            rest = {k: v[:n] for k, v in arrays.items()}
+            rbias = mx.take(st.up_bias, mx.array(missing)) if st.up_bias is not None else None
+            y = y + ffn_block(xc, rest, rt.act, rbias, quant=self.quantization)
+            self._deferred = (missing, {k: v[:n] for k, v in rows.items()})
+        else:
+            rt.add_time("memory", time.perf_counter() - t0)
+            if len(missing):
+                rows, _ = rt.read_missing(st.layer, missing)
+                t1 = time.perf_counter()
+                st.cache.insert(missing, rows)
+                rt.add_time("memory", time.perf_counter() - t1)
+            stage()
+            y = ffn_block(xc, st.cache.views(), rt.act, bias, mask, quant=self.quantization)
         return y.reshape(x.shape)
+
+    def _finish(self) -> None:
+        """After the layer's output is evaluated: the rows read this token enter the cache."""
+        if self._deferred is not None:
+            t0 = time.perf_counter()
+            ids, rows = self._deferred
+            self._deferred = None
+            self._state.cache.insert(ids, rows)
+            self._rt.add_time("memory", time.perf_counter() - t0)
+
+    def scores(self, x: mx.array) -> mx.array:
+        """Lazy per-neuron scores of this layer for an input x ([1, d]): larger means more likely
+        active, >= 0 for a neuron the selector picks (the predictor's logit minus its threshold,
+        or the exact selector's activation input)."""
+        rt, st = self._rt, self._state
+        if rt.selection == "predictor":
+            return rt.predictors.logits(st.layer, x.reshape(-1)) - rt.predictors.thresholds[st.layer]
+        q = self.quantization
+        sel = "gate" if "gate" in rt.manifest.part_names else "up"
+        parts = {f"{sel}.{k}": v for k, v in st.selector.items()} if q is not None else {sel: st.selector}
+        pre = project(x, parts, sel, q)  # the owned neurons' rows
+        if sel == "up" and st.up_bias is not None:
+            pre = pre + _range(st.up_bias, st.first, st.stop)
+        return pre.reshape(-1)
+
+    def guessed(self, scores: np.ndarray, factor: float) -> np.ndarray:
+        """The neurons to read ahead for this layer from its `scores` on the layer before's input:
+        the best-scored ones not cached, as many as `factor` times what this layer missed last
+        time (a recall-favouring cut: past the selector's own threshold), sorted."""
+        st = self._state
+        if len(scores) == st.num_neurons:  # a predictor scores every neuron: the owned ones
+            scores = scores[st.first : st.stop]
+        owned = np.arange(st.first, st.first + len(scores), dtype=np.int64)
+        cand = np.flatnonzero(st.cache.slots(owned) < 0)
+        k = int(factor * (self._needed if self._needed is not None else 0.02 * len(scores)))
+        if k <= 0 or not len(cand):
+            return np.zeros(0, np.int64)
+        if k < len(cand):
+            cand = cand[np.argpartition(-scores[cand], k - 1)[:k]]
+        return np.sort(cand).astype(np.int64) + st.first
 
     def _decode_overflow(self, xc: mx.array, ids: np.ndarray) -> mx.array:
         """A token whose active set is larger than the cache: its neurons are read in blocks
@@ -376,19 +468,33 @@ class FlashFFN(nn.Module):
         rt.count_token_layer(st.layer, active=len(ids), loaded=len(ids), used=0, overflow=True)
         return y
 
-    def _select(self, xc: mx.array) -> np.ndarray:
-        """Ids of the owned neurons this token needs: exact (the resident selector, whose rows
-        are the owned neurons') or predicted."""
+    def _select(self, xc: mx.array, guess: mx.array | None = None):
+        """(ids of the owned neurons this token needs, exact (the resident selector, whose rows
+        are the owned neurons') or predicted; the next layer's `guess` scores as numpy, or None),
+        evaluated together: one synchronisation with the host for both. selection_ms counts the
+        host's work after it; the evaluation also finishes the layer's attention, so it counts
+        as compute."""
         rt, st = self._rt, self._state
         if rt.selection == "predictor":
-            ids = rt.predict(st.layer, xc)
-            return ids[(ids >= st.first) & (ids < st.stop)] if st.stop - st.first < st.num_neurons else ids
-        q = self.quantization
-        sel = "gate" if "gate" in rt.manifest.part_names else "up"
-        parts = {f"{sel}.{k}": v for k, v in st.selector.items()} if q is not None else {sel: st.selector}
-        a = neuron_activations(xc, parts, rt.act, _range(st.up_bias, st.first, st.stop), q)
-        mx.eval(a)
-        return np.flatnonzero(np.array(a).reshape(-1)).astype(np.int64) + st.first
+            z = rt.predictors.logits(st.layer, xc.reshape(-1))
+            pick, t = z, rt.predictors.thresholds[st.layer]
+        else:
+            q = self.quantization
+            sel = "gate" if "gate" in rt.manifest.part_names else "up"
+            parts = {f"{sel}.{k}": v for k, v in st.selector.items()} if q is not None else {sel: st.selector}
+            pick, t = neuron_activations(xc, parts, rt.act, _range(st.up_bias, st.first, st.stop), q), None
+        mx.eval(pick, *([] if guess is None else [guess]))
+        t1 = time.perf_counter()  # the evaluation above finished the attention too: counted as compute
+        a = np.array(pick).reshape(-1)
+        if t is not None:  # predicted: every neuron scored, the owned ones kept
+            ids = np.flatnonzero(a >= t).astype(np.int64)
+            if st.stop - st.first < st.num_neurons:
+                ids = ids[(ids >= st.first) & (ids < st.stop)]
+        else:
+            ids = np.flatnonzero(a).astype(np.int64) + st.first
+        g = np.array(guess) if guess is not None else None
+        rt.add_time("selection", time.perf_counter() - t1)
+        return ids, g
 
 
 def _range(a: mx.array | None, lo: int, hi: int) -> mx.array | None:

@@ -46,6 +46,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--verify", action="store_true", help="check every checksum of the flash folder before loading"
     )
+    p.add_argument(
+        "--lookahead",
+        action="store_true",
+        help="read each next layer's guessed neurons while a layer computes (flash mode; exact stays exact)",
+    )
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
 
@@ -65,19 +70,21 @@ def load_from_args(args: argparse.Namespace):
         threads=args.threads,
         context=args.context,
         verify=args.verify,
+        lookahead=getattr(args, "lookahead", False),
         verbose=getattr(args, "stats", False),
     )
 
 
 def format_pass(i: int, r) -> str:
     return (
-        f"{i:5d} {r.wall_ms:9.2f} {r.selection_ms:9.2f} {r.io_ms:9.2f} {r.memory_ms:9.2f} {r.compute_ms:9.2f} "
+        f"{i:5d} {r.wall_ms:9.2f} {r.selection_ms:9.2f} {r.io_ms:9.2f} {r.reader_busy_ms:9.2f} {r.memory_ms:9.2f} "
+        f"{r.compute_ms:9.2f} "
         f"{r.bytes_read / 1e3:10.1f} {r.reads:6d} {r.neurons_loaded:7d} {100 * r.window_hit_rate:6.1f}"
     )
 
 
 PASS_HEADER = (
-    f"{'token':>5s} {'total ms':>9s} {'select':>9s} {'I/O wait':>9s} {'cache':>9s} {'compute':>9s} "
+    f"{'token':>5s} {'total ms':>9s} {'select':>9s} {'I/O wait':>9s} {'reader':>9s} {'cache':>9s} {'compute':>9s} "
     f"{'KB read':>10s} {'reads':>6s} {'loaded':>7s} {'hit %':>6s}"
 )
 

@@ -165,7 +165,8 @@ def flash_usage(model) -> dict:
     return {
         "bytes_read": sum(r.bytes_read for r in records),
         "reads": sum(r.reads for r in records),
-        "io_ms": round(sum(r.io_ms for r in records), 3),
+        "io_ms": round(sum(r.io_ms for r in records), 3),  # the tokens waited on reads
+        "reader_busy_ms": round(sum(r.reader_busy_ms for r in records), 3),  # reads in flight
         "cache_hit_rate": round(s.window_hit_rate, 4),  # active neurons already in memory (decode)
         "decode_passes": s.decode_tokens,
         "ms_per_token": round(s.ms_per_token, 3),

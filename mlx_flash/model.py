@@ -52,6 +52,7 @@ class FlashOptions:
     context: int | None = None  # tokens of KV cache the plan reserves
     verify: bool = False
     shard: Shard | None = None  # this process's part of each layer's neurons; None: the launch's
+    lookahead: bool = False  # flash decode: read ahead the next layer's guessed neurons (see ffn.py)
 
 
 def compute_dtype_for(flash_dtype: str) -> mx.Dtype:
@@ -252,6 +253,8 @@ def load_flash_model(
             st = _layer_state(i, manifest, reader, runtime, biases)
             layer.mlp = FlashFFN(st, runtime)
         load_dense_weights(model, config, weights, folder / manifest.dense_file)
+        runtime.layers = [layer.mlp for layer in layers]
+        runtime.lookahead = options.lookahead and mode == "flash"
         mx.eval([a for l in layers for a in l.mlp.resident_arrays()])
     except BaseException:
         reader.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -30,6 +31,19 @@ class NeuronBlock(NamedTuple):
     ids: np.ndarray
     host: dict[str, np.ndarray]
     rows: dict[str, mx.array]
+
+
+LOOKAHEAD_START = 1.5  # guessed rows read per row the layer missed last time, to begin with
+LOOKAHEAD_WASTE_CAP = 0.25  # wasted look-ahead bytes stay under this share of the bytes read
+
+
+@dataclass
+class Staged:
+    """A look-ahead read: layer, the guessed ids (sorted) and the future of their rows."""
+
+    layer: int
+    ids: np.ndarray
+    future: ReadFuture
 
 
 class FlashRuntime:
@@ -57,13 +71,19 @@ class FlashRuntime:
         self.shard = shard or Shard()  # this process's part of each layer's neurons (distributed.py)
         first, stop = self.shard.neurons(manifest.layers[0].num_neurons)
         self.stream_block = stream_block_neurons(stop - first)
+        self.bundle_bytes = manifest.layers[0].bundle_bytes  # bytes of one neuron on flash
         self.records: list[PassStats] = []
         self._current: PassStats | None = None
         self._pass_start = 0.0
         self._layers_seen = 0
         self.predictors = None  # set when predictor selection is loaded
         self.mask_inactive = False  # zero cached neurons not selected for this token (non-ReLU predictors)
-        self._scratch: dict[str, np.ndarray] | None = None  # reused by read_missing
+        self.lookahead = False  # read layer l+1's guessed neurons while layer l computes (see ffn.py)
+        self.layers: list = []  # the FlashFFN of each layer (set at load)
+        self.lookahead_factor = LOOKAHEAD_START  # guessed rows per missing row, kept under the waste cap
+        self._staged: Staged | None = None  # the look-ahead read in flight (one at a time)
+        self._busy: list[tuple[float, float]] = []  # this pass's read requests (submit, done) times
+        self._busy_lock = threading.Lock()
         self._stream_buffers: list[
             tuple[dict[str, np.ndarray], dict[str, mx.array]]
         ] = []  # see stream_blocks
@@ -87,12 +107,32 @@ class FlashRuntime:
         io = self.reader.stats.take()
         cur.bytes_read = sum(s.bytes_read for s in io.values())
         cur.reads = sum(s.reads for s in io.values())
+        cur.io_ms = 1e3 * sum(s.wait_seconds for s in io.values())  # the reader's clock of waiting callers
+        with self._busy_lock:
+            spans, self._busy = sorted(self._busy), []
+        cur.reader_busy_ms = 1e3 * _union_seconds(spans, self._pass_start)
         self.records.append(cur)
         self._current = None
 
     def add_time(self, key: str, seconds: float) -> None:
         if self._current is not None:
             setattr(self._current, f"{key}_ms", getattr(self._current, f"{key}_ms") + seconds * 1e3)
+
+    def count_lookahead(self, *, needed: int, hits: int, fetched: int, bundle_bytes: int) -> None:
+        """A layer's look-ahead outcome: of `needed` missing neurons, `hits` had been read ahead,
+        of `fetched` read ahead; the rest of `fetched` was wasted. Adapts the look-ahead's size
+        so that the waste stays under LOOKAHEAD_WASTE_CAP of the bytes read."""
+        cur = self._current
+        if cur is not None:
+            cur.lookahead_needed += needed
+            cur.lookahead_hits += hits
+            cur.lookahead_rows += fetched
+            cur.lookahead_wasted_bytes += (fetched - hits) * bundle_bytes
+        read = needed + fetched - hits  # rows read for this layer: the misses, and everything guessed
+        waste = (fetched - hits) / read if read else 0.0
+        target = 0.8 * LOOKAHEAD_WASTE_CAP
+        self.lookahead_factor *= 0.85 if waste > target else 1.05
+        self.lookahead_factor = min(max(self.lookahead_factor, 0.05), 8.0)
 
     def count_token_layer(
         self, layer: int, *, active: int, loaded: int, used: int, overflow: bool = False
@@ -138,15 +178,67 @@ class FlashRuntime:
         return y
 
     # -- streaming ----------------------------------------------------------------------------
-    def read_missing(self, layer: int, ids: np.ndarray) -> dict[str, np.ndarray]:
-        """A decoded token's missing neurons, read into one buffer reused from token to token
-        (fresh outputs cost page faults); the rows are valid until the next call."""
-        n = len(ids)
-        if n > self.stream_block:
-            return self.reader.read(layer, ids, raw=True)
-        if self._scratch is None:
-            self._scratch = self.reader.empty_rows(self.stream_block, raw=True)
-        return self.reader.read(layer, ids, out={k: v[:n] for k, v in self._scratch.items()}, raw=True)
+    def submit(
+        self, layer: int, ids: np.ndarray, into: dict[str, np.ndarray] | None = None, raw: bool = True
+    ) -> ReadFuture:
+        """Start reading neurons `ids` of a layer (into the first rows of the buffers `into`, else
+        fresh memory); every read of the token path goes through here, so that the reader's busy
+        time (the union of its requests' lifetimes, timed by the reader's completion) is known."""
+        out = None if into is None else {k: v[: len(ids)] for k, v in into.items()}
+        t0 = time.perf_counter()
+        future = self.reader.submit(layer, ids, out=out, raw=raw)
+
+        def done(_f, t0=t0) -> None:
+            with self._busy_lock:
+                self._busy.append((t0, time.perf_counter()))
+
+        future.add_done_callback(done)
+        return future
+
+    def missing_buffer(self) -> tuple[dict[str, np.ndarray], dict[str, mx.array]]:
+        """The buffer a decoded token's missing rows are read into (numpy and MLX views of it):
+        the first streaming buffer, idle while decoding; `stream_block` rows."""
+        return self._streaming_buffers()[0]
+
+    def read_missing(
+        self, layer: int, ids: np.ndarray
+    ) -> tuple[dict[str, np.ndarray], dict[str, mx.array] | None]:
+        """Read a decoded token's missing neurons now: (numpy rows, MLX rows over the same
+        memory or None), in the missing buffer when they fit (valid until the next read)."""
+        if len(ids) > self.stream_block:
+            return self.submit(layer, ids).result(), None
+        host, arrays = self.missing_buffer()
+        rows = self.submit(layer, ids, host).result()
+        return rows, {k: v[: len(ids)] for k, v in arrays.items()}
+
+    # -- look-ahead ---------------------------------------------------------------------------
+    def stage(self, layer: int, ids: np.ndarray) -> None:
+        """Start reading layer `layer`'s guessed neurons `ids` (sorted) into the look-ahead buffer
+        (the second streaming buffer); `take_staged(layer)` collects them."""
+        self.drop_staged()
+        ids = ids[: self.stream_block]
+        if len(ids):
+            self._staged = Staged(layer, ids, self.submit(layer, ids, self._streaming_buffers()[1][0]))
+
+    def take_staged(self, layer: int) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
+        """The look-ahead rows of `layer` (ids, numpy rows, valid until the next `stage`), waiting
+        for them if still in flight; None (and anything staged for another layer dropped) when
+        there are none."""
+        st = self._staged
+        if st is None or st.layer != layer:
+            self.drop_staged()
+            return None
+        self._staged = None
+        return st.ids, st.future.result()
+
+    def drop_staged(self) -> None:
+        """Forget the look-ahead read, once it has landed (its buffer is reused next)."""
+        st, self._staged = self._staged, None
+        if st is not None:
+            try:
+                st.future.result()
+            except BaseException:  # noqa: BLE001 - a guess's failure is nobody's error
+                pass
 
     def stream_blocks(self, layer: int, ids: np.ndarray, *, floats: bool = False) -> Iterator[NeuronBlock]:
         """Neurons `ids` of a layer in blocks of the streaming buffer's size, as `NeuronBlock`s
@@ -159,24 +251,20 @@ class FlashRuntime:
         whatever it computed from a block before asking for the next one: the read of block i+1
         goes into the buffer of block i-1. Rows are the stored fields in a quantized folder;
         `floats`: float32 rows instead (read into fresh memory, then copied into MLX)."""
+        self.drop_staged()  # the look-ahead's buffer is the second streaming buffer
         dequantize = floats and self.manifest.quantized
         buffers = None if dequantize else self._streaming_buffers()
         blocks = [ids[i : i + self.stream_block] for i in range(0, len(ids), self.stream_block)]
 
         def submit(i: int) -> ReadFuture:
             if buffers is None:
-                return self.reader.submit(layer, blocks[i])
-            host = buffers[i % 2][0]
-            return self.reader.submit(
-                layer, blocks[i], out={k: v[: len(blocks[i])] for k, v in host.items()}, raw=True
-            )
+                return self.submit(layer, blocks[i], raw=False)
+            return self.submit(layer, blocks[i], buffers[i % 2][0])
 
         pending = submit(0) if blocks else None
         try:
             for i, block in enumerate(blocks):
-                t0 = time.perf_counter()
                 rows = pending.result()
-                self.add_time("io", time.perf_counter() - t0)
                 pending = submit(i + 1) if i + 1 < len(blocks) else None
                 n = len(block)
                 if buffers is None:
@@ -215,4 +303,16 @@ class FlashRuntime:
         return self.predictors.predict(layer, x)
 
     def close(self) -> None:
+        self.drop_staged()
         self.reader.close()
+
+
+def _union_seconds(spans: list[tuple[float, float]], start: float) -> float:
+    """Total length of the union of sorted (begin, end) intervals, clipped to begin at `start`."""
+    total, hi = 0.0, start
+    for a, b in spans:
+        a = max(a, hi)
+        if b > a:
+            total += b - a
+            hi = b
+    return total

@@ -26,7 +26,7 @@ class PassStats:
     tokens: int  # tokens in this pass (1 when decoding)
     wall_ms: float = 0.0
     selection_ms: float = 0.0
-    io_ms: float = 0.0  # waiting for flash reads
+    io_ms: float = 0.0  # the token waited on flash reads (the reader's clock of blocked callers)
     memory_ms: float = 0.0  # neuron cache management
     all_sum_ms: float = 0.0  # several processes: summing the layers' outputs over the group
     bytes_read: int = 0
@@ -36,6 +36,11 @@ class PassStats:
     cache_used: int = 0  # summed over layers: cached rows the FFN computed on
     streamed_ms: float = 0.0  # compute of streamed blocks (part of compute)
     overflow_layers: int = 0  # layers whose active set exceeded the cache (read and computed in blocks)
+    reader_busy_ms: float = 0.0  # the reader had a request in flight (overlapped with compute or not)
+    lookahead_needed: int = 0  # summed over layers: missing neurons when the layer ran
+    lookahead_hits: int = 0  # of those, read ahead while the layer before computed
+    lookahead_rows: int = 0  # neurons read ahead
+    lookahead_wasted_bytes: int = 0  # read ahead and not needed
 
     @property
     def compute_ms(self) -> float:
@@ -50,8 +55,14 @@ class PassStats:
         """Fraction of this token's active neurons already in memory."""
         return 1.0 - self.neurons_loaded / self.neurons_active if self.neurons_active else 0.0
 
+    @property
+    def lookahead_recall(self) -> float:
+        """Fraction of the neurons the layers had to load that the look-ahead had read."""
+        return self.lookahead_hits / self.lookahead_needed if self.lookahead_needed else 0.0
+
     def to_json(self) -> dict:
         d = asdict(self)
+        d["lookahead_recall"] = self.lookahead_recall
         d["compute_ms"] = self.compute_ms
         d["window_hit_rate"] = self.window_hit_rate
         return d
@@ -74,6 +85,10 @@ class StatsSummary:
     prefill_tokens: int
     prefill_ms: float
     prefill_bytes: int
+    reader_busy_ms: float = 0.0
+    lookahead_recall: float = 0.0
+    lookahead_wasted_bytes_per_token: float = 0.0
+    lookahead_wasted_fraction: float = 0.0  # of the bytes read
     resident_bytes: int = 0
     peak_memory_bytes: int = 0  # MLX's allocations
     peak_rss_bytes: int = 0  # the whole process (Python, libraries, reader buffers)
@@ -102,6 +117,14 @@ class StatsSummary:
                     *((("all_sum", self.all_sum_ms),) if self.group_size > 1 else ()),
                     ("compute", self.compute_ms),
                 )
+            ),
+            f"  reader busy {self.reader_busy_ms:.1f} ms per token (I/O wait is the part the token waited for)"
+            + (
+                f"; look-ahead recall {100 * self.lookahead_recall:.1f}%, wasted "
+                f"{self.lookahead_wasted_bytes_per_token / 1e6:.2f} MB/token "
+                f"({100 * self.lookahead_wasted_fraction:.1f}% of bytes read)"
+                if self.lookahead_recall or self.lookahead_wasted_bytes_per_token
+                else ""
             ),
             f"  flash: {self.bytes_per_token / 1e6:.2f} MB in {self.reads_per_token:.0f} reads per token, "
             f"{self.neurons_loaded_per_token:.0f} neurons loaded, window hit rate {100 * self.window_hit_rate:.1f}%",
@@ -138,6 +161,9 @@ def summarize(
     def mean(key: str) -> float:
         return sum(getattr(r, key) for r in dec) / n
 
+    needed = sum(r.lookahead_needed for r in dec)
+    read = sum(r.bytes_read for r in dec)
+    wasted = sum(r.lookahead_wasted_bytes for r in dec)
     active = sum(r.neurons_active for r in dec)
     loaded = sum(r.neurons_loaded for r in dec)
     return StatsSummary(
@@ -152,6 +178,10 @@ def summarize(
         reads_per_token=mean("reads"),
         neurons_loaded_per_token=mean("neurons_loaded"),
         window_hit_rate=1.0 - loaded / active if active else 0.0,
+        reader_busy_ms=mean("reader_busy_ms"),
+        lookahead_recall=sum(r.lookahead_hits for r in dec) / needed if needed else 0.0,
+        lookahead_wasted_bytes_per_token=mean("lookahead_wasted_bytes"),
+        lookahead_wasted_fraction=wasted / read if read else 0.0,
         prefill_tokens=sum(r.tokens for r in pre),
         prefill_ms=sum(r.wall_ms for r in pre),
         prefill_bytes=sum(r.bytes_read for r in pre),

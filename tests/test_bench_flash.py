@@ -17,6 +17,7 @@ KEYS = (
     "name",
     "ms_per_token",
     "io_ms",
+    "reader_busy_ms",
     "mem_ms",
     "compute_ms",
     "selection_ms",
@@ -83,6 +84,9 @@ def test_every_row_end_to_end(tiny, tmp_path):
     assert rows["windowing"]["window_hit_rate"] > 0.3 and rows["predictor"]["window_hit_rate"] == 0
     assert rows["bundling"]["reads_per_token"] < rows["windowing"]["reads_per_token"]
     assert rows["bundling"]["selection"] == "exact"  # no predictors trained in this folder
+    la = rows["lookahead"]  # the same tokens as bundling, teacher-forced, with what the look-ahead did
+    assert la["selection"] == "exact" and la["tokens_match_text"] and la["reader_busy_ms"] > 0
+    assert 0 < la["lookahead_recall"] <= 1 and la["lookahead_wasted_fraction"] <= 0.25 + 1e-9
     assert rows["naive"]["speedup_vs_naive"] == 1.0
     flash_budget = rows["bundling"]["budget_bytes"]
     assert rows["bundling"]["plan_bytes"] <= flash_budget

@@ -67,6 +67,7 @@ def test_modes_equal_dense(family):
         dict(mode="naive"),
         dict(mode="hybrid", memory_budget=budget_for_hybrid(folder)),
         dict(mode="flash", window=3),
+        dict(mode="flash", window=3, lookahead=True),  # look-ahead reads: the guess only warms the cache
     ]
     for kw in cases:
         model, _ = mlx_flash.load(folder, context=128, **kw)
@@ -105,6 +106,26 @@ def test_flash_under_a_tight_budget_evicts_and_stays_exact(tmp_path):
     caches = [l.mlp.cache for l in model.layers]
     assert all(c.used <= c.capacity for c in caches)
     assert any(c.stats.window_shrinks for c in caches), "the budget should have forced the window to shrink"
+    rt.close()
+
+
+def test_lookahead_under_a_tight_budget_stays_exact_and_reports(tmp_path):
+    """Look-ahead reads and compute overlapped with the reads, with a cache that evicts: the
+    greedy tokens do not change, and the stats say what the look-ahead did."""
+    src = make_tiny_model(tmp_path / "src", "opt", seed=5)
+    folder = tmp_path / "flash"
+    convert(src, folder, progress=False)
+    tok = mlx_lm.utils.load_tokenizer(src)
+    ref = greedy_tokens(load_dense(src), tok)
+    budget = budget_for_capacity(folder, 0.5)
+    model, rt = load(folder, mode="flash", window=4, memory_budget=budget, context=128, lookahead=True)
+    assert rt.lookahead and greedy_tokens(model, tok) == ref
+    s = mlx_flash.flash_stats(model)
+    assert s.reader_busy_ms > 0 and s.io_ms >= 0 and s.bytes_per_token > 0
+    assert 0 < s.lookahead_recall <= 1
+    assert s.lookahead_wasted_fraction <= 0.25 + 1e-9  # the cap: waste under a quarter of what is read
+    recs = [r for r in rt.records if not r.is_prefill]
+    assert sum(r.lookahead_rows for r in recs) > 0 and "look-ahead recall" in s.format()
     rt.close()
 
 
