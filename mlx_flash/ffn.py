@@ -359,17 +359,17 @@ class FlashFFN(nn.Module):
         guess = nxt.scores(xc) if nxt is not None else None
         ids, guess = self._select(xc, guess)
         if len(ids) > st.cache.capacity:
-            rt.drop_staged()
-            return self._decode_overflow(xc, ids).reshape(x.shape)
+            y = self._decode_overflow(xc, ids)
+            if nxt is not None:  # after the streaming, which used the look-ahead's buffer
+                rt.stage(nxt.layer, nxt.guessed(guess, rt.lookahead_factor))
+            return y.reshape(x.shape)
         t0 = time.perf_counter()
         missing = st.cache.begin_token(ids)
         needed = self._needed = len(missing)
         staged = rt.take_staged(st.layer) if rt.lookahead else None
         if staged is not None:  # the rows read ahead while the layer before computed
-            sids, srows = staged
-            pos = np.searchsorted(sids, missing)
-            hit = pos < len(sids)
-            hit[hit] = sids[pos[hit]] == missing[hit]
+            sids, srows, _ = staged
+            hit, pos = _found(sids, missing)
             if hit.any():
                 st.cache.insert(missing[hit], {k: v[pos[hit]] for k, v in srows.items()})
             rt.count_lookahead(
@@ -462,11 +462,31 @@ class FlashFFN(nn.Module):
     def _decode_overflow(self, xc: mx.array, ids: np.ndarray) -> mx.array:
         """A token whose active set is larger than the cache: its neurons are read in blocks
         of the streaming buffer's size and computed block by block, the cache left as it is.
-        Slower (nothing is reused), never wrong, and within the memory plan."""
+        Slower (nothing is reused), never wrong, and within the memory plan. With look-ahead,
+        the neurons read ahead are computed from the look-ahead's buffer first (evaluated: the
+        streaming reuses that buffer) and only the rest is streamed."""
         rt, st = self._rt, self._state
-        y = self._computed_blocks(xc, rt.stream_blocks(st.layer, ids))
+        self._needed = len(ids)
+        staged = rt.take_staged(st.layer) if rt.lookahead else None
+        y = None
+        if staged is not None:
+            sids, _, srows = staged
+            hit, pos = _found(sids, ids)
+            if hit.any():
+                p = mx.array(pos[hit])
+                parts = {k: mx.take(v, p, axis=0) for k, v in srows.items()}
+                bias = mx.take(st.up_bias, mx.array(ids[hit])) if st.up_bias is not None else None
+                y = ffn_block(xc, parts, rt.act, bias, quant=self.quantization)
+                mx.eval(y)
+            rt.count_lookahead(
+                needed=len(ids), hits=int(hit.sum()), fetched=len(sids), bundle_bytes=rt.bundle_bytes
+            )
+            ids_left = ids[~hit]
+        else:
+            ids_left = ids
+        rest = self._computed_blocks(xc, rt.stream_blocks(st.layer, ids_left))
         rt.count_token_layer(st.layer, active=len(ids), loaded=len(ids), used=0, overflow=True)
-        return y
+        return rest if y is None else y + rest
 
     def _select(self, xc: mx.array, guess: mx.array | None = None):
         """(ids of the owned neurons this token needs, exact (the resident selector, whose rows
@@ -495,6 +515,14 @@ class FlashFFN(nn.Module):
         g = np.array(guess) if guess is not None else None
         rt.add_time("selection", time.perf_counter() - t1)
         return ids, g
+
+
+def _found(sorted_ids: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(bool mask of the `ids` that are in `sorted_ids`, their positions there)."""
+    pos = np.searchsorted(sorted_ids, ids)
+    hit = pos < len(sorted_ids)
+    hit[hit] = sorted_ids[pos[hit]] == ids[hit]
+    return hit, pos
 
 
 def _range(a: mx.array | None, lo: int, hi: int) -> mx.array | None:

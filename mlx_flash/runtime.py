@@ -220,16 +220,17 @@ class FlashRuntime:
         if len(ids):
             self._staged = Staged(layer, ids, self.submit(layer, ids, self._streaming_buffers()[1][0]))
 
-    def take_staged(self, layer: int) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
-        """The look-ahead rows of `layer` (ids, numpy rows, valid until the next `stage`), waiting
-        for them if still in flight; None (and anything staged for another layer dropped) when
-        there are none."""
+    def take_staged(self, layer: int) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, mx.array]] | None:
+        """The look-ahead rows of `layer` (ids, numpy rows, MLX rows over the same memory; valid
+        until the buffer is next read into), waiting for them if still in flight; None (and
+        anything staged for another layer dropped) when there are none."""
         st = self._staged
         if st is None or st.layer != layer:
             self.drop_staged()
             return None
         self._staged = None
-        return st.ids, st.future.result()
+        rows = st.future.result()
+        return st.ids, rows, {k: v[: len(st.ids)] for k, v in self._streaming_buffers()[1][1].items()}
 
     def drop_staged(self) -> None:
         """Forget the look-ahead read, once it has landed (its buffer is reused next)."""
