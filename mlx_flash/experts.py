@@ -34,46 +34,13 @@ import numpy as np
 from .cache import host_writable_buffer
 from .dtypes import to_float32
 from .errors import MlxFlashError
+from .expert_policies import POLICIES, EvictionPolicy, LRUPolicy, SlotMap
 from .layout import DTYPE_TO_ST, ExpertLayer
 from .reader import FlashReader, FlashReadError, ReadFuture
 
 
 class ExpertChecksumError(FlashReadError, MlxFlashError):
     """An expert read from flash does not match its checksum in the manifest (verify=True)."""
-
-
-class EvictionPolicy:
-    """Which slots of a pool to overwrite. Subclasses keep whatever they need per slot."""
-
-    def __init__(self, slots: int):
-        self.slots = slots
-
-    def touch(self, slots: np.ndarray, clock: int) -> None:
-        """`slots` were used by call number `clock` of the layer."""
-
-    def victims(self, n: int, protected: np.ndarray, empty: np.ndarray) -> np.ndarray:
-        """`n` slots to overwrite: none where `protected` (used by the current call); slots
-        where `empty` (holding no expert) first."""
-        raise NotImplementedError
-
-
-class LRUPolicy(EvictionPolicy):
-    """Least recently used first."""
-
-    def __init__(self, slots: int):
-        super().__init__(slots)
-        self.last = np.full(slots, -1, dtype=np.int64)
-
-    def touch(self, slots: np.ndarray, clock: int) -> None:
-        self.last[slots] = clock
-
-    def victims(self, n: int, protected: np.ndarray, empty: np.ndarray) -> np.ndarray:
-        free = np.flatnonzero(~protected)
-        key = np.where(empty[free], -2, self.last[free])
-        return free[np.argsort(key, kind="stable")[:n]]
-
-
-POLICIES = {"lru": LRUPolicy}
 
 
 @dataclass
@@ -100,20 +67,18 @@ class Plan:
     slots: np.ndarray  # slot of each missing expert
 
 
-class ExpertPool:
-    """The resident experts of one MoE layer (see the module docstring)."""
+class ExpertPool(SlotMap):
+    """The resident experts of one MoE layer (see the module docstring): the slot map of
+    `expert_policies.SlotMap` with the slots' buffers and the layer's hit/miss counts."""
 
     def __init__(
         self, entry: ExpertLayer, slots: int, compute_dtype: mx.Dtype, policy: EvictionPolicy | None = None
     ):
         if not 1 <= slots <= entry.num_experts:
             raise ValueError(f"slots must lie in [1, {entry.num_experts}], got {slots}")
+        super().__init__(entry.num_experts, slots, policy or LRUPolicy(slots))
         self.entry = entry
         self.slots = slots
-        self.slot_of = np.full(entry.num_experts, -1, dtype=np.int64)
-        self.expert_of = np.full(slots, -1, dtype=np.int64)
-        self.policy = policy or LRUPolicy(slots)
-        self.clock = 0
         self.stats = LayerExpertStats()
         pool_float = np.float32 if compute_dtype == mx.float32 else np.float16
         self.buffers: dict[str, mx.array] = {}
@@ -133,19 +98,7 @@ class ExpertPool:
     def plan(self, needed: np.ndarray) -> Plan:
         """Slots for the experts `needed` (sorted, unique) of one call: the resident ones are
         hits; each missing one gets a slot no needed expert holds (evicting its expert)."""
-        if len(needed) > self.slots:
-            raise ValueError(f"{len(needed)} experts do not fit in a pool of {self.slots} slots")
-        self.clock += 1
-        have = self.slot_of[needed]
-        missing = needed[have < 0]
-        protected = np.zeros(self.slots, dtype=bool)
-        protected[have[have >= 0]] = True
-        slots = self.policy.victims(len(missing), protected, self.expert_of < 0)
-        old = self.expert_of[slots]
-        self.slot_of[old[old >= 0]] = -1
-        self.expert_of[slots] = missing
-        self.slot_of[missing] = slots
-        self.policy.touch(self.slot_of[needed], self.clock)
+        missing, slots = super().plan(needed)
         s = self.stats
         s.calls += 1
         s.needed += len(needed)

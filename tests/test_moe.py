@@ -16,7 +16,8 @@ import mlx_flash
 from mlx_flash import layout
 from mlx_flash.budget import BudgetError
 from mlx_flash.convert import convert
-from mlx_flash.experts import ExpertChecksumError, LRUPolicy
+from mlx_flash.expert_policies import LRUPolicy
+from mlx_flash.experts import ExpertChecksumError
 from mlx_flash.model import load_dense
 from mlx_flash.switch import split_tokens
 
