@@ -96,5 +96,10 @@ def _read_line(prompt: str) -> str | None:
         return None
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `mlx-flash-chat` command: main() with errors as one line and an exit status."""
     sys.exit(run_cli(main, prog="mlx_flash.chat"))
+
+
+if __name__ == "__main__":
+    cli()

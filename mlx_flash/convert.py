@@ -805,5 +805,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `mlx-flash-convert` command: main() with errors as one line and an exit status."""
     sys.exit(run_cli(main, prog="mlx_flash.convert"))
+
+
+if __name__ == "__main__":
+    cli()

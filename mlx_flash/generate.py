@@ -122,5 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `mlx-flash-generate` command: main() with errors as one line and an exit status."""
     sys.exit(run_cli(main, prog="mlx_flash.generate"))
+
+
+if __name__ == "__main__":
+    cli()
