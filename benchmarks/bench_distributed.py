@@ -79,12 +79,16 @@ def measure(
         "all_sum_ms": s.all_sum_ms,
         "compute_ms": s.compute_ms,
         "prefill_bytes": s.prefill_bytes,
+        "bytes_total": s.prefill_bytes + round(s.bytes_per_token * s.decode_tokens),  # the whole run's
         "plan_bytes": s.resident_bytes,
         "peak_memory_bytes": s.peak_memory_bytes,
         "peak_rss_bytes": s.peak_rss_bytes,
         "load_s": load_s,
         "device": str(mx.default_device()),
     }
+    if "experts" in s.extra:  # MoE: this rank's experts (of each layer's) and their pools' slots
+        ex = s.extra["experts"]
+        res["experts"] = {k: ex[k] for k in ("owned", "experts", "slots", "hit_rate", "bytes_read")}
     if res["size"] > 1:
         res["all_sum_alone_us"] = all_sum_latency_us(m.flash.shard, m.flash.manifest.hidden_size)
     m.flash.close()

@@ -7,6 +7,16 @@ selects only those, computes its partial FFN output (the FFN is a sum over neuro
 every rank. Attention, embeddings and norms are replicated: every rank runs the whole model
 and samples the same token. Each rank's memory budget is its own (see `model.py`).
 
+A mixture-of-experts model shares each MoE layer's routed experts instead (`Shard.experts`:
+rank r owns experts r, r + N, r + 2N, ...): a rank reads and caches only its own experts, its
+expert pools are planned for them, and `switch.FlashSwitch` computes the routed output
+``[..., k, hidden]`` with the (token, k) entries of experts it does not own set to zero
+(`owned_entries`), then sums it over the group. Every entry is owned by exactly one rank and
+x + 0 = x exactly, so each rank gets, bit for bit, the output one process computes; the
+family's own code (scores, the weighted sum over k, shared experts) runs after it unchanged.
+Summing after the family's weighted sum would send k times less but is not exact (the ranks'
+partial sums over k, added, round differently from one sum over k) and needs the family's code.
+
 One process (no launcher, or N = 1) is the group of one: nothing is shared and nothing is
 summed. What a program does once for the group (printing, reading a terminal) it does on the
 primary rank (`is_primary`); a line typed on rank 0 reaches the others with `broadcast_text`.
@@ -33,6 +43,20 @@ class Shard:
         """The [first, stop) neurons of a layer this rank owns: contiguous, as even as they
         divide (rank r: r * n // size up to (r + 1) * n // size)."""
         return self.rank * num_neurons // self.size, (self.rank + 1) * num_neurons // self.size
+
+    def experts(self, num_experts: int) -> np.ndarray:
+        """The experts of an MoE layer this rank owns, sorted: every `size`-th one from `rank`
+        (interleaved, so that each rank's share stays even however experts' ids are grouped)."""
+        return np.arange(self.rank, num_experts, self.size, dtype=np.int64)
+
+    def owned_entries(self, ids: np.ndarray, num_experts: int) -> np.ndarray | None:
+        """Which entries of the router's expert ids `ids` (of a layer of `num_experts`) this rank
+        computes: a bool array of their shape; None for one process (every entry)."""
+        if self.size == 1:
+            return None
+        mine = np.zeros(num_experts, dtype=bool)
+        mine[self.experts(num_experts)] = True
+        return mine[ids]
 
     def all_sum(self, y: mx.array) -> mx.array:
         """y summed over the group (lazy: evaluated with what uses it); y itself for one process."""

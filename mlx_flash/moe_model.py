@@ -10,6 +10,7 @@ mlx-lm loads a model. Slots per layer come from the budget planner (`budget.plan
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.nn as nn
@@ -17,6 +18,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from . import layout
 from .budget import ExpertSizes, parse_budget, plan_experts
+from .distributed import process_shard
 from .errors import MlxFlashError
 from .expert_convert import switch_modules
 from .experts import ExpertCache, ExpertPool
@@ -39,6 +41,7 @@ class ExpertRuntime(FlashRuntime):
         s = super().stats()
         s.extra.pop("window", None)
         s.extra["experts"] = self.experts.summary()
+        s.extra["experts"]["owned"] = len(self.shard.experts(s.extra["experts"]["experts"]))  # this rank's
         return s
 
     def reset_stats(self) -> None:
@@ -115,6 +118,20 @@ def load_moe_model(folder: Path, manifest: layout.Manifest, options) -> tuple[nn
     )
     if k > first.num_experts:
         raise layout.FlashFormatError(f"{folder}: num_experts_per_tok {k} > {first.num_experts} experts")
+    shard = options.shard or process_shard()
+    owned = len(shard.experts(first.num_experts))
+    if owned == 0:
+        raise MlxFlashError(
+            f"{shard.size} processes share {first.num_experts} experts a layer: rank {shard.rank} would own none; "
+            "launch fewer processes"
+        )
+    if owned < first.num_experts:  # the plan is of this rank's memory: its own experts only
+        sizes = replace(
+            sizes,
+            num_experts=owned,
+            experts_per_token=min(k, owned),
+            stage_experts=min(owned, sizes.stage_experts),
+        )
     context = _context(config, options.context)
     plan = plan_experts(
         sizes, budget_bytes=parse_budget(options.memory_budget, sizes.model_bytes), context=context
@@ -131,6 +148,7 @@ def load_moe_model(folder: Path, manifest: layout.Manifest, options) -> tuple[nn
             plan=plan,
             act=None,
             compute_dtype=dtype,
+            shard=shard,
         )
         cache = ExpertCache(
             manifest.experts,

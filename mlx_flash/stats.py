@@ -136,8 +136,10 @@ class StatsSummary:
             )
         ex = self.extra.get("experts")
         if ex:
+            mine = ex.get("owned", ex["experts"])
+            of = f"this rank's {mine} (of {ex['experts']})" if mine < ex["experts"] else f"{ex['experts']}"
             lines.append(
-                f"  experts: {ex['slots']} of {ex['experts']} per layer in memory, hit rate {100 * ex['hit_rate']:.1f}% "
+                f"  experts: {ex['slots']} of {of} per layer in memory, hit rate {100 * ex['hit_rate']:.1f}% "
                 f"({ex['hits']} hits, {ex['misses']} misses, {ex['bytes_read'] / 1e6:.1f} MB read, prefill included)"
             )
         if self.prefill_tokens:

@@ -13,6 +13,11 @@ once per layer, not once per token. When a call needs more distinct experts than
 slots, its tokens are split, in order, into parts whose experts fit; each part is computed and
 evaluated before the next one overwrites slots (still exact: a token's output depends on its own
 experts only).
+
+Under ``mlx.launch`` (`distributed.Shard`), a rank reads and caches only its own experts; the
+(token, k) entries of the others' experts are computed on slot 0 and replaced by zeros, and one
+all_sum of the ``[..., k, hidden]`` output gives every rank one process's output exactly (the
+same kernels on the same shapes; the matmuls are not shared, the reads and the memory are).
 """
 
 from __future__ import annotations
@@ -51,35 +56,48 @@ class FlashSwitch(nn.Module):
             ids = np.array(indices).reshape(tokens, k).astype(np.int64)  # evaluates the router
             rt.add_time("selection", time.perf_counter() - t0)
             pool = cache.pools[self.moe_layer]
-            parts = split_tokens(ids, pool.slots)
+            # Under mlx.launch: only this rank's experts (distributed.py); -1 marks the others'.
+            mine = rt.shard.owned_entries(ids, pool.entry.num_experts)
+            own = ids if mine is None else np.where(mine, ids, -1)
+            parts = split_tokens(own, pool.slots)
             outs = []
             xs = x.reshape(tokens, x.shape[-1]) if len(parts) > 1 else x
             for lo, hi in parts:
-                needed = np.unique(ids[lo:hi])
+                needed = np.unique(own[lo:hi])
+                needed = needed[needed >= 0]
                 plan = cache.fetch(self.moe_layer, needed, rt.add_time)
                 rt.count_token_layer(
                     self.moe_layer, active=len(needed), loaded=len(plan.missing), used=pool.resident
                 )
-                slots = mx.array(pool.slot_of[ids[lo:hi]].astype(np.uint32))
+                # Another rank's expert computes on slot 0, its result dropped below.
+                slots = mx.array(np.maximum(pool.slot_of[ids[lo:hi]], 0).astype(np.uint32))
                 if len(parts) == 1:
-                    return self._inner(x, slots.reshape(indices.shape))
+                    return self._group_sum(self._inner(x, slots.reshape(indices.shape)), mine)
                 y = self._inner(xs[lo:hi], slots)
                 mx.eval(y)  # the next part may overwrite the slots this one computed on
                 outs.append(y)
-            return mx.concatenate(outs, axis=0).reshape(*lead, k, -1)
+            return self._group_sum(mx.concatenate(outs, axis=0).reshape(*lead, k, -1), mine)
+
+    def _group_sum(self, y: mx.array, mine: np.ndarray | None) -> mx.array:
+        """One process: y. A rank of a group: its own (token, k) entries of y, zeros elsewhere,
+        summed over the group (each entry owned by one rank: exactly one process's y)."""
+        if mine is None:
+            return y
+        keep = mx.array(mine.reshape(*y.shape[:-1], 1))
+        return self._runtime.all_sum(mx.where(keep, y, mx.zeros((), dtype=y.dtype)))
 
 
 def split_tokens(ids: np.ndarray, slots: int) -> list[tuple[int, int]]:
-    """Token ranges [lo, hi) of `ids` ([tokens, k] expert ids), in order, each needing at most
-    `slots` distinct experts (one range when all fit)."""
-    if len(np.unique(ids)) <= slots:
+    """Token ranges [lo, hi) of `ids` ([tokens, k] expert ids; -1: another rank's expert, not
+    counted), in order, each needing at most `slots` distinct experts (one range when all fit)."""
+    if len(np.unique(ids[ids >= 0])) <= slots:
         return [(0, len(ids))]
     parts, lo, seen = [], 0, set()
     for t, row in enumerate(ids.tolist()):
-        grown = seen.union(row)
+        grown = seen.union(e for e in row if e >= 0)
         if len(grown) > slots:
             parts.append((lo, t))
-            lo, grown = t, set(row)
+            lo, grown = t, {e for e in row if e >= 0}
         seen = grown
     parts.append((lo, len(ids)))
     return parts

@@ -1,10 +1,10 @@
 """Several processes sharing each FlashFFN layer's neurons (mlx_flash/distributed.py).
 
-In one process: the shards of a layer cover its neurons once, and the partial outputs of two
-shards add up to the layer's output in every mode. Under `mlx.launch -n 2 --backend ring` on
-this machine (benchmarks/bench_distributed.py's launcher): the demo model and tiny dense models
-give both ranks the greedy tokens of one process, and each rank reads about half of one
-process's bytes per token; the ranks convert the demo model into one fresh cache at once
+In one process: the shards of a layer cover its neurons (its experts) once, and the partial
+outputs of two shards add up to the layer's output in every mode (an MoE layer's: bit for bit). Under `mlx.launch -n 2 --backend ring` on
+this machine (benchmarks/bench_distributed.py's launcher): the demo model, tiny dense models and
+a tiny MoE model give both ranks the greedy tokens of one process, and each rank reads about
+half of one process's bytes (the MoE model: its experts' bytes); the ranks convert the demo model into one fresh cache at once
 (the conversion lock); chat prints only on rank 0."""
 
 from __future__ import annotations
@@ -61,6 +61,19 @@ def test_shards_cover_every_neuron_once(n, size):
     assert max(b - a for a, b in ranges) - min(b - a for a, b in ranges) <= 1
 
 
+@pytest.mark.parametrize("n", [1, 8, 60, 128])
+@pytest.mark.parametrize("size", [1, 2, 3, 5])
+def test_expert_shards_own_every_expert_once(n, size):
+    owned = [Shard(r, size).experts(n) for r in range(size)]
+    assert sorted(np.concatenate(owned).tolist()) == list(range(n))
+    assert max(map(len, owned)) - min(map(len, owned)) <= 1
+    ids = np.random.default_rng(n).integers(0, n, (5, 3))
+    if size > 1:
+        masks = [Shard(r, size).owned_entries(ids, n) for r in range(size)]
+        assert (sum(m.astype(int) for m in masks) == 1).all()
+        assert all(np.isin(ids[m], o).all() for m, o in zip(masks, owned))
+
+
 def test_one_process_is_the_group_of_one():
     s = Shard()
     y = mx.arange(4)
@@ -104,6 +117,54 @@ def test_two_shards_add_up_to_the_layer(tiny_llama, mode, budget):
         if budget is not None:
             assert prt.plan.total_bytes <= prt.plan.budget_bytes
         assert prt.stats().extra["group_size"] == 2
+    for _, prt in [(whole, rt), *parts]:
+        prt.close()
+
+
+def _switches(model) -> list:
+    from mlx_flash.switch import FlashSwitch
+
+    return [m for _, m in model.named_modules() if isinstance(m, FlashSwitch)]
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("budget", [None, "2 slots"])
+def test_two_expert_shards_add_up_to_the_layer(tmp_path, family, budget):
+    """Rank 0's and rank 1's routed-expert outputs (each loaded alone: its all_sum that of a
+    group of one) add up to one process's, bit for bit when every expert fits, when decoding
+    and when prefilling; each rank's pools hold only its own experts. With a budget of 2 slots
+    for each rank's 4 experts, a prefill needs more experts than fit and is computed in parts
+    (its sum then equal to rounding: other shapes, other kernels), and the plan fits."""
+    src = make_tiny_model(tmp_path / "src", family)
+    folder = convert(src, tmp_path / "flash", progress=False) and tmp_path / "flash"
+    opts = FlashOptions(context=16)
+    whole, rt = load_flash_model(folder, opts)
+    shards = [Shard(r, 2) for r in (0, 1)]
+    if budget:
+        _, alone = load_flash_model(folder, replace(opts, shard=shards[0]))
+        p = alone.plan
+        opts = replace(opts, memory_budget=p.total_bytes - p.cache_bytes + 2 * p.neuron_bytes_all_layers)
+        alone.close()
+    parts = [load_flash_model(folder, replace(opts, shard=s)) for s in shards]
+    n, d = rt.experts.entries[0].num_experts, rt.manifest.hidden_size
+    rng = np.random.default_rng(0)
+    for tokens in (1, 1, 40, 1):
+        x = mx.array(rng.standard_normal((1, tokens, d)).astype(np.float32))
+        ids = mx.array(rng.integers(0, n, (1, tokens, 2)).astype(np.uint32))
+        for j, sw in enumerate(_switches(whole)):
+            want = np.array(sw(x, ids))
+            got = np.array(sum(_switches(m)[j](x, ids) for m, _ in parts))
+            if budget is None:
+                np.testing.assert_array_equal(got, want)
+            else:
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    for s, (_, prt) in zip(shards, parts):
+        for pool in prt.experts.pools:
+            assert set(np.flatnonzero(pool.slot_of >= 0)) <= set(s.experts(n).tolist())
+            assert pool.slots == (2 if budget else 4)
+        assert prt.stats().extra["experts"]["owned"] == 4
+        if budget:
+            assert prt.plan.total_bytes <= prt.plan.budget_bytes
     for _, prt in [(whole, rt), *parts]:
         prt.close()
 
@@ -161,6 +222,23 @@ def test_tiny_dense_models_on_two_ranks(tmp_path, model_type):
     src = make_tiny_model(tmp_path / "src", model_type, **size)
     folder = convert(src, tmp_path / "flash", progress=False) and tmp_path / "flash"
     _check_two_ranks(_one_process(str(folder)), _two_ranks(tmp_path, str(folder)))
+
+
+def test_tiny_moe_on_two_ranks(tmp_path):
+    """A tiny Qwen3-MoE (16 experts, 4 a token) under mlx.launch -n 2: both ranks decode one
+    process's greedy tokens; each reads only its own experts, so (every pool holding all its
+    experts) the ranks' expert bytes add up to exactly one process's, each about half."""
+    src = make_tiny_model(tmp_path / "src", "qwen3_moe", num_experts=16, num_experts_per_tok=4)
+    folder = convert(src, tmp_path / "flash", progress=False) and tmp_path / "flash"
+    one, two = _one_process(str(folder)), _two_ranks(tmp_path, str(folder))
+    assert [r["rank"] for r in two] == [0, 1] and all(r["size"] == 2 for r in two)
+    assert len(one["tokens"]) == TOKENS and one["experts"]["owned"] == 16
+    for r in two:
+        assert r["tokens"] == one["tokens"], f"rank {r['rank']}"
+        assert r["experts"]["owned"] == 8 and r["all_sum_ms"] > 0
+        share = r["experts"]["bytes_read"] / one["experts"]["bytes_read"]
+        assert 0.25 <= share <= 0.75, f"rank {r['rank']} reads {share:.2f} of one process's expert bytes"
+    assert sum(r["experts"]["bytes_read"] for r in two) == one["experts"]["bytes_read"]
 
 
 @pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs Linux's /proc/locks")
