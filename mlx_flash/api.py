@@ -21,6 +21,7 @@ import mlx.nn as nn
 
 from . import layout
 from .convert import conversion_lock, convert, open_source, resolve_source
+from .distributed import is_primary
 from .errors import MlxFlashError, one_line
 from .model import FlashOptions, load_flash_model
 from .runtime import FlashRuntime
@@ -46,10 +47,14 @@ def _converted_folder(source: Path, label: str) -> Path:
             else str(f.stat().st_size).encode()
         )
     out = cache_root() / f"{label}-{h.hexdigest()[:12]}"
+    # Under mlx.launch only rank 0 prints; asked before the lock: joining the group waits for
+    # every rank, and the others may be waiting for this one's lock.
+    loud = is_primary()
     with conversion_lock(out):  # another process (a rank beside this one) may be converting it
         if not layout.is_flash_folder(out):
-            print(f"mlx_flash: converting {source} into the flash folder {out} (once)", file=sys.stderr)
-            convert(source, out, overwrite=True, progress=True)
+            if loud:
+                print(f"mlx_flash: converting {source} into the flash folder {out} (once)", file=sys.stderr)
+            convert(source, out, overwrite=True, progress=loud)
     return out
 
 

@@ -25,6 +25,7 @@ primary rank (`is_primary`); a line typed on rank 0 reaches the others with `bro
 from __future__ import annotations
 
 import functools
+import pickle
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -91,19 +92,39 @@ def print_primary(*args, **kwargs) -> None:
         print(*args, **kwargs)
 
 
-def broadcast_text(text: str | None, shard: Shard | None = None) -> str | None:
-    """Rank 0's `text` on every rank (the others pass anything, e.g. None); None stays None.
-    Two all_sums: the length (-1 for None), then the UTF-8 bytes (zeros from other ranks)."""
+def broadcast_bytes(data: bytes | None, shard: Shard | None = None) -> bytes | None:
+    """Rank 0's `data` on every rank (the others pass anything, e.g. None); None stays None.
+    Two all_sums: the length (-1 for None), then the bytes (zeros from other ranks)."""
     shard = shard or process_shard()
     if shard.size == 1:
-        return text
-    data = text.encode() if shard.primary and text is not None else b""
-    n = len(data) if shard.primary and text is not None else -1
+        return data
+    mine = data if shard.primary else None
+    n = -1 if mine is None else len(mine)
     length = int(shard.all_sum(mx.array([n if shard.primary else 0], dtype=mx.int32)).item())
     if length < 0:
         return None
-    mine = np.frombuffer(data, np.uint8) if shard.primary else np.zeros(length, np.uint8)
     if length == 0:
-        return ""
-    summed = shard.all_sum(mx.array(mine.astype(np.int32)))
-    return bytes(np.array(summed).astype(np.uint8)).decode()
+        return b""
+    own = np.frombuffer(mine, np.uint8) if shard.primary else np.zeros(length, np.uint8)
+    return bytes(np.array(shard.all_sum(mx.array(own.astype(np.int32)))).astype(np.uint8))
+
+
+def broadcast_text(text: str | None, shard: Shard | None = None) -> str | None:
+    """Rank 0's `text` on every rank (the others pass anything); None stays None."""
+    data = broadcast_bytes(None if text is None else text.encode(), shard)
+    return None if data is None else data.decode()
+
+
+def broadcast_object(obj, shard: Shard | None = None):
+    """Rank 0's picklable `obj` on every rank (the others pass anything); None stays None.
+    For the group's own processes only (a pickle runs what it is given)."""
+    data = broadcast_bytes(None if obj is None else pickle.dumps(obj), shard)
+    return None if data is None else pickle.loads(data)
+
+
+def broadcast_flag(flag: bool, shard: Shard | None = None) -> bool:
+    """Rank 0's `flag` on every rank: one all_sum of one integer."""
+    shard = shard or process_shard()
+    if shard.size == 1:
+        return flag
+    return int(shard.all_sum(mx.array([int(bool(flag)) if shard.primary else 0], dtype=mx.int32)).item()) > 0

@@ -16,7 +16,9 @@ a generation thread that serves the queued requests one by one (`ResponseGenerat
   read from flash) and ends a request quietly when its client has gone.
 - `FlashResponseGenerator` tokenizes a request once, on the handler's thread (so that a prompt
   longer than the context is a 400 before it is queued), resets the flash statistics per
-  request, and can cancel what is running when the server stops.
+  request, and can cancel what is running when the server stops. Under `mlx.launch` it keeps
+  the ranks in step (`GroupQueue`): only rank 0 serves HTTP; every other rank runs the same
+  generation thread on rank 0's requests, so that the layers' all_sums meet.
 
 The private parts of mlx-lm used here are listed in `MLX_LM_CONTRACT`; `check_contract()` (run
 by tests/test_server.py) says what a new mlx-lm changed.
@@ -25,9 +27,11 @@ by tests/test_server.py) says what a new mlx-lm changed.
 from __future__ import annotations
 
 import argparse
+import copy
 import hmac
 import inspect
 import json
+import re
 import threading
 import time
 import weakref
@@ -42,6 +46,7 @@ import mlx.core as mx
 import mlx_lm.server as mls
 from mlx_lm.models.cache import LRUPromptCache
 
+from . import distributed
 from .errors import MlxFlashError, one_line
 
 # What this module relies on in mlx_lm.server, name -> the parameters it must take. A test runs
@@ -49,6 +54,10 @@ from .errors import MlxFlashError, one_line
 MLX_LM_CONTRACT: dict[str, tuple[str, ...]] = {
     "ResponseGenerator.__init__": ("model_provider", "prompt_cache"),
     "ResponseGenerator._generate": (),
+    "ResponseGenerator._next_request": ("timeout",),
+    "ResponseGenerator.join": (),
+    "GenerationContext.stop": (),
+    "Response.__init__": ("text", "token"),
     "ResponseGenerator._serve_single": ("request", "stream"),
     "ResponseGenerator._tokenize": ("tokenizer", "request", "args"),
     "ResponseGenerator.generate": ("request", "generation_args", "progress_callback"),
@@ -103,6 +112,13 @@ def check_contract() -> list[str]:
     ]
     if "self.model_provider.load(" not in inspect.getsource(mls.ResponseGenerator._generate):
         problems.append("mlx_lm.server.ResponseGenerator._generate no longer calls model_provider.load()")
+    if "self._is_distributed =" not in inspect.getsource(mls.ResponseGenerator.__init__):
+        problems.append("mlx_lm.server.ResponseGenerator.__init__ no longer sets self._is_distributed")
+    serve = inspect.getsource(mls.ResponseGenerator._serve_single)
+    if not re.search(r"rqueue\.put\(\s*Response\((.|\n)*?if ctx\._should_stop:", serve):
+        problems.append(
+            "mlx_lm.server.ResponseGenerator._serve_single no longer checks ctx._should_stop after putting a token"
+        )
     return problems
 
 
@@ -236,8 +252,56 @@ class FlashModelProvider:
         self.model = self.tokenizer = None
 
 
+class GroupContext(mls.GenerationContext):
+    """A request's GenerationContext under mlx.launch: `stop()` (the handler's, or the server's
+    when it stops) only asks; whether generation stops at a token is rank 0's answer, the
+    same on every rank (set by `GroupQueue` as the token is put)."""
+
+    stop_asked = False
+
+    def stop(self):
+        self.stop_asked = True
+
+
+class GroupQueue:
+    """A request's response queue under mlx.launch (the queue the generation thread puts the
+    request's context, its tokens and its end on): on rank 0 it forwards to the handler's queue;
+    on the others it drops everything. With each token it shares rank 0's stop: one all_sum
+    per token, so that every rank ends the request at the same token, as it ends on rank 0
+    (mlx-lm checks the context's stop right after putting the token)."""
+
+    def __init__(self, queue, shard: distributed.Shard):
+        self.queue, self.shard, self.ctx = queue, shard, None
+
+    def put(self, item) -> None:
+        if isinstance(item, mls.GenerationContext):
+            item.__class__ = GroupContext
+            self.ctx = item
+        elif isinstance(item, mls.Response) and self.ctx is not None:
+            self.ctx._should_stop = distributed.broadcast_flag(self.ctx.stop_asked, self.shard)
+        if self.queue is not None:
+            self.queue.put(item)
+
+
+STOP_SERVING = "stop serving"  # rank 0 to the others: the server stops
+
+
 class FlashResponseGenerator(mls.ResponseGenerator):
-    """mlx-lm's generation thread, with per-request flash statistics and cancellation."""
+    """mlx-lm's generation thread, with per-request flash statistics and cancellation.
+
+    Under mlx.launch every rank runs it; rank 0's requests reach the others here
+    (`_next_request`: each poll of rank 0's queue is shared, as mlx-lm's own distributed mode
+    does), then the stop of each request (`GroupQueue`) and the end of serving
+    (`STOP_SERVING`). mlx-lm's own mode is kept off (`_is_distributed`): it cannot stop a
+    request early."""
+
+    @property
+    def _is_distributed(self) -> bool:
+        return False
+
+    @_is_distributed.setter
+    def _is_distributed(self, _value) -> None:  # mlx-lm's __init__ sets it: the group is ours
+        pass
 
     def __init__(self, provider: FlashModelProvider, prompt_cache: LRUPromptCache):
         self._live: dict[int, weakref.ref] = {}  # the GenerationContexts of requests not yet finished
@@ -271,10 +335,31 @@ class FlashResponseGenerator(mls.ResponseGenerator):
 
     # -- the generation thread ----------------------------------------------------------------
     def _generate(self):
+        shard = distributed.process_shard()
         try:
+            if shard.size > 1:  # one random state on every rank: the same sampled tokens
+                mx.random.seed(shard.all_sum(mx.random.state[0]).view(mx.uint64).item())
             super()._generate()
         finally:
+            if shard.size > 1 and shard.primary:
+                distributed.broadcast_object(STOP_SERVING, shard)
             mx.clear_streams()  # MLX 0.32 may abort at exit if a thread that used MLX leaves them
+
+    def _next_request(self, timeout=None):
+        """The next request (None: none yet), rank 0's on every rank of a group."""
+        shard = distributed.process_shard()
+        if shard.size == 1:
+            return super()._next_request(timeout)
+        request = super()._next_request(timeout) if shard.primary else None
+        if shard.primary:
+            shared = None if request is None else (_shareable(request[1]), request[2])
+            distributed.broadcast_object(shared, shard)
+            return None if request is None else (GroupQueue(request[0], shard), *request[1:])
+        shared = distributed.broadcast_object(None, shard)
+        if shared == STOP_SERVING:
+            self._stop = True
+            return None
+        return None if shared is None else (GroupQueue(None, shard), *shared)
 
     def _tokenize(self, tokenizer, request, args):
         tokens = getattr(request, "flash_tokens", None)
@@ -285,7 +370,7 @@ class FlashResponseGenerator(mls.ResponseGenerator):
 
         rqueue, completion, args = request
         usage: FlashUsage | None = getattr(completion, "flash_usage", None)
-        if self.stopping:
+        if distributed.broadcast_flag(self.stopping):  # rank 0's, on every rank of a group
             rqueue.put(RuntimeError("the server is shutting down"))
             return
         model = self.model_provider.model
@@ -306,6 +391,13 @@ class FlashResponseGenerator(mls.ResponseGenerator):
                     f"{flash['decode_passes']} decode passes (max_tokens {args.max_tokens}), "
                     f"{time.perf_counter() - start:.2f} s, {flash['bytes_read'] / 1e6:.1f} MB from flash"
                 )
+
+
+def _shareable(completion):
+    """A request as sent to the other ranks: without what lives on rank 0 only (its usage slot)."""
+    out = copy.copy(completion)
+    out.__dict__.pop("flash_usage", None)
+    return out
 
 
 class FlashAPIHandler(mls.APIHandler):

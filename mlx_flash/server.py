@@ -9,6 +9,11 @@ option of `python -m mlx_flash.generate`. The flash cache is one per model, so r
 queued and answered one at a time. Each response's `usage` has a `flash` object: what that
 request read from flash, its I/O wait and the cache hit rate. SIGTERM or Ctrl-C cancels the
 running request, closes the flash reader and exits 0.
+
+Under ``mlx.launch`` (the model's layers shared among the ranks, see distributed.py) only rank
+0 listens and prints; every other rank loads its share and follows rank 0's requests token by
+token (mlx_lm_server.GroupQueue), and stops when rank 0 stops (signals to it are ignored:
+rank 0's SIGTERM stops the group).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import threading
 import time
 from types import SimpleNamespace
 
+from .distributed import is_primary
 from .errors import MlxFlashError, run_cli
 from .generate import add_model_arguments, load_from_args
 
@@ -29,8 +35,9 @@ PROG = "mlx_flash.server"
 
 
 def say(message: str) -> None:
-    """Every line the server prints goes through here (to stderr)."""
-    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+    """Every line the server prints goes through here (to stderr; rank 0's only, under mlx.launch)."""
+    if is_primary():
+        print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
 
 class _SayHandler(logging.Handler):
@@ -130,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         model_id=model_id,
         created=int(time.time()),
     )
-    httpd = glue.make_http_server(args.host, args.port, service)
+    primary = is_primary()
+    httpd = glue.make_http_server(args.host, args.port, service) if primary else None
     folder = resolve_flash_folder(args.model)  # converts once, here, with progress; never downloads later
     args.model = str(folder)
     provider = glue.FlashModelProvider(
@@ -145,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
         plan = runtime_of(provider.model).plan
         prompt_cache.max_bytes = plan.kv_bytes if args.prompt_cache_bytes is None else args.prompt_cache_bytes
         service.provider, service.generator, service.context = provider, generator, plan.context
+        if not primary:  # rank 0's requests come through the generation thread; it ends when rank 0's does
+            for s in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(s, signal.SIG_IGN)
+            generator.join()
+            return 0
         host, port = httpd.server_address[:2]
         stop = threading.Event()
 
@@ -168,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         generator.cancel_all()
         generator.stop_and_join()  # the generation thread ends; the provider closes the reader
-        httpd.server_close()  # waits for the responses being written
+        if httpd is not None:
+            httpd.server_close()  # waits for the responses being written
     say("stopped")
     return 0
 

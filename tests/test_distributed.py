@@ -12,9 +12,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from argparse import Namespace
 from dataclasses import replace
@@ -22,9 +25,12 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+import openai
 import pytest
+from mlx_lm.sample_utils import make_sampler
 from tiny_models import make_tiny_model
 
+import mlx_flash
 from mlx_flash import layout
 from mlx_flash.convert import conversion_lock, convert, verify
 from mlx_flash.distributed import Shard, broadcast_text
@@ -271,26 +277,33 @@ def test_a_second_process_waits_for_the_conversion(tmp_path):
     assert Path(stdout.strip()) == out and "converting" not in stderr
 
 
+def _ranks_by_hand(tmp_path, module_args: list[str], **popen) -> list[subprocess.Popen]:
+    """Two processes of `python -m MODULE ARGS`, rank 0 and 1 of a ring group on this machine
+    (the environment mlx.launch would set), converting the demo model into tmp_path/cache."""
+    port = bench.free_port(2)
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
+    env = _env(MLX_HOSTFILE=str(hosts), MLX_FLASH_CACHE=str(tmp_path / "cache"))
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", *module_args],
+            env=dict(env, MLX_RANK=str(r)),
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            **popen,
+        )
+        for r in (0, 1)
+    ]
+
+
 def test_chat_prints_only_on_rank_zero(tmp_path):
     """Two chat processes started by hand (the ring backend's environment, as mlx.launch sets
     it): rank 0 reads the terminal and prints the answer; rank 1 gets each line from rank 0,
     computes its share, and prints nothing."""
-    port = bench.free_port(2)
-    hosts = tmp_path / "hosts.json"
-    hosts.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
-    cmd = [sys.executable, "-m", "mlx_flash.chat", "--max-tokens", "8"]
-    procs = [
-        subprocess.Popen(
-            cmd,
-            env=_env(MLX_RANK=str(r), MLX_HOSTFILE=str(hosts), MLX_FLASH_CACHE=str(tmp_path / "cache")),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        for r in (0, 1)
-    ]
+    procs = _ranks_by_hand(
+        tmp_path, ["mlx_flash.chat", "--max-tokens", "8"], stdin=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     outs = []
     for r, p in enumerate(procs):
         try:
@@ -302,3 +315,70 @@ def test_chat_prints_only_on_rank_zero(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "mlx_flash chat" in outs[0][0] and "group: rank 0 of 2" in outs[0][0]
     assert outs[1][0] == ""
+
+
+def _one_process_texts(requests) -> list[str]:
+    """What one process answers (prompt, temperature, seed) with: mlx-lm's sampler, 16 tokens."""
+    model, tok = mlx_flash.load(None)
+    out = []
+    for prompt, temp, seed in requests:
+        if seed is not None:
+            mx.random.seed(seed)
+        rs = mlx_flash.stream_generate(model, tok, prompt, max_tokens=TOKENS, sampler=make_sampler(temp))
+        out.append("".join(r.text for r in rs))
+    model.flash.close()
+    return out
+
+
+def test_server_listens_on_rank_zero_and_the_others_follow(tmp_path):
+    """Two server processes started by hand (the ring backend's environment): rank 0 alone
+    listens and prints; rank 1 follows its requests. A greedy and a seeded sampled completion
+    are one process's; a streamed request its client drops after two chunks ends on both ranks
+    at the same token (the next request is answered: the ranks are still in step); SIGTERM to
+    rank 0 stops both, exit status 0."""
+    requests = [("The for statement", 0.0, None), ("The while", 0.8, 3)]
+    want = _one_process_texts(requests)
+    procs = _ranks_by_hand(
+        tmp_path, ["mlx_flash.server", "--port", "0"], stdin=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
+    lines: list[list[str]] = [[], []]
+    readers = [
+        threading.Thread(target=lambda i=i: lines[i].extend(procs[i].stdout), daemon=True) for i in (0, 1)
+    ]
+    for t in readers:
+        t.start()
+    try:
+        deadline = time.monotonic() + 180
+        while not (serving := [line for line in lines[0] if "serving" in line]):
+            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, lines
+            time.sleep(0.1)
+        url = re.search(r"(http://\S+)/v1", serving[0]).group(1)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=120, max_retries=0)
+
+        def complete(prompt, temp, seed):
+            r = client.completions.create(
+                model="mlx_flash-demo", prompt=prompt, max_tokens=TOKENS, temperature=temp, seed=seed
+            )
+            return r.choices[0].text, r.usage.model_extra["flash"]
+
+        text, flash = complete(*requests[0])
+        assert text == want[0] and flash["group_size"] == 2 and flash["rank"] == 0
+        stream = client.completions.create(
+            model="mlx_flash-demo", prompt=requests[0][0], max_tokens=200, temperature=0, stream=True
+        )
+        for i, _ in enumerate(stream):
+            if i == 1:
+                break
+        stream.response.close()
+        assert complete(*requests[1])[0] == want[1]
+        assert complete(*requests[0])[0] == want[0]
+        procs[0].send_signal(signal.SIGTERM)
+        assert [p.wait(timeout=60) for p in procs] == [0, 0], lines
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+    for t in readers:
+        t.join(timeout=10)
+    assert any("stopped" in line for line in lines[0])
+    assert "".join(lines[1]) == ""  # rank 1 printed nothing, its conversion included
