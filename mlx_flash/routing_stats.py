@@ -24,15 +24,17 @@ def _sequences(inds: np.ndarray) -> np.ndarray:
 
 def repeat_rate(inds: np.ndarray, window: int = 1) -> float:
     """Share of each token's experts that were also chosen by one of the `window` tokens before
-    it (mean over the tokens that have `window` predecessors)."""
-    hits = total = 0
-    for seq in _sequences(inds):
-        T, k = seq.shape
-        for t in range(window, T):
-            recent = np.unique(seq[t - window : t])
-            hits += int(np.isin(seq[t], recent).sum())
-            total += k
-    return hits / max(1, total)
+    it (mean over the tokens that have `window` predecessors; a token's k experts are distinct)."""
+    seqs = _sequences(inds)
+    S, T, k = seqs.shape
+    if T <= window:
+        return 0.0
+    chosen = np.zeros((S, T + 1, int(seqs.max()) + 1), dtype=np.int32)  # row t + 1: token t
+    np.put_along_axis(chosen[:, 1:], seqs, 1, axis=-1)
+    seen = np.cumsum(chosen, axis=1)  # row t: chosen by tokens < t
+    recent = seen[:, window:T] - seen[:, : T - window] > 0  # by one of tokens t - window .. t - 1
+    hits = np.logical_and(recent, chosen[:, window + 1 :] > 0).sum()
+    return int(hits) / (S * (T - window) * k)
 
 
 def lru_hit_rate(inds: np.ndarray, slots: int, warmup: int = LRU_WARMUP) -> float:

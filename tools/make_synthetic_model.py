@@ -169,7 +169,7 @@ PRESETS = {
         151936,
         40960,
         rank=32,
-        calib_seqs=12,
+        calib_seqs=6,
         eval_seqs=2,
         seq_len=256,
         kv_heads=4,
@@ -318,6 +318,38 @@ def normal(rng: np.random.Generator, shape, std: float = 1.0) -> np.ndarray:
     if std != 1.0:
         out *= np.float32(std)
     return out
+
+
+@dataclass
+class RandomCodes:
+    """A [rows, cols] weight drawn uniform as MLX affine QUANT_BITS-bit codes in groups of
+    QUANT_GROUP (what quantizing a uniform random float weight gives, without the floats): packed
+    as `mx.quantize` packs them (uint32, the first element in the lowest bits), one scale and
+    bias (float16) for every group."""
+
+    packed: np.ndarray  # uint32 [rows, cols * bits / 32]
+    scales: np.ndarray  # float16 [rows, cols / group]
+    biases: np.ndarray
+
+    def dequantized(self) -> np.ndarray:
+        """The weight as `mx.dequantize` gives it (float32): codes * scale + bias."""
+        levels = np.arange(1 << QUANT_BITS, dtype=np.float32)
+        table = levels * np.float32(self.scales.flat[0]) + np.float32(self.biases.flat[0])
+        per_byte = np.stack([table[np.arange(256) & 15], table[np.arange(256) >> 4]], axis=1)
+        # one 8-byte lookup per packed byte (its two weights): a gather of whole pairs
+        pairs = per_byte.view(np.uint64).reshape(256)[self.packed.view(np.uint8)]
+        return pairs.view(np.float32).reshape(self.packed.shape[0], -1)
+
+
+def random_codes(rng: np.random.Generator, shape: tuple[int, int], std: float) -> RandomCodes:
+    """A uniform random weight of standard deviation `std` as 4-bit codes: every code equally
+    likely, a scale s with s^2 (16^2 - 1) / 12 = std^2 and bias -7.5 s (zero mean)."""
+    assert QUANT_BITS == 4
+    rows, cols = shape
+    packed = rng.integers(0, 1 << 32, (rows, cols // 8), dtype=np.uint32)
+    scale = np.float16(std * math.sqrt(12 / 255))
+    groups = (rows, cols // QUANT_GROUP)
+    return RandomCodes(packed, np.full(groups, scale), np.full(groups, np.float16(-7.5 * float(scale))))
 
 
 def orthonormal(rng: np.random.Generator, d: int, k: int) -> np.ndarray:
@@ -716,6 +748,15 @@ class Builder:
             self._queue(base + ".biases", np.array(biases))
         return a
 
+    def put_codes(self, base: str, codes: RandomCodes) -> np.ndarray:
+        """Queue a quantized weight drawn as codes (`base`.weight, .scales, .biases, as
+        `put` queues a quantized one) and return what the model computes with."""
+        assert self.quantized[base + ".weight"] == (QUANT_GROUP, QUANT_BITS)
+        self._queue(base + ".weight", codes.packed)
+        self._queue(base + ".scales", codes.scales)
+        self._queue(base + ".biases", codes.biases)
+        return codes.dequantized()
+
     def _queue(self, name: str, piece: np.ndarray) -> None:
         if self.writer is not None:
             self._pending.setdefault(name, []).append(piece)
@@ -1036,25 +1077,35 @@ class MoEBuilder(Builder):
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         self._prev_moe_input: np.ndarray | None = None
-        d = self.p.hidden
-        basis = normal(self.rng(-1, "context"), (d, round(CONTEXT_FRACTION * d)))
-        basis -= np.outer(self.offset, self.offset @ basis)
-        self.context = np.linalg.qr(basis)[0].astype(np.float32)
+        d, g = self.p.hidden, QUANT_GROUP
+        # block-diagonal: in each block of `g` coordinates, CONTEXT_FRACTION of its dimensions
+        # (random, orthogonal to the block's part of the offset), so that projecting an expert's
+        # down projection out of it is d * g products per column, not d * d / 4
+        rng = self.rng(-1, "context")
+        per = round(CONTEXT_FRACTION * g)
+        self._context_blocks = np.empty((d // g, g, per), dtype=np.float32)
+        for b in range(d // g):
+            o = self.offset[b * g : (b + 1) * g]
+            basis = normal(rng, (g, per))
+            basis -= np.outer(o, o @ basis) / float(o @ o)
+            self._context_blocks[b] = np.linalg.qr(basis)[0]
+        self.context = np.zeros((d, d // g * per), dtype=np.float32)
+        for b, block in enumerate(self._context_blocks):
+            self.context[b * g : (b + 1) * g, b * per : (b + 1) * per] = block
 
-    def expert_weights(self, i: int, e: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(gate [n, d], up [n, d], down [d, n]) of expert e in layer i, unscaled."""
+    def expert_weights(self, i: int, e: int) -> tuple[RandomCodes, RandomCodes, np.ndarray]:
+        """(gate [n, d], up [n, d]) of expert e in layer i drawn as 4-bit codes (`random_codes`:
+        no float weights to quantize), and its down projection [d, n] as floats, unscaled and
+        kept out of the offset and the context subspace."""
         d, n = self.p.hidden, self.p.neurons
         rng = self.rng(i, f"x{e:07d}")
-
-        def uniform(shape, std):
-            a = rng.random(shape, dtype=np.float32)
-            a -= np.float32(0.5)
-            a *= np.float32(std * math.sqrt(12))
-            return a
-
-        gate, up, down = uniform((n, d), d**-0.5), uniform((n, d), d**-0.5), uniform((d, n), n**-0.5)
+        gate, up = random_codes(rng, (n, d), d**-0.5), random_codes(rng, (n, d), d**-0.5)
+        down = rng.random((d, n), dtype=np.float32)
+        down -= np.float32(0.5)
+        down *= np.float32(n**-0.5 * math.sqrt(12))
         down -= np.outer(self.offset, self.offset @ down)  # nothing writes along the offset
-        down -= self.context @ (self.context.T @ down)  # nor into the context subspace
+        blocks = down.reshape(len(self._context_blocks), -1, n)  # nor into the context subspace
+        blocks -= self._context_blocks @ (self._context_blocks.transpose(0, 2, 1) @ blocks)
         return gate, up, down
 
     def ffn_block(self, i: int, hs: list[np.ndarray]) -> list[np.ndarray]:
@@ -1097,7 +1148,10 @@ class MoEBuilder(Builder):
 
         pilot = {e: self.expert_weights(i, e) for e in range(PILOT_EXPERTS)}
         order, bounds = members[0]
-        ys = [mlp(X[0][order[bounds[e] : bounds[e + 1]] // k], *w) for e, w in pilot.items()]
+        ys = [
+            mlp(X[0][order[bounds[e] : bounds[e + 1]] // k], gate.dequantized(), up.dequantized(), down)
+            for e, (gate, up, down) in pilot.items()
+        ]
         r = _rms(np.concatenate(ys))
         w2 = float(np.mean(np.sum(routes[0][1] ** 2, axis=-1)))
         scale = np.float32(FFN_SCALE * self.ref_rms(h_cal) / (r * math.sqrt(w2)))
@@ -1105,8 +1159,8 @@ class MoEBuilder(Builder):
         for e in range(E):
             gate, up, down = pilot.pop(e) if e in pilot else self.expert_weights(i, e)
             down *= scale
-            gate = self.put(pre + "gate_proj.weight", gate)
-            up = self.put(pre + "up_proj.weight", up)
+            gate = self.put_codes(pre + "gate_proj", gate)
+            up = self.put_codes(pre + "up_proj", up)
             down = self.put(pre + "down_proj.weight", down)
             for x, y, (_, probs), (order, bounds) in zip(X, out, routes, members):
                 pairs = order[bounds[e] : bounds[e + 1]]
