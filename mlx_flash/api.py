@@ -82,6 +82,8 @@ def load(
     context: int | None = None,
     verify: bool = False,
     lookahead: bool = False,
+    expert_policy: str = "lru",
+    overlap: bool = True,
     verbose: bool = False,
 ) -> tuple[nn.Module, object]:
     """Load a model with its FFN on flash; returns (model, tokenizer) like mlx_lm.load.
@@ -103,6 +105,13 @@ def load(
     lookahead: (flash mode) while a layer computes, read the next layer's neurons guessed from
         this layer's input (its predictor or exact selector), and compute on the cached rows
         while the rest is read; exact selection stays exact (the guess only warms the cache).
+        A mixture of experts: the next MoE layer's router on this layer's input names the
+        experts read ahead.
+    expert_policy: (mixtures of experts) the expert pools' eviction policy: "lru" (default),
+        "lfu" (with aging), "pinned" (the hottest experts of each layer pinned), "naive" (no
+        reuse: every token reads all its experts; a baseline).
+    overlap: (mixtures of experts) a decoded token computes its resident experts while the
+        missing ones are read (default on; off: a baseline).
     """
     from mlx_lm.utils import load_tokenizer
 
@@ -116,6 +125,8 @@ def load(
         context=context,
         verify=verify,
         lookahead=lookahead,
+        expert_policy=expert_policy,
+        overlap=overlap,
     )
     model, runtime = load_flash_model(folder, options)
     try:

@@ -51,7 +51,9 @@ class LayerExpertStats:
     needed: int = 0  # distinct experts the calls needed (summed over calls)
     hits: int = 0
     misses: int = 0
-    bytes_read: int = 0
+    bytes_read: int = 0  # the calls' misses and the look-ahead's reads
+    ahead_reads: int = 0  # experts read ahead (ExpertCache.read_ahead), not counted as calls
+    ahead_hits: int = 0  # of those, needed by the call they were read for
 
     @property
     def hit_rate(self) -> float:
@@ -65,21 +67,31 @@ class Plan:
     needed: np.ndarray  # sorted unique expert ids
     missing: np.ndarray
     slots: np.ndarray  # slot of each missing expert
+    ahead_hits: int = 0  # needed experts that were resident because they had been read ahead
 
 
 class ExpertPool(SlotMap):
     """The resident experts of one MoE layer (see the module docstring): the slot map of
-    `expert_policies.SlotMap` with the slots' buffers and the layer's hit/miss counts."""
+    `expert_policies.SlotMap` with the slots' buffers and the layer's hit/miss counts.
+    naive: nothing is reused, every call reads all the experts it needs (a baseline)."""
 
     def __init__(
-        self, entry: ExpertLayer, slots: int, compute_dtype: mx.Dtype, policy: EvictionPolicy | None = None
+        self,
+        entry: ExpertLayer,
+        slots: int,
+        compute_dtype: mx.Dtype,
+        policy: EvictionPolicy | None = None,
+        *,
+        naive: bool = False,
     ):
         if not 1 <= slots <= entry.num_experts:
             raise ValueError(f"slots must lie in [1, {entry.num_experts}], got {slots}")
         super().__init__(entry.num_experts, slots, policy or LRUPolicy(slots))
         self.entry = entry
         self.slots = slots
+        self.naive = naive
         self.stats = LayerExpertStats()
+        self.ahead = np.zeros(entry.num_experts, dtype=bool)  # read ahead for the next call
         pool_float = np.float32 if compute_dtype == mx.float32 else np.float16
         self.buffers: dict[str, mx.array] = {}
         self._host: dict[str, np.ndarray] = {}
@@ -98,13 +110,41 @@ class ExpertPool(SlotMap):
     def plan(self, needed: np.ndarray) -> Plan:
         """Slots for the experts `needed` (sorted, unique) of one call: the resident ones are
         hits; each missing one gets a slot no needed expert holds (evicting its expert)."""
+        if self.naive:
+            self.slot_of[:] = -1
+            self.expert_of[:] = -1
+        ahead_hits = int((self.ahead[needed] & (self.slot_of[needed] >= 0)).sum())
+        self.ahead[:] = False  # a guess is judged by the call it was read for
         missing, slots = super().plan(needed)
         s = self.stats
         s.calls += 1
         s.needed += len(needed)
         s.misses += len(missing)
         s.hits += len(needed) - len(missing)
-        return Plan(needed, missing, slots)
+        s.ahead_hits += ahead_hits
+        return Plan(needed, missing, slots, ahead_hits)
+
+    def place_ahead(self, guess: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Slots for guessed experts (`guess`: best first) that are not resident, evicting what the
+        policy names (never a guessed resident one), without counting a call or touching the
+        policy (a guess is not a use: a wrong one is the first to go again): (experts sorted,
+        their slots)."""
+        guess = np.asarray(guess, dtype=np.int64)
+        have = self.slot_of[guess]
+        new = np.unique(guess[have < 0])
+        if not len(new):
+            return new, new
+        protected = np.zeros(len(self.expert_of), dtype=bool)
+        protected[have[have >= 0]] = True
+        slots = self.policy.victims(len(new), protected, self.expert_of < 0)
+        new = new[: len(slots)]
+        old = self.expert_of[slots]
+        self.slot_of[old[old >= 0]] = -1
+        self.expert_of[slots] = new
+        self.slot_of[new] = slots
+        self.ahead[new] = True
+        self.stats.ahead_reads += len(new)
+        return new, slots
 
     def write(self, slots: np.ndarray, bundles: np.ndarray) -> None:
         """Write experts' bundles (uint8 [n, expert_bytes], as stored) into `slots`."""
@@ -145,6 +185,16 @@ class Pending:
     blocks: list[tuple[np.ndarray, ReadFuture]] = field(default_factory=list)
 
 
+@dataclass
+class Ahead:
+    """A look-ahead read in flight: guessed experts of a layer, their slots, the read's future."""
+
+    layer: int
+    experts: np.ndarray
+    slots: np.ndarray
+    future: ReadFuture
+
+
 class ExpertCache:
     """The pools of all MoE layers, the reader of their bundles, and the staging buffer.
 
@@ -163,21 +213,34 @@ class ExpertCache:
         *,
         verify: bool = False,
         policy: str = "lru",
+        submit=None,
     ):
+        if policy != "naive" and policy not in POLICIES:
+            raise MlxFlashError(f"unknown expert policy {policy!r} (one of naive, {', '.join(POLICIES)})")
         self.entries = entries
         self.reader = reader
-        self.pools = [ExpertPool(e, slots, compute_dtype, POLICIES[policy](slots)) for e in entries]
+        self.policy = policy
+        naive = policy == "naive"
+        self.pools = [
+            ExpertPool(e, slots, compute_dtype, POLICIES["lru" if naive else policy](slots), naive=naive)
+            for e in entries
+        ]
         self.stage = stage
         self.verify = verify
+        self._submit = submit  # the runtime's (it times the reader's busy spans), else the reader's
         self._staging = reader.empty_rows(stage, raw=True)["expert.bundle"]
+        self._ahead: Ahead | None = None  # one look-ahead read at a time (it uses the staging buffer)
 
     def fetch(self, layer: int, needed: np.ndarray, timer=None) -> Plan:
         """Make the experts `needed` (sorted, unique) of MoE layer `layer` resident."""
-        return self.complete(self.submit(layer, needed), timer)
+        return self.complete(self.submit(layer, needed, timer), timer)
 
-    def submit(self, layer: int, needed: np.ndarray) -> Pending:
+    def submit(self, layer: int, needed: np.ndarray, timer=None) -> Pending:
         """Plan a call's slots and start reading its misses (the first staged block of them:
-        all of them when they fit the staging buffer, as a decoded token's do)."""
+        all of them when they fit the staging buffer, as a decoded token's do). A look-ahead
+        read still in flight is finished first (it holds the staging buffer; its experts may be
+        among these)."""
+        self.finish_ahead(timer)
         plan = self.pools[layer].plan(needed)
         pending = Pending(layer, plan)
         if len(plan.missing):
@@ -210,8 +273,49 @@ class ExpertCache:
             raise
         return plan
 
+    def read_ahead(self, layer: int, guess: np.ndarray, limit: int) -> int:
+        """Start reading up to `limit` of the experts `guess` (best first) of MoE layer `layer`
+        that are not resident, into slots of its pool (`ExpertPool.place_ahead`: not a call, not
+        a hit); the layer's next call finds them resident (`submit` finishes the read first).
+        Returns how many are read."""
+        self.finish_ahead()
+        pool = self.pools[layer]
+        if pool.naive or limit <= 0:
+            return 0
+        guess = np.asarray(guess, dtype=np.int64)
+        fresh = guess[pool.slot_of[guess] < 0][: min(limit, self.stage)]
+        experts, slots = pool.place_ahead(fresh)
+        if len(experts):
+            _, future = self._read(layer, experts)
+            self._ahead = Ahead(layer, experts, slots, future)
+        return len(experts)
+
+    def finish_ahead(self, timer=None) -> None:
+        """Wait for the look-ahead read in flight, if any, and write it into its pool."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return
+        pool = self.pools[ahead.layer]
+        try:
+            t0 = time.perf_counter()
+            rows = ahead.future.result()["expert.bundle"].view(np.uint8)
+            t1 = time.perf_counter()
+            if self.verify:
+                self._check(ahead.layer, ahead.experts, rows)
+            pool.write(ahead.slots, rows)
+        except BaseException:
+            pool.forget(ahead.experts)
+            pool.ahead[ahead.experts] = False
+            raise
+        pool.stats.bytes_read += len(ahead.experts) * pool.entry.expert_bytes
+        if timer is not None:
+            timer("io", t1 - t0)
+            timer("memory", time.perf_counter() - t1)
+
     def _read(self, layer: int, ids: np.ndarray) -> tuple[np.ndarray, ReadFuture]:
         out = {"expert.bundle": self._staging[: len(ids)]}
+        if self._submit is not None:
+            return ids, self._submit(layer, ids, out)
         return ids, self.reader.submit(layer, ids, out=out, raw=True)
 
     def _check(self, layer: int, ids: np.ndarray, rows: np.ndarray) -> None:
@@ -249,12 +353,18 @@ class ExpertCache:
         }
         needed = sum(s.needed for _, s in self.layer_stats())
         hits = sum(s.hits for _, s in self.layer_stats())
+        ahead = sum(s.ahead_reads for _, s in self.layer_stats())
+        ahead_hits = sum(s.ahead_hits for _, s in self.layer_stats())
         return {
             "slots": self.pools[0].slots if self.pools else 0,
             "experts": self.entries[0].num_experts if self.entries else 0,
+            "policy": self.policy,
             "hits": hits,
             "misses": needed - hits,
             "bytes_read": sum(s.bytes_read for _, s in self.layer_stats()),
             "hit_rate": hits / needed if needed else 0.0,
+            "ahead_reads": ahead,  # look-ahead: experts read on a guess
+            "ahead_hits": ahead_hits,  # of those, used by the call they were read for
+            "guess_hit_rate": ahead_hits / ahead if ahead else 0.0,
             "layers": layers,
         }

@@ -53,6 +53,8 @@ class FlashOptions:
     verify: bool = False
     shard: Shard | None = None  # this process's part of each layer's neurons; None: the launch's
     lookahead: bool = False  # flash decode: read ahead the next layer's guessed neurons (see ffn.py)
+    expert_policy: str = "lru"  # MoE: the expert pools' eviction policy (lru, lfu, pinned; naive: no reuse)
+    overlap: bool = True  # MoE decode: compute resident experts while the missing ones are read
 
 
 def compute_dtype_for(flash_dtype: str) -> mx.Dtype:

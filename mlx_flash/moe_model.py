@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
@@ -36,6 +37,7 @@ class ExpertRuntime(FlashRuntime):
     the per-pass statistics (a FlashRuntime whose "layers" are the MoE layers)."""
 
     experts: ExpertCache
+    switches: list[FlashSwitch]
 
     def stats(self) -> StatsSummary:
         s = super().stats()
@@ -157,15 +159,23 @@ def load_moe_model(folder: Path, manifest: layout.Manifest, options) -> tuple[nn
             plan.stream_bytes // slot_bytes,
             dtype,
             verify=options.verify,
+            policy=options.expert_policy,
+            submit=runtime.submit,
         )
         runtime.experts = cache
+        runtime.switches = []
         for j, entry in enumerate(manifest.experts):
             inner = switches[entry.module].module
             _pool_parameters(inner, entry, cache.pools[j])
-            _set_module(model, entry.module, FlashSwitch(inner, j, cache, runtime))
+            runtime.switches.append(FlashSwitch(inner, j, cache, runtime))
+            runtime.switches[-1].overlap = options.overlap
+            _set_module(model, entry.module, runtime.switches[-1])
         load_dense_weights(
             model, config, dense_weights(folder, manifest, dtype), folder / manifest.dense_file
         )
+        if options.lookahead:
+            for j, (a, b) in enumerate(zip(manifest.experts, manifest.experts[1:])):
+                runtime.switches[j].guess = next_router(model, a.module, b.module, b.num_experts)
     except BaseException:
         reader.close()
         raise
@@ -190,6 +200,40 @@ def _pool_parameters(inner: nn.Module, entry: layout.ExpertLayer, pool: ExpertPo
             "on flash; re-run mlx_flash.convert"
         )
     inner.update(tree_unflatten(list(pool.buffers.items())))
+
+
+def next_router(model: nn.Module, here: str, there: str, num_experts: int):
+    """The look-ahead's guess for MoE layer `there` from the input of MoE layer `here` (paths of
+    their switch modules): `there`'s router applied to the hidden state `here` sees, renormalised
+    for `there`: a pre-norm block's MoE input is rmsnorm(h) * g, so rmsnorm(h) * g' is the input
+    times g' / g (the decoder layers' `post_attention_layernorm` weights). None when the blocks
+    are not of that shape (no router found: no look-ahead for the layer)."""
+
+    def parts(path: str):
+        block = path.rsplit(".", 1)[0]
+        layer = _get_module(model, block.rsplit(".", 1)[0])
+        router = None
+        for child in _get_module(model, block).children().values():
+            if isinstance(child, (nn.Linear, nn.QuantizedLinear)) and child.weight.shape[0] == num_experts:
+                router = child
+        norm = getattr(layer, "post_attention_layernorm", None)
+        return router, getattr(norm, "weight", None)
+
+    _, g_here = parts(here)
+    router, g_there = parts(there)
+    if router is None:
+        return None
+    if g_here is None or g_there is None:
+        return router
+    ratio = mx.where(mx.abs(g_here) > 1e-6, g_there / g_here, g_there)
+    return lambda x: router(x * ratio.astype(x.dtype))
+
+
+def _get_module(model: nn.Module, path: str) -> object:
+    node: object = model
+    for p in path.split("."):
+        node = node[int(p)] if isinstance(node, list) else getattr(node, p)
+    return node
 
 
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:

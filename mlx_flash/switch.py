@@ -45,6 +45,12 @@ class FlashSwitch(nn.Module):
         object.__setattr__(self, "_cache", cache)
         object.__setattr__(self, "_runtime", runtime)
         self.moe_layer = moe_layer
+        # decode: compute the resident experts while the missing ones are read (overlap); read
+        # the next layer's guessed experts ahead (guess: x -> its router's logits, set at load)
+        self.overlap = True
+        self.guess = None
+        self._ahead_sent = 0  # experts read ahead for this layer's next call
+        self._last_missed = 0  # experts its last decoded call would have missed without them
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         rt, cache = self._runtime, self._cache
@@ -52,13 +58,20 @@ class FlashSwitch(nn.Module):
             lead, k = indices.shape[:-1], indices.shape[-1]
             tokens = int(np.prod(lead)) if lead else 1
             rt.begin_layer(self.moe_layer, tokens)
+            decode = tokens == 1 and (self.overlap or self.guess is not None)
+            guess = self.guess(x) if decode and self.guess is not None else None
             t0 = time.perf_counter()
+            if guess is not None:  # the next layer's guess in the same evaluation as the router
+                mx.eval(indices, guess)
             ids = np.array(indices).reshape(tokens, k).astype(np.int64)  # evaluates the router
             rt.add_time("selection", time.perf_counter() - t0)
             pool = cache.pools[self.moe_layer]
             # Under mlx.launch: only this rank's experts (distributed.py); -1 marks the others'.
             mine = rt.shard.owned_entries(ids, pool.entry.num_experts)
             own = ids if mine is None else np.where(mine, ids, -1)
+            if decode and len(np.unique(own[own >= 0])) <= pool.slots:
+                y = self._overlapped(x, indices, own, guess)
+                return self._group_sum(y, mine)
             parts = split_tokens(own, pool.slots)
             outs = []
             xs = x.reshape(tokens, x.shape[-1]) if len(parts) > 1 else x
@@ -77,6 +90,67 @@ class FlashSwitch(nn.Module):
                 mx.eval(y)  # the next part may overwrite the slots this one computed on
                 outs.append(y)
             return self._group_sum(mx.concatenate(outs, axis=0).reshape(*lead, k, -1), mine)
+
+    def _overlapped(
+        self, x: mx.array, indices: mx.array, own: np.ndarray, guess: mx.array | None
+    ) -> mx.array:
+        """One decoded token: its missing experts are read while the resident ones compute
+        (evaluated asynchronously: the host does not wait for them), then the missing ones are
+        computed from the pool; the k outputs are put back in the router's order, each the same
+        as in one call. Then, with a guess (the next MoE layer's router on this input, `guess`
+        logits), the next layer's likeliest experts not resident are read ahead, at most what
+        that layer missed last time times the runtime's look-ahead factor."""
+        rt, cache, layer = self._runtime, self._cache, self.moe_layer
+        pool = cache.pools[layer]
+        needed = np.unique(own[own >= 0])
+        pending = cache.submit(layer, needed, rt.add_time)
+        plan = pending.plan
+        rt.count_token_layer(layer, active=len(needed), loaded=len(plan.missing), used=pool.resident)
+        if plan.ahead_hits or self._ahead_sent:  # how the guess made for this call did
+            rt.count_lookahead(
+                needed=len(plan.missing) + plan.ahead_hits,
+                hits=plan.ahead_hits,
+                fetched=self._ahead_sent,
+                bundle_bytes=pool.entry.expert_bytes,
+            )
+        self._ahead_sent = 0
+        self._last_missed = len(plan.missing) + plan.ahead_hits
+        row = own.reshape(-1)
+        late = np.isin(row, plan.missing)  # entries waiting on a read
+        slots = np.maximum(pool.slot_of[row], 0).astype(np.uint32)  # another rank's: slot 0, dropped
+        k = len(row)
+        shape = indices.shape[:-1]
+        if not late.any() or late.all() or not self.overlap:
+            ready = None
+        else:
+            early = np.flatnonzero(~late)
+            ready = self._inner(x, mx.array(slots[early]).reshape(*shape, len(early)))
+            mx.async_eval(ready)  # computes while the reads arrive
+        cache.complete(pending, rt.add_time)
+        if guess is not None and layer + 1 < len(cache.pools):
+            self._read_ahead(guess, plan)
+        slots = np.maximum(pool.slot_of[row], 0).astype(np.uint32)
+        if ready is None:
+            return self._inner(x, mx.array(slots).reshape(*shape, k))
+        tail = np.flatnonzero(late)
+        rest = self._inner(x, mx.array(slots[tail]).reshape(*shape, len(tail)))
+        order = np.argsort(np.concatenate([early, tail]), kind="stable")
+        return mx.take(mx.concatenate([ready, rest], axis=-2), mx.array(order.astype(np.uint32)), axis=-2)
+
+    def _read_ahead(self, guess: mx.array, plan) -> None:
+        """Read ahead the next layer's likeliest experts (`guess`: its router's logits on this
+        layer's input) that are not resident, as many as it missed last time times the runtime's
+        factor (at least one), and count how the guess for this layer did."""
+        rt, cache, layer = self._runtime, self._cache, self.moe_layer
+        nxt = cache.pools[layer + 1]
+        logits = np.array(guess).reshape(-1)
+        best = np.argsort(-logits, kind="stable")[: len(plan.needed)]
+        mine = rt.shard.experts(nxt.entry.num_experts)
+        if len(mine) < nxt.entry.num_experts:  # under mlx.launch: this rank's experts only
+            best = best[np.isin(best, mine)]
+        target = rt.switches[layer + 1]
+        limit = max(1, int(np.ceil(rt.lookahead_factor * target._last_missed)))
+        target._ahead_sent = cache.read_ahead(layer + 1, best, limit)
 
     def _group_sum(self, y: mx.array, mine: np.ndarray | None) -> mx.array:
         """One process: y. A rank of a group: its own (token, k) entries of y, zeros elsewhere,

@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
-from tiny_models import TOKENIZER_TEXT, make_mlx_quantized_model, make_tiny_model
+from tiny_models import TOKENIZER_TEXT, make_moe_source, make_tiny_model
 
 import mlx_flash
 from mlx_flash import layout
@@ -51,10 +51,7 @@ def reference(src):
 @pytest.fixture(scope="module", params=FAMILIES + ["qwen3_moe-4bit"])
 def family(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
-    if request.param.endswith("-4bit"):
-        src = make_mlx_quantized_model(root / "src", request.param.split("-")[0], bits=4, group_size=32)
-    else:
-        src = make_tiny_model(root / "src", request.param)
+    src = make_moe_source(root / "src", request.param)
     convert(src, root / "flash", progress=False)
     return src, root / "flash", reference(src)
 

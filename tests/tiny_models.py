@@ -282,3 +282,11 @@ def write_transformers_experts(src: Path, dst: Path) -> Path:
         out[name] = a
     mx.save_safetensors(str(dst / "model.safetensors"), out)
     return dst
+
+
+def make_moe_source(folder, name: str):
+    """A tiny MoE source folder: `name` a family of make_tiny_model, or FAMILY-4bit (mlx-lm's
+    own 4-bit quantization of it, groups of 32)."""
+    if name.endswith("-4bit"):
+        return make_mlx_quantized_model(folder, name.split("-")[0], bits=4, group_size=32)
+    return make_tiny_model(folder, name)
