@@ -705,13 +705,16 @@ def run_row(spec: Row, cfg: dict) -> dict:
     return res
 
 
-def run_row_isolated(spec: Row, cfg: dict, work: Path, timeout: float | None) -> dict:
-    """run_row in a fresh Python process (its own peak memory, nothing left from other rows)."""
+def run_row_isolated(spec, cfg: dict, work: Path, timeout: float | None, script: Path | None = None) -> dict:
+    """run_row in a fresh Python process (its own peak memory, nothing left from other rows):
+    `script --_row IN OUT` (default this file; bench_moe.py passes itself), `spec` a dataclass
+    with a `name`."""
     cfg_path = work / f"row-{spec.name}.in.json"
     out_path = work / f"row-{spec.name}.out.json"
     cfg_path.write_text(json.dumps({"spec": asdict(spec), "cfg": cfg}))
     out_path.unlink(missing_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_row", str(cfg_path), str(out_path)]
+    script = script or Path(__file__)
+    cmd = [sys.executable, str(script.resolve()), "--_row", str(cfg_path), str(out_path)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -722,10 +725,12 @@ def run_row_isolated(spec: Row, cfg: dict, work: Path, timeout: float | None) ->
     return json.loads(out_path.read_text())
 
 
-def _row_main(cfg_path: str, out_path: str) -> int:
+def _row_main(cfg_path: str, out_path: str, run=None, spec_type=None) -> int:
+    """The `--_row` entry of a row's process: `run(spec_type(**spec), cfg)` (default this file's
+    run_row and Row), its result written to `out_path`, an error one line on stderr."""
     d = json.loads(Path(cfg_path).read_text())
     try:
-        res = run_row(Row(**d["spec"]), d["cfg"])
+        res = (run or run_row)((spec_type or Row)(**d["spec"]), d["cfg"])
     except Exception as e:  # the parent records the error as the row's result
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"{type(e).__name__}: {msg}", file=sys.stderr)
@@ -795,6 +800,25 @@ def dense_fits(source: Path) -> tuple[bool, int, int]:
     return nbytes * 1.15 + (1 << 30) < avail, nbytes, avail
 
 
+def table_lines(head: str, rows: list[dict], cells: tuple) -> tuple[list[str], list[dict]]:
+    """A markdown table's header lines with one line per failed row (its error after `cells`
+    cells from the row: name, then what `cells` names), and the rows that did not fail."""
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    ok = []
+    for r in rows:
+        if "error" not in r:
+            ok.append(r)
+            continue
+        first = [r["name"], *("—" if c is None else (r.get(c) or "—") for c in cells[1:])] if cells else []
+        lines.append(
+            "| "
+            + " | ".join([*map(str, first), r["error"]])
+            + " |"
+            + " |" * (head.count("|") - len(first) - 2)
+        )
+    return lines, ok
+
+
 def fmt_table(rows: list[dict], paper: bool = True) -> str:
     from mlx_flash.budget import fmt_bytes
 
@@ -802,11 +826,8 @@ def fmt_table(rows: list[dict], paper: bool = True) -> str:
         "| row | selection | tokens | ms/token | I/O wait ms | reader busy ms | memory mgmt ms | compute ms "
         "| selection ms | MB read/token | reads/token | flash MB/s | look-ahead recall | wasted MB/token | peak memory (MLX) | peak RSS | tok/s | speed-up vs naive |"
     )
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['name']} | — | — | {r['error']} |" + " |" * (head.count("|") - 5))
-            continue
+    lines, ok = table_lines(head, rows, ("name", None, None))
+    for r in ok:
         sp = r.get("speedup_vs_naive")
         look = (
             f"{100 * r['lookahead_recall']:.1f}% | {r['lookahead_wasted_bytes_per_token'] / 1e6:.2f} "

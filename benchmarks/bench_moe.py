@@ -1,0 +1,373 @@
+"""Mixture-of-experts decode from flash, technique by technique, against mlx-lm with the whole
+model in memory (the same quantization).
+
+    python benchmarks/bench_moe.py --model M [--memory-budget 50%] [--prompt-tokens 32]
+        [--max-tokens 32] --out DIR
+
+M is a mixture-of-experts model folder (Hugging Face / mlx-lm layout, e.g. a preset of
+tools/make_synthetic_model.py, converted once into --work, default OUT/flash) or a flash folder
+(its source, for the dense row, is the manifest's `source_model`). For each budget (without
+--memory-budget: 25%, 50% and 75% of the model's in-memory size) the rows below run, each in
+its own process, cold (the page cache of the model's files dropped first; the reader bypasses
+it anyway), on the same prompt of real text and the same continuation (teacher-forced, as in
+bench_flash.py):
+
+  naive      every routed expert of every token read from flash (no reuse)
+  cache      the LRU expert cache (misses read, then the layer computed)
+  lfu        the cache with LFU (with aging) eviction
+  pinned     the cache with each layer's hottest experts pinned
+  overlap    LRU + the resident experts computed while the missing ones are read
+  lookahead  + the next layer's router on this layer's input names experts read ahead
+  dense      mlx-lm with the whole model in memory (once, when it fits in free memory)
+
+DIR/bench_moe.json holds `rows`: {name, budget, ms_per_token, io_ms (the time the token waited on
+reads), bytes_per_token, hit_rate, peak_memory_bytes, ...}, and the floors: the disk's bandwidth
+measured with the reader (cold, a decoded token's reads: k experts a request, layer after layer),
+the I/O floor of each row (its bytes per token at that bandwidth) and the compute floor (the
+dense row's time per token). DIR/bench_moe.md holds the table, DIR/bench_moe.png the plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_flash as bf  # noqa: E402
+
+DEFAULT_BUDGETS = ("25%", "50%", "75%")
+
+
+@dataclass(frozen=True)
+class MoERow:
+    name: str
+    budget: str | None  # None: the dense row
+    policy: str = "lru"
+    overlap: bool = False
+    lookahead: bool = False
+
+
+WHAT = {
+    "naive": "every routed expert read per token",
+    "cache": "LRU expert cache",
+    "lfu": "LFU (aging) expert cache",
+    "pinned": "hottest experts pinned, LRU over the rest",
+    "overlap": "LRU + resident experts computed while the missing are read",
+    "lookahead": "overlap + next layer's experts read ahead",
+    "dense": "mlx-lm, whole model in memory",
+}
+ROWS = tuple(WHAT)
+
+
+def row_specs(budget: str) -> list[MoERow]:
+    return [
+        MoERow("naive", budget, policy="naive"),
+        MoERow("cache", budget),
+        MoERow("lfu", budget, policy="lfu"),
+        MoERow("pinned", budget, policy="pinned"),
+        MoERow("overlap", budget, overlap=True),
+        MoERow("lookahead", budget, overlap=True, lookahead=True),
+    ]
+
+
+def run_row(spec: MoERow, cfg: dict) -> dict:
+    """Load and decode one row in this process; its measurements."""
+    import mlx.core as mx
+    import mlx_lm
+    from mlx_lm.utils import load_tokenizer
+
+    import mlx_flash
+
+    prompt, cont = cfg["prompt"], cfg["continuation"]
+    res: dict = {"name": spec.name, "budget": spec.budget, "what": WHAT[spec.name]}
+    bf._reset_peak_rss()
+    res["baseline_rss_bytes"] = bf._peak_rss()  # Python, MLX, mlx-lm before the model: not the model's
+    t0 = time.perf_counter()
+    if spec.budget is None:
+        from mlx_flash.model import load_dense
+
+        model, rt = load_dense(cfg["source"]), None
+        tokenizer = load_tokenizer(Path(cfg["source"]))
+    else:
+        model, tokenizer = mlx_flash.load(
+            cfg["folder"],
+            memory_budget=spec.budget,
+            context=len(prompt) + len(cont) + 1,
+            threads=cfg["threads"],
+            lookahead=spec.lookahead,
+            overlap=spec.overlap,
+            expert_policy=spec.policy,
+        )
+        rt = model.flash
+        res.update(
+            budget_bytes=rt.plan.budget_bytes, plan_bytes=rt.plan.total_bytes, slots=rt.plan.cache_capacity
+        )
+    mx.eval(model.parameters())
+    res["load_s"] = time.perf_counter() - t0
+    mx.reset_peak_memory()
+    bf._reset_peak_rss()
+    sampler = bf.ForcedSampler(cont)
+    gen = mlx_flash.stream_generate if rt is not None else mlx_lm.stream_generate
+    stamps, tokens = [], []
+    for r in gen(model, tokenizer, mx.array(prompt), max_tokens=len(cont), sampler=sampler):
+        stamps.append(time.perf_counter())
+        tokens.append(int(r.token))
+    res["peak_memory_bytes"] = mx.get_peak_memory()
+    res["peak_rss_bytes"] = bf._peak_rss()
+    res["model_rss_bytes"] = res["peak_rss_bytes"] - res["baseline_rss_bytes"]  # against the budget
+    intervals = [b - a for a, b in zip(stamps, stamps[1:])]
+    res["decode_tokens"] = len(tokens)
+    res["wall_ms_per_token"] = 1e3 * sum(intervals) / max(1, len(intervals))
+    if rt is None:
+        res.update(ms_per_token=res["wall_ms_per_token"], io_ms=0.0, bytes_per_token=0.0, hit_rate=1.0)
+        res.update(reader_busy_ms=0.0, mem_ms=0.0, selection_ms=0.0, compute_ms=res["ms_per_token"])
+        return res
+    s = rt.stats()
+    ex = s.extra["experts"]
+    res.update(
+        ms_per_token=s.ms_per_token,
+        io_ms=s.io_ms,
+        bytes_per_token=s.bytes_per_token,
+        hit_rate=ex["hit_rate"],
+        reader_busy_ms=s.reader_busy_ms,
+        mem_ms=s.memory_ms,
+        selection_ms=s.selection_ms,
+        compute_ms=s.compute_ms,
+        reads_per_token=s.reads_per_token,
+        guess_hit_rate=ex["guess_hit_rate"],
+        lookahead_recall=s.lookahead_recall,
+        ahead_reads=ex["ahead_reads"],
+        lookahead_wasted_fraction=s.lookahead_wasted_fraction,
+        experts=ex["experts"],
+        policy=ex["policy"],
+    )
+    rt.close()
+    return res
+
+
+def disk_bandwidth(folder: Path, k: int, seconds: float = 3.0) -> float:
+    """Bytes/s of the reader on the expert file, cold: k experts a request (a decoded token's
+    reads of one layer), layer after layer, for about `seconds`."""
+    import numpy as np
+
+    from mlx_flash import layout
+    from mlx_flash.reader import FlashReader
+
+    manifest = layout.read_manifest(folder)
+    reader = FlashReader(folder, manifest.expert_rows())
+    try:
+        n = manifest.experts[0].num_experts
+        out = reader.empty_rows(k, raw=True)
+        done, t0 = 0, time.perf_counter()
+        rng = np.random.default_rng(0)
+        while time.perf_counter() - t0 < seconds:
+            for layer in range(len(manifest.experts)):
+                ids = np.sort(rng.choice(n, k, replace=False))
+                reader.submit(layer, ids, out=out, raw=True).result()
+                done += k * manifest.experts[layer].expert_bytes
+                if time.perf_counter() - t0 >= seconds:
+                    break
+        return done / (time.perf_counter() - t0)
+    finally:
+        reader.close()
+
+
+def fmt_table(rows: list[dict], bandwidth: float, dense_ms: float | None) -> str:
+    from mlx_flash.budget import fmt_bytes
+
+    head = (
+        "| row | budget | ms/token | tok/s | I/O wait ms | reader busy ms | MB read/token | hit rate | guess hit rate "
+        "| I/O floor ms | vs max(floors) | vs dense tok/s | peak memory (MLX) | peak RSS - baseline | budget |"
+    )
+    lines, ok = bf.table_lines(head, rows, ("name", "budget"))
+    for r in ok:
+        floor = r["bytes_per_token"] / bandwidth * 1e3 if bandwidth else 0.0
+        both = max(floor, dense_ms or 0.0)
+        ms = r["ms_per_token"] or float("nan")
+        lines.append(
+            f"| {r['name']} | {r.get('budget') or 'whole model'} | {ms:.1f} | {1e3 / ms:.2f} | {r['io_ms']:.1f} | "
+            f"{r.get('reader_busy_ms', 0.0):.1f} | {r['bytes_per_token'] / 1e6:.2f} | {100 * r['hit_rate']:.1f}% | "
+            + (f"{100 * r['guess_hit_rate']:.1f}%" if r.get("ahead_reads") else "—")
+            + f" | {floor:.1f} | {ms / both if both else float('nan'):.2f}x | "
+            + (f"{dense_ms / ms:.2f}x" if dense_ms else "—")
+            + f" | {fmt_bytes(r['peak_memory_bytes'])} | {fmt_bytes(r['model_rss_bytes'])} | "
+            + (fmt_bytes(r["budget_bytes"]) if r.get("budget_bytes") else "—")
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--_row"]:
+        return bf._row_main(argv[1], argv[2], run_row, MoERow)
+    ap = argparse.ArgumentParser(
+        prog="benchmarks/bench_moe.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--model", required=True, type=Path, help="MoE model folder, or a flash folder")
+    ap.add_argument("--memory-budget", default=None, help="e.g. 50%% or 8GB (default: 25%%, 50%% and 75%%)")
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=32, help="tokens decoded per row (default 32)")
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--work", type=Path, default=None, help="where M is converted (default OUT/flash)")
+    ap.add_argument("--rows", default=None, help=f"comma-separated rows (default all: {','.join(ROWS)})")
+    ap.add_argument("--threads", type=int, default=None, help="flash reader threads")
+    ap.add_argument(
+        "--in-process", action="store_true", help="rows in this process (tests; peak memory shared)"
+    )
+    ap.add_argument("--row-timeout", type=float, default=None)
+    args = ap.parse_args(argv)
+    rows = [r.strip() for r in (args.rows or ",".join(ROWS)).split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        print(f"error: unknown row(s) {', '.join(unknown)} (choose from {', '.join(ROWS)})", file=sys.stderr)
+        return 2
+    if not (args.model / "config.json").is_file():
+        print(f"error: {args.model}: not a model folder (no config.json)", file=sys.stderr)
+        return 2
+    try:
+        return run(args, rows)
+    except bf.BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def prepare(model: Path, work: Path, log) -> tuple[Path, Path]:
+    """(the flash folder, the source folder) of --model, converting it once into `work`."""
+    from mlx_flash import layout
+    from mlx_flash.convert import convert
+
+    if layout.is_flash_folder(model):
+        return model, Path(layout.read_manifest(model).source_model or model)
+    folder = work / model.name
+    if not layout.is_flash_folder(folder):
+        log(f"converting {model} into {folder} ...")
+        convert(model, folder, progress=False)
+    return folder, model
+
+
+def run(args, rows: list[str]) -> int:
+    from mlx_lm.utils import load_tokenizer
+
+    from mlx_flash import layout
+
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    work = args.work or out / "flash"
+    work.mkdir(parents=True, exist_ok=True)
+    folder, source = prepare(args.model.resolve(), work, log)
+    tokenizer = load_tokenizer(folder)
+    prompt, cont = bf.text_tokens(tokenizer, bf.default_text(), args.prompt_tokens, args.max_tokens)
+    cfg = {
+        "source": str(source),
+        "folder": str(folder),
+        "threads": args.threads,
+        "prompt": prompt,
+        "continuation": cont,
+    }
+    budgets = [args.memory_budget] if args.memory_budget else list(DEFAULT_BUDGETS)
+    specs = [s for b in budgets for s in row_specs(b) if s.name in rows]
+    if "dense" in rows:
+        specs.append(MoERow("dense", None))
+    files = bf.model_files([folder] + ([source] if source.is_dir() and source != folder else []))
+    manifest = layout.read_manifest(folder)
+    k = json.loads((folder / "config.json").read_text()).get("num_experts_per_tok", 8)
+    bf.drop_page_cache(files, False)
+    bandwidth = disk_bandwidth(folder, k)
+    log(f"reader bandwidth (cold, {k} experts a request): {bandwidth / 1e6:.0f} MB/s")
+    mach = bf.machine()
+    results = []
+    for spec in specs:
+        if spec.budget is None:
+            nbytes = sum(f.stat().st_size for f in source.glob("*.safetensors")) if source.is_dir() else 0
+            avail = mach["mem_available_bytes"] or 0
+            if not nbytes or nbytes * 1.2 + (1 << 30) > avail:
+                results.append(
+                    {
+                        "name": "dense",
+                        "budget": None,
+                        "error": f"skipped: the model ({nbytes / 1e9:.1f} GB) does not fit in free memory "
+                        f"({avail / 1e9:.1f} GB) or its source {source} is not here",
+                    }
+                )
+                log(results[-1]["error"])
+                continue
+        bf.drop_page_cache(files, False)
+        t0 = time.perf_counter()
+        if args.in_process:
+            try:
+                res = run_row(spec, cfg)
+            except Exception as e:
+                res = {"name": spec.name, "budget": spec.budget, "error": f"{type(e).__name__}: {e}"}
+        else:
+            res = bf.run_row_isolated(spec, cfg, work, args.row_timeout, script=Path(__file__))
+            res.setdefault("budget", spec.budget)
+        res["row_seconds"] = time.perf_counter() - t0
+        results.append(res)
+        if "error" in res:
+            log(f"{spec.name} @ {spec.budget}: error: {res['error']}")
+        else:
+            log(
+                f"{spec.name} @ {spec.budget or 'whole model'}: {res['ms_per_token']:.1f} ms/token, I/O wait "
+                f"{res['io_ms']:.1f} ms, {res['bytes_per_token'] / 1e6:.2f} MB/token, hit rate "
+                f"{100 * res['hit_rate']:.1f}%; {res['row_seconds']:.0f} s"
+            )
+    dense = next((r for r in results if r["name"] == "dense" and "error" not in r), None)
+    dense_ms = dense["ms_per_token"] if dense else None
+    for r in results:
+        if "error" not in r:
+            r["io_floor_ms"] = r["bytes_per_token"] / bandwidth * 1e3
+            r["compute_floor_ms"] = dense_ms
+    mach["load_avg_end"] = os.getloadavg()
+    result = {
+        "command": " ".join(["python", "benchmarks/bench_moe.py", *(argv_of())]),
+        "model": str(args.model),
+        "flash_folder": str(folder),
+        "budgets": budgets,
+        "prompt_tokens": len(prompt),
+        "max_tokens": len(cont),
+        "experts": manifest.experts[0].num_experts,
+        "experts_per_token": k,
+        "expert_bytes": manifest.experts[0].expert_bytes,
+        "bandwidth_bytes_per_s": bandwidth,
+        "compute_floor_ms": dense_ms,
+        "machine": mach,
+        "rows": results,
+    }
+    (out / "bench_moe.json").write_text(json.dumps(result, indent=1))
+    header = (
+        f"{args.model.name}: {manifest.experts[0].num_experts} experts, top-{k}, "
+        f"{manifest.experts[0].expert_bytes / 1e6:.2f} MB an expert; prompt {len(prompt)}, {len(cont)} tokens decoded "
+        f"(teacher-forced); {mach['cpu']} x{mach['nproc']}, {mach['blas']}\n"
+        f"I/O floor: bytes per token / {bandwidth / 1e6:.0f} MB/s (the reader, cold); compute floor: the dense row "
+        + (f"{dense_ms:.1f} ms/token" if dense_ms else "(not run)")
+    )
+    table = fmt_table(results, bandwidth, dense_ms)
+    (out / "bench_moe.md").write_text(f"{header}\n\n{table}\n")
+    print(header)
+    print(table)
+    try:
+        plot_rows = [{**r, "name": f"{r['name']} {r.get('budget') or ''}".strip()} for r in results]
+        bf.plot(plot_rows, out / "bench_moe.png", header.splitlines()[0])
+    except ImportError:
+        log("matplotlib is not installed: no plot")
+    return 0
+
+
+def argv_of() -> list[str]:
+    return sys.argv[1:] if Path(sys.argv[0]).name == "bench_moe.py" else []
+
+
+if __name__ == "__main__":
+    sys.exit(main())
