@@ -725,6 +725,19 @@ def run_row_isolated(spec, cfg: dict, work: Path, timeout: float | None, script:
     return json.loads(out_path.read_text())
 
 
+def run_row_somewhere(
+    spec, cfg: dict, work: Path, in_process: bool, timeout: float | None, run=None, script=None
+):
+    """A row's result: `run(spec, cfg)` (default run_row) in this process, an exception recorded
+    as the row's error, or `run_row_isolated` in its own."""
+    if not in_process:
+        return run_row_isolated(spec, cfg, work, timeout, script)
+    try:
+        return (run or run_row)(spec, cfg)
+    except Exception as e:  # recorded as the row's result, like an isolated row's failure
+        return {"name": spec.name, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+
+
 def _row_main(cfg_path: str, out_path: str, run=None, spec_type=None) -> int:
     """The `--_row` entry of a row's process: `run(spec_type(**spec), cfg)` (default this file's
     run_row and Row), its result written to `out_path`, an error one line on stderr."""
@@ -1095,16 +1108,7 @@ def run(args, rows: list[str]) -> int:
             f"{name}: {spec.what} ({tokens[name]} tokens; page cache of the model's files now {max(still, 0) / 1e6:.0f} MB) ..."
         )
         t0 = time.perf_counter()
-        if args.in_process:
-            try:
-                res = run_row(spec, cfg)
-            except Exception as e:  # recorded as the row's result, like an isolated row's failure
-                res = {
-                    "name": name,
-                    "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                }
-        else:
-            res = run_row_isolated(spec, cfg, work, args.row_timeout)
+        res = run_row_somewhere(spec, cfg, work, args.in_process, args.row_timeout)
         res.setdefault("what", spec.what)
         res["cached_bytes_at_start"] = still
         res["row_seconds"] = time.perf_counter() - t0

@@ -305,14 +305,10 @@ def run(args, rows: list[str]) -> int:
                 continue
         bf.drop_page_cache(files, False)
         t0 = time.perf_counter()
-        if args.in_process:
-            try:
-                res = run_row(spec, cfg)
-            except Exception as e:
-                res = {"name": spec.name, "budget": spec.budget, "error": f"{type(e).__name__}: {e}"}
-        else:
-            res = bf.run_row_isolated(spec, cfg, work, args.row_timeout, script=Path(__file__))
-            res.setdefault("budget", spec.budget)
+        res = bf.run_row_somewhere(
+            spec, cfg, work, args.in_process, args.row_timeout, run_row, Path(__file__)
+        )
+        res.setdefault("budget", spec.budget)
         res["row_seconds"] = time.perf_counter() - t0
         results.append(res)
         if "error" in res:
