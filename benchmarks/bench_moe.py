@@ -53,6 +53,7 @@ class MoERow:
     policy: str = "lru"
     overlap: bool = False
     lookahead: bool = False
+    layers: int | None = None  # dense: only the first `layers` decoder layers (see dense_rows)
 
 
 WHAT = {
@@ -92,10 +93,9 @@ def run_row(spec: MoERow, cfg: dict) -> dict:
     res["baseline_rss_bytes"] = bf._peak_rss()  # Python, MLX, mlx-lm before the model: not the model's
     t0 = time.perf_counter()
     if spec.budget is None:
-        from mlx_flash.model import load_dense
-
-        model, rt = load_dense(cfg["source"]), None
+        model, rt = dense_model(Path(cfg["source"]), spec.layers), None
         tokenizer = load_tokenizer(Path(cfg["source"]))
+        res["layers"] = len(model.layers)
     else:
         model, tokenizer = mlx_flash.load(
             cfg["folder"],
@@ -151,6 +151,60 @@ def run_row(spec: MoERow, cfg: dict) -> dict:
     )
     rt.close()
     return res
+
+
+def dense_model(source: Path, layers: int | None):
+    """mlx-lm's model of `source` in memory, float32 (as the flash path computes); with `layers`,
+    only its first `layers` decoder layers, loaded lazily so that the others are never read."""
+    import mlx.core as mx
+    from mlx.utils import tree_map
+
+    from mlx_flash.model import load_dense
+
+    if layers is None:
+        return load_dense(source)
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(source, lazy=True)
+    model.model.layers = model.model.layers[:layers]
+    floats = lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a  # noqa: E731
+    model.update(tree_map(floats, model.parameters()))
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def dense_rows(results: list[dict], total_layers: int) -> dict | None:
+    """The dense row: the whole model's, or, when it did not fit, extrapolated from two partial
+    models (a quarter and half of the layers, in memory: time per token is linear in layers)."""
+    whole = next((r for r in results if r["name"] == "dense" and "error" not in r), None)
+    if whole is not None:
+        return whole
+    parts = sorted((r for r in results if r.get("partial") and "error" not in r), key=lambda r: r["layers"])
+    if len(parts) < 2:
+        return None
+    a, b = parts[0], parts[-1]
+    per_layer = (b["ms_per_token"] - a["ms_per_token"]) / (b["layers"] - a["layers"])
+    ms = b["ms_per_token"] + per_layer * (total_layers - b["layers"])
+    row = {
+        **{k: b[k] for k in ("io_ms", "bytes_per_token", "hit_rate", "decode_tokens")},
+        "name": "dense",
+        "budget": None,
+        "what": WHAT["dense"]
+        + f" (extrapolated from {a['layers']} and {b['layers']} of {total_layers} layers)",
+        "ms_per_token": ms,
+        "extrapolated_from": [a["layers"], b["layers"]],
+        "per_layer_ms": per_layer,
+        "peak_memory_bytes": int(b["peak_memory_bytes"] * total_layers / b["layers"]),
+        "peak_rss_bytes": 0,
+        "model_rss_bytes": 0,
+        "reader_busy_ms": 0.0,
+        "mem_ms": 0.0,
+        "selection_ms": 0.0,
+        "compute_ms": ms,
+    }
+    results.append(row)
+    return row
 
 
 def disk_bandwidth(folder: Path, k: int, seconds: float = 3.0) -> float:
@@ -278,37 +332,38 @@ def run(args, rows: list[str]) -> int:
     }
     budgets = [args.memory_budget] if args.memory_budget else list(DEFAULT_BUDGETS)
     specs = [s for b in budgets for s in row_specs(b) if s.name in rows]
-    if "dense" in rows:
-        specs.append(MoERow("dense", None))
+    total_layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+    mach = bf.machine()
+    if "dense" in rows and source.is_dir():
+        nbytes = sum(f.stat().st_size for f in source.glob("*.safetensors"))
+        avail = mach["mem_available_bytes"] or 0
+        if nbytes * 1.15 + (1 << 30) < avail:
+            specs.append(MoERow("dense", None))
+        else:  # the whole model does not fit: a quarter and half of its layers do
+            log(
+                f"dense: the model ({nbytes / 1e9:.1f} GB) does not fit in free memory ({avail / 1e9:.1f} GB)"
+            )
+            specs += [MoERow("dense", None, layers=max(1, total_layers * q // 4)) for q in (1, 2)]
     files = bf.model_files([folder] + ([source] if source.is_dir() and source != folder else []))
     manifest = layout.read_manifest(folder)
     k = json.loads((folder / "config.json").read_text()).get("num_experts_per_tok", 8)
     bf.drop_page_cache(files, False)
     bandwidth = disk_bandwidth(folder, k)
     log(f"reader bandwidth (cold, {k} experts a request): {bandwidth / 1e6:.0f} MB/s")
-    mach = bf.machine()
     results = []
+    if "dense" in rows and not any(sp.name == "dense" for sp in specs):
+        results.append(
+            {"name": "dense", "budget": None, "error": f"skipped: the source {source} is not here"}
+        )
     for spec in specs:
-        if spec.budget is None:
-            nbytes = sum(f.stat().st_size for f in source.glob("*.safetensors")) if source.is_dir() else 0
-            avail = mach["mem_available_bytes"] or 0
-            if not nbytes or nbytes * 1.2 + (1 << 30) > avail:
-                results.append(
-                    {
-                        "name": "dense",
-                        "budget": None,
-                        "error": f"skipped: the model ({nbytes / 1e9:.1f} GB) does not fit in free memory "
-                        f"({avail / 1e9:.1f} GB) or its source {source} is not here",
-                    }
-                )
-                log(results[-1]["error"])
-                continue
         bf.drop_page_cache(files, False)
         t0 = time.perf_counter()
         res = bf.run_row_somewhere(
             spec, cfg, work, args.in_process, args.row_timeout, run_row, Path(__file__)
         )
         res.setdefault("budget", spec.budget)
+        if spec.layers is not None:
+            res.update(name=f"dense-{spec.layers}-layers", partial=True, layers=spec.layers)
         res["row_seconds"] = time.perf_counter() - t0
         results.append(res)
         if "error" in res:
@@ -319,7 +374,7 @@ def run(args, rows: list[str]) -> int:
                 f"{res['io_ms']:.1f} ms, {res['bytes_per_token'] / 1e6:.2f} MB/token, hit rate "
                 f"{100 * res['hit_rate']:.1f}%; {res['row_seconds']:.0f} s"
             )
-    dense = next((r for r in results if r["name"] == "dense" and "error" not in r), None)
+    dense = dense_rows(results, total_layers)
     dense_ms = dense["ms_per_token"] if dense else None
     for r in results:
         if "error" not in r:
