@@ -12,19 +12,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT / "tools"))
 
 import bench_moe  # noqa: E402
-import make_synthetic_model as msm  # noqa: E402
 
 COLUMNS = ("name", "budget", "ms_per_token", "io_ms", "bytes_per_token", "hit_rate", "peak_memory_bytes")
 
 
 @pytest.fixture(scope="module")
-def result(tmp_path_factory):
+def result(tmp_path_factory, tiny_moe_preset):
     root = tmp_path_factory.mktemp("bench_moe")
-    msm.build("tiny-moe", root / "tiny-moe", log=lambda *a: None)
-    argv = ["--model", str(root / "tiny-moe"), "--memory-budget", "50%", "--out", str(root / "out")]
+    argv = ["--model", str(tiny_moe_preset[0]), "--memory-budget", "50%", "--out", str(root / "out")]
     assert bench_moe.main([*argv, "--prompt-tokens", "16", "--max-tokens", "12", "--in-process"]) == 0
     return root / "out", json.loads((root / "out" / "bench_moe.json").read_text())
 

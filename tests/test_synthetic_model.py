@@ -167,15 +167,8 @@ MOE_RANGES = {
 
 
 @pytest.fixture(scope="module")
-def built_moe(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synthetic") / "tiny-moe"
-    mp = pytest.MonkeyPatch()
-    mp.setattr(msm, "SHARD_BYTES", 2 << 20)
-    try:
-        card = msm.build("tiny-moe", out, log=lambda *a: None)
-    finally:
-        mp.undo()
-    return out, card
+def built_moe(tiny_moe_preset):
+    return tiny_moe_preset
 
 
 def test_moe_routing_statistics_in_range(built_moe):
