@@ -35,9 +35,135 @@ def stream_block_neurons(num_neurons: int) -> int:
     return max(1, min(STREAM_BLOCK_NEURONS, -(-num_neurons // 8)))
 
 
+def kv_step(context: int) -> int:
+    """The step a flash model's KV caches grow by (`model.plan_kv_cache` sets it): mlx-lm's
+    KV_STEP, or the whole context when it is shorter (a short context reserves no more)."""
+    return max(1, min(KV_STEP, context))
+
+
 def kv_tokens(context: int) -> int:
-    """Token slots mlx-lm's KV cache holds for `context` tokens: whole steps of KV_STEP."""
-    return -(-max(context, 1) // KV_STEP) * KV_STEP
+    """Token slots the KV cache holds for `context` tokens: whole steps of `kv_step`."""
+    step = kv_step(context)
+    return -(-max(context, 1) // step) * step
+
+
+MIN_AUTO_CONTEXT = 32  # the shortest context a budget may shrink the default context to
+
+
+@dataclass(frozen=True)
+class VocabSizes:
+    """The vocabulary tables the planner may leave on flash (`vocab.py`), bytes in memory."""
+
+    embed_bytes: int = 0  # the token embedding table (0: stays resident)
+    head_bytes: int = 0  # an untied lm_head (0: none, or stays resident)
+    tied: bool = False  # the head is the embedding table (`as_linear`): on flash together
+    embed_stream_bytes: int = 0  # buffers of streaming the embedding table (a tied head)
+    head_stream_bytes: int = 0  # buffers of streaming the untied head
+
+    def steps(self) -> list[tuple[bool, bool]]:
+        """(embedding on flash, head on flash), cheapest first: all resident; the embedding
+        table read by rows (untied); then the head streamed too."""
+        out = [(False, False)]
+        if self.embed_bytes and not self.tied:
+            out.append((True, False))
+        if self.head_bytes or (self.tied and self.embed_bytes):
+            out.append((bool(self.embed_bytes), True))
+        return out
+
+    def moved(self, step: tuple[bool, bool]) -> int:
+        """Resident bytes a step leaves on flash."""
+        embed, head = step
+        if self.tied:
+            return self.embed_bytes if head else 0
+        return (self.embed_bytes if embed else 0) + (self.head_bytes if head else 0)
+
+    def buffers(self, step: tuple[bool, bool]) -> int:
+        """Memory the step's streaming needs."""
+        if not step[1]:
+            return 0
+        return self.embed_stream_bytes if self.tied else self.head_stream_bytes
+
+    def saved(self, step: tuple[bool, bool]) -> int:
+        return self.moved(step) - self.buffers(step)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """What `fit_budget` chose: the vocabulary tables on flash and the context reserved."""
+
+    embed_on_flash: bool
+    head_on_flash: bool
+    context: int
+    moved: int  # resident bytes left on flash
+    buffers: int  # memory of streaming them
+
+    def plan_fields(self) -> dict:
+        """MemoryPlan's fields of this fit."""
+        return dict(
+            embed_on_flash=self.embed_on_flash,
+            head_on_flash=self.head_on_flash,
+            vocab_stream_bytes=self.buffers,
+            vocab_flash_bytes=self.moved,
+            context=self.context,
+        )
+
+
+def fit_budget(
+    budget: int | None,
+    *,
+    fixed: int,
+    kv_per_token: int,
+    minimum: int,
+    full: int,
+    vocab: VocabSizes,
+    context: int,
+    auto_context: bool,
+) -> Fit | None:
+    """The cheapest way to hold `fixed` bytes (the resident part with every vocabulary table in
+    memory, without the KV cache), the KV cache, and `minimum` bytes of cache (the most useful
+    extra being up to `full`), tried in this order: everything resident (all of `full` if it
+    fits, else `minimum`); the embedding table read by rows (a row a token); a shorter context, down to one
+    KV step (only if the caller did not ask for a context); the lm_head streamed too (the whole
+    table every forward pass) with the whole context; then shorter, down to MIN_AUTO_CONTEXT.
+    None: nothing fits (see `smallest_budget`)."""
+    steps = vocab.steps()
+
+    def need(step, ctx: int, extra: int) -> int:
+        return fixed - vocab.saved(step) + kv_per_token * kv_tokens(ctx) + extra
+
+    def fit(step, ctx: int) -> Fit:
+        return Fit(step[0], step[1], ctx, vocab.moved(step), vocab.buffers(step))
+
+    def shorter(step, floor: int) -> Fit | None:
+        """`step` with the longest context down to `floor` that fits."""
+        if not auto_context or not kv_per_token:
+            return None
+        room = min(context, (budget - (fixed - vocab.saved(step) + minimum)) // kv_per_token)
+        ctx = room // KV_STEP * KV_STEP if room >= KV_STEP else room
+        return fit(step, ctx) if ctx >= min(floor, context) else None
+
+    if budget is None or need(steps[0], context, full) <= budget:
+        return fit(steps[0], context)
+    resident = [s for s in steps if not s[1]]
+    for step in resident:
+        if need(step, context, minimum) <= budget:
+            return fit(step, context)
+    found = shorter(resident[-1], KV_STEP)
+    if found is not None:
+        return found
+    if steps[-1][1] and need(steps[-1], context, minimum) <= budget:  # the head streamed too
+        return fit(steps[-1], context)
+    return shorter(steps[-1], MIN_AUTO_CONTEXT)
+
+
+def smallest_budget(
+    *, fixed: int, kv_per_token: int, minimum: int, vocab: VocabSizes, context: int, auto_context: bool
+) -> tuple[int, int, Fit]:
+    """The smallest budget `fit_budget` accepts: (bytes, the context it reserves, the fit)."""
+    step = vocab.steps()[-1]
+    ctx = min(MIN_AUTO_CONTEXT, context) if auto_context else context
+    f = Fit(step[0], step[1], ctx, vocab.moved(step), vocab.buffers(step))
+    return fixed - f.moved + f.buffers + kv_per_token * kv_tokens(ctx) + minimum, ctx, f
 
 
 class BudgetError(MlxFlashError):
@@ -159,10 +285,15 @@ class MemoryPlan:
             + self.predictor_bytes
             + self.resident_bytes
             + self.cache_bytes
+            + self.vocab_stream_bytes
         )
 
     neuron_bytes_all_layers: int = 0
     cache_label: str = ""  # what the cache rows are, when not neurons ("experts of 128")
+    embed_on_flash: bool = False  # the token embedding table is read from flash by rows
+    head_on_flash: bool = False  # the lm_head (or the tied table) is streamed from flash
+    vocab_stream_bytes: int = 0  # the buffers of streaming it
+    vocab_flash_bytes: int = 0  # resident bytes the vocabulary tables on flash would take
 
     def describe(self) -> str:
         rows = [
@@ -170,6 +301,13 @@ class MemoryPlan:
             (f"KV cache ({self.context} tokens)", self.kv_bytes),
             ("streaming buffer", self.stream_bytes),
         ]
+        if self.embed_on_flash or self.head_on_flash:
+            what = " and ".join(
+                w for w, on in (("embeddings", self.embed_on_flash), ("lm_head", self.head_on_flash)) if on
+            )
+            rows.append(
+                (f"{what} on flash ({fmt_bytes(self.vocab_flash_bytes)}): buffers", self.vocab_stream_bytes)
+            )
         if self.selector_bytes:
             rows.append(("exact selector", self.selector_bytes))
         if self.predictor_bytes:
@@ -196,8 +334,11 @@ def plan_memory(
     context: int,
     selection: str = "exact",
     min_cache_neurons: int = 1,
+    vocab: VocabSizes = VocabSizes(),
+    auto_context: bool = False,
 ) -> MemoryPlan:
-    """Split the budget. Raises BudgetError when the fixed part alone does not fit."""
+    """Split the budget (`fit_budget` chooses what of the vocabulary tables stays on flash, and
+    with `auto_context` the context). Raises BudgetError when the fixed part alone does not fit."""
     if mode not in MODES:
         raise BudgetError(f"unknown mode {mode!r} (choose one of {', '.join(MODES)})")
     if selection not in SELECTIONS:
@@ -207,7 +348,6 @@ def plan_memory(
     per_neuron_all = per_neuron_layer * sizes.num_layers
     fixed = {
         "dense": sizes.dense_bytes_for(b),
-        "kv": sizes.kv_elems_per_token * kv_tokens(context) * b,
         "stream": STREAM_BUFFERS * stream_block_neurons(sizes.num_neurons) * per_neuron_layer,
         "selector": 0,
         "predictor": 0,
@@ -218,22 +358,32 @@ def plan_memory(
         )
     if mode == "flash" and selection == "predictor":
         fixed["predictor"] = sizes.predictor_elems * b
-    fixed_total = sum(fixed.values())
     n = sizes.num_neurons
+    extra = {
+        "naive": (0, 0),
+        "hybrid": (0, n * per_neuron_all),
+        "flash": (min_cache_neurons * per_neuron_all, n * per_neuron_all),
+    }[mode]
+    kv_per_token = sizes.kv_elems_per_token * b
+    shape = dict(fixed=sum(fixed.values()), kv_per_token=kv_per_token, minimum=extra[0], vocab=vocab)
+    fit = fit_budget(budget_bytes, full=extra[1], context=context, auto_context=auto_context, **shape)
+    if fit is None:
+        need, ctx, f = smallest_budget(context=context, auto_context=auto_context, **shape)
+        raise BudgetError(
+            f"memory budget {fmt_bytes(budget_bytes)} is too small for mode {mode}: it needs at least "
+            f"{fmt_bytes(need)} (dense weights {fmt_bytes(fixed['dense'] - f.moved)}"
+            + _vocab_note(f)
+            + f", KV cache {fmt_bytes(kv_per_token * kv_tokens(ctx))} for {ctx} tokens, streaming buffer "
+            f"{fmt_bytes(fixed['stream'])}"
+            + (f", exact selector {fmt_bytes(fixed['selector'])}" if fixed["selector"] else "")
+            + (f", predictors {fmt_bytes(fixed['predictor'])}" if fixed["predictor"] else "")
+            + f"); pass memory_budget >= {need}"
+        )
+    kv = kv_per_token * kv_tokens(fit.context)
     if budget_bytes is None:
         resident = capacity = n
     else:
-        need = fixed_total + (min_cache_neurons * per_neuron_all if mode == "flash" else 0)
-        if budget_bytes < need:
-            raise BudgetError(
-                f"memory budget {fmt_bytes(budget_bytes)} is too small for mode {mode}: it needs at least "
-                f"{fmt_bytes(need)} (dense weights {fmt_bytes(fixed['dense'])}, KV cache {fmt_bytes(fixed['kv'])} for "
-                f"{context} tokens, streaming buffer {fmt_bytes(fixed['stream'])}"
-                + (f", exact selector {fmt_bytes(fixed['selector'])}" if fixed["selector"] else "")
-                + (f", predictors {fmt_bytes(fixed['predictor'])}" if fixed["predictor"] else "")
-                + ")"
-            )
-        spare = budget_bytes - fixed_total
+        spare = budget_bytes - (sum(fixed.values()) - fit.moved + fit.buffers + kv)
         resident = capacity = min(n, spare // per_neuron_all)
     if mode != "hybrid":
         resident = 0
@@ -245,16 +395,23 @@ def plan_memory(
         mode=mode,
         budget_bytes=budget_bytes,
         dtype_bytes=b,
-        dense_bytes=fixed["dense"],
-        kv_bytes=fixed["kv"],
+        dense_bytes=fixed["dense"] - fit.moved,
+        kv_bytes=kv,
         stream_bytes=fixed["stream"],
         selector_bytes=fixed["selector"],
         predictor_bytes=fixed["predictor"],
         resident_neurons=int(resident),
         cache_capacity=int(capacity),
-        context=context,
         neuron_bytes_all_layers=per_neuron_all,
+        **fit.plan_fields(),
     )
+
+
+def _vocab_note(f: Fit) -> str:
+    """What a budget error's breakdown says of the vocabulary tables on flash."""
+    if not f.moved:
+        return ""
+    return f" with the vocabulary tables on flash ({fmt_bytes(f.moved)}; streaming buffers {fmt_bytes(f.buffers)})"
 
 
 def plan_with_selection(
@@ -266,36 +423,20 @@ def plan_with_selection(
     context: int,
     selection: str | None,
     has_predictors: bool,
+    **kw,
 ) -> tuple[MemoryPlan, str]:
-    """`plan_memory` and the selection it was made for. With `selection` None: "exact", unless
-    the mode is flash, the folder has predictors (`sizes.predictor_elems`) and the budget cannot
-    hold the exact selector; then "predictor" (whose bytes are then planned)."""
+    """`plan_memory` (`kw`: its vocab and auto_context) and the selection it was made for.
+    With `selection` None: "exact", unless the mode is flash, the folder has predictors
+    (`sizes.predictor_elems`) and the budget cannot hold the exact selector; then "predictor"
+    (whose bytes are then planned)."""
+    kw.update(mode=mode, budget_bytes=budget_bytes, dtype_bytes=dtype_bytes, context=context)
     if selection is not None or mode != "flash" or not has_predictors:
         selection = selection or "exact"
-        plan = plan_memory(
-            sizes,
-            mode=mode,
-            budget_bytes=budget_bytes,
-            dtype_bytes=dtype_bytes,
-            context=context,
-            selection=selection,
-        )
-        return plan, selection
+        return plan_memory(sizes, selection=selection, **kw), selection
     try:
-        plan = plan_memory(
-            sizes, mode=mode, budget_bytes=budget_bytes, dtype_bytes=dtype_bytes, context=context
-        )
-        return plan, "exact"
+        return plan_memory(sizes, **kw), "exact"
     except BudgetError:
-        plan = plan_memory(
-            sizes,
-            mode=mode,
-            budget_bytes=budget_bytes,
-            dtype_bytes=dtype_bytes,
-            context=context,
-            selection="predictor",
-        )
-        return plan, "predictor"
+        return plan_memory(sizes, selection="predictor", **kw), "predictor"
 
 
 @dataclass(frozen=True)
@@ -309,47 +450,74 @@ class ExpertSizes:
     experts_per_token: int  # the router's k
     slot_bytes: int  # one expert of one layer in its pool
     stage_experts: int  # rows of the staging buffer the reads land in, at most (k at least)
+    stage_bytes: int = 0  # one row of the staging buffer: an expert's bundle as stored (0: slot_bytes)
+
+    def __post_init__(self):
+        if not self.stage_bytes:
+            object.__setattr__(self, "stage_bytes", self.slot_bytes)
 
     @property
     def model_bytes(self) -> int:
         return self.dense_bytes + self.moe_layers * self.num_experts * self.slot_bytes
 
 
-def plan_experts(sizes: ExpertSizes, *, budget_bytes: int | None, context: int) -> MemoryPlan:
+def plan_experts(
+    sizes: ExpertSizes,
+    *,
+    budget_bytes: int | None,
+    context: int,
+    vocab: VocabSizes = VocabSizes(),
+    auto_context: bool = False,
+) -> MemoryPlan:
     """The MoE plan: dense weights, KV cache, staging buffer, and per MoE layer a pool of as many
     expert slots as fit (all experts without a budget; at least k, else a BudgetError naming
-    the smallest budget that works)."""
+    the smallest budget that works); `fit_budget` chooses what of the vocabulary tables stays
+    on flash, and with `auto_context` the context."""
     per_slot = sizes.slot_bytes * sizes.moe_layers
-    dense, kv = sizes.dense_bytes, sizes.kv_bytes_per_token * kv_tokens(context)
     k, n = sizes.experts_per_token, sizes.num_experts
-    stage = max(k, sizes.stage_experts) * sizes.slot_bytes
-    if budget_bytes is not None and budget_bytes < dense + kv + stage + k * per_slot:
-        stage = k * sizes.slot_bytes  # a tight budget: reads staged k experts at a time
-    fixed = dense + kv + stage
-    if budget_bytes is None:
-        slots = n
-    else:
-        need = fixed + k * per_slot
-        if budget_bytes < need:
-            raise BudgetError(
-                f"memory budget {fmt_bytes(budget_bytes)} is too small for this mixture-of-experts model: it needs at "
-                f"least {fmt_bytes(need)} (dense weights {fmt_bytes(dense)}, KV cache {fmt_bytes(kv)} for {context} "
-                f"tokens, staging buffer {fmt_bytes(stage)}, and {k} experts per layer, one token's, "
-                f"{fmt_bytes(k * per_slot)}); pass memory_budget >= {need}"
-            )
-        slots = min(n, (budget_bytes - fixed) // per_slot)
+    kv_per_token = sizes.kv_bytes_per_token
+    shape = dict(kv_per_token=kv_per_token, minimum=k * per_slot, vocab=vocab)
+
+    def fit_with(stage: int) -> Fit | None:
+        return fit_budget(
+            budget_bytes,
+            fixed=sizes.dense_bytes + stage,
+            full=n * per_slot,
+            context=context,
+            auto_context=auto_context,
+            **shape,
+        )
+
+    stage = max(k, sizes.stage_experts) * sizes.stage_bytes
+    fit = fit_with(stage)
+    if fit is None or fit.head_on_flash or fit.context < context:  # tight: reads staged k experts at a time
+        stage = k * sizes.stage_bytes
+        fit = fit_with(stage)
+    if fit is None:
+        need, ctx, f = smallest_budget(
+            fixed=sizes.dense_bytes + stage, context=context, auto_context=auto_context, **shape
+        )
+        raise BudgetError(
+            f"memory budget {fmt_bytes(budget_bytes)} is too small for this mixture-of-experts model: it needs at "
+            f"least {fmt_bytes(need)} (dense weights {fmt_bytes(sizes.dense_bytes - f.moved)}{_vocab_note(f)}, "
+            f"KV cache {fmt_bytes(kv_per_token * kv_tokens(ctx))} for {ctx} tokens, staging buffer {fmt_bytes(stage)}, "
+            f"and {k} experts per layer, one token's, {fmt_bytes(k * per_slot)}); pass memory_budget >= {need}"
+        )
+    kv = kv_per_token * kv_tokens(fit.context)
+    fixed = sizes.dense_bytes - fit.moved + fit.buffers + kv + stage
+    slots = n if budget_bytes is None else min(n, (budget_bytes - fixed) // per_slot)
     return MemoryPlan(
         mode="flash",
         budget_bytes=budget_bytes,
         dtype_bytes=0,
-        dense_bytes=dense,
+        dense_bytes=sizes.dense_bytes - fit.moved,
         kv_bytes=kv,
         stream_bytes=stage,
         selector_bytes=0,
         predictor_bytes=0,
         resident_neurons=0,
         cache_capacity=int(slots),
-        context=context,
         neuron_bytes_all_layers=per_slot,
         cache_label=f"of {n} experts",
+        **fit.plan_fields(),
     )

@@ -72,10 +72,16 @@ def moe_skeleton(config: dict) -> tuple[nn.Module, list[SwitchModule]] | None:
         return None
     try:
         model_cls, args_cls = get_model_classes(config)
-        model = model_cls(args_cls.from_dict(config))
-    except Exception:  # an architecture mlx-lm does not have, or a config it cannot build
+    except Exception:  # an architecture mlx-lm does not have
         check_moe_config(config)
         raise
+    try:
+        model = model_cls(args_cls.from_dict(config))
+    except Exception as e:  # a config mlx-lm's model cannot be built from
+        raise UnsupportedModelError(
+            f"architecture {config.get('model_type')!r} has routed experts, but mlx-lm's model cannot be built from "
+            f"its config.json ({type(e).__name__}: {one_line(e)})"
+        ) from None
     switches = switch_modules(model)
     if not switches:
         check_moe_config(config)
@@ -124,12 +130,30 @@ def sanitize_layer(
         weights = adapt(weights)
     if hasattr(model, "sanitize"):
         try:
-            weights = model.sanitize(weights)
+            weights = _sanitize_one_layer(model, weights)
         except Exception as e:  # a sanitizer meeting a layout it does not know
             raise MlxFlashError(
                 f"layer {layer}: mlx-lm's sanitize of {type(model).__module__} failed ({type(e).__name__}: {one_line(e)})"
             ) from None
     return {_relabel(n, 0, layer): a for n, a in weights.items()}
+
+
+def _sanitize_one_layer(model: nn.Module, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """`model.sanitize` of one layer's tensors (named as layer 0's). A sanitizer that walks
+    every layer (granitemoe's: ``for l in range(args.num_hidden_layers)``) is run as if the
+    model had one layer."""
+    try:
+        return model.sanitize(dict(weights))
+    except KeyError:
+        args = getattr(model, "args", None)
+        layers = getattr(args, "num_hidden_layers", None)
+        if not isinstance(layers, int) or layers <= 1:
+            raise
+        args.num_hidden_layers = 1
+        try:
+            return model.sanitize(dict(weights))
+        finally:
+            args.num_hidden_layers = layers
 
 
 def _st_of(a: mx.array) -> str:

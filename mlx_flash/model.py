@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import json
 import operator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import layout
+from . import layout, vocab
 from .budget import ModelSizes, parse_budget, plan_with_selection
 from .cache import NeuronCache
 from .distributed import Shard, process_shard
@@ -186,6 +186,9 @@ def load_flash_model(
     model = build_model_skeleton(config)
     layers = model_layers(model)
     dense = _DenseFile.read(folder, manifest, arch, dtype.size)
+    vocab_sizes, tables = vocab.vocab_sizes(
+        model, dense.header, manifest.hidden_size, dtype.size, config.get("vocab_size")
+    )
     try:
         sizes = model_sizes(manifest, config, dense.elems, model, dense.bytes)
     except (TypeError, ValueError, ZeroDivisionError) as e:
@@ -224,6 +227,8 @@ def load_flash_model(
         context=context,
         selection=options.selection,
         has_predictors=sizes.predictor_elems > 0,
+        vocab=vocab_sizes,
+        auto_context=options.context is None,
     )
 
     act = ACTIVATION_FUNCTIONS[ACTIVATIONS[manifest.activation]]
@@ -243,6 +248,10 @@ def load_flash_model(
             compute_dtype=dtype,
             shard=shard,
         )
+    except BaseException:
+        reader.close()
+        raise
+    try:
         if mode == "flash" and selection == "predictor":
             from .predictors.store import Predictors
 
@@ -254,12 +263,14 @@ def load_flash_model(
         for i, layer in enumerate(layers):
             st = _layer_state(i, manifest, reader, runtime, biases)
             layer.mlp = FlashFFN(st, runtime)
-        load_dense_weights(model, config, weights, folder / manifest.dense_file)
+        skip = vocab.install(model, folder, manifest.dense_file, tables, plan, runtime)
+        load_dense_weights(model, config, weights, folder / manifest.dense_file, skip)
+        vocab.plan_kv_cache(model, plan.context)
         runtime.layers = [layer.mlp for layer in layers]
         runtime.lookahead = options.lookahead and mode == "flash"
         mx.eval([a for l in layers for a in l.mlp.resident_arrays()])
     except BaseException:
-        reader.close()
+        runtime.close()
         raise
     model.eval()
     return model, runtime
@@ -275,11 +286,16 @@ def dense_weights(folder: Path, manifest: layout.Manifest, dtype: mx.Dtype) -> d
     }
 
 
-def load_dense_weights(model: nn.Module, config: dict, weights: dict[str, mx.array], path: Path) -> None:
+def load_dense_weights(
+    model: nn.Module, config: dict, weights: dict[str, mx.array], path: Path, skip: set[str] = frozenset()
+) -> None:
     """Load the dense weights into `model` as mlx-lm loads a model (its `sanitize`, the
-    quantization config.json names), strictly, and evaluate them; a mismatch is one line."""
+    quantization config.json names), strictly, and evaluate them; a mismatch is one line.
+    `skip`: names (after sanitize) left on flash (`vocab.install`), not loaded."""
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
+    for name in skip:
+        weights.pop(name, None)
     try:
         quantize_loaded(model, config, weights)
         model.load_weights(list(weights.items()), strict=True)
@@ -312,6 +328,7 @@ class _DenseFile:
     elems: int
     bytes: int
     bias_names: dict[tuple[int, str], str]
+    header: dict = field(default_factory=dict)  # the tensors, by name
 
     @classmethod
     def read(cls, folder: Path, manifest: layout.Manifest, arch, dtype_bytes: int) -> _DenseFile:
@@ -330,15 +347,12 @@ class _DenseFile:
                     f"{folder / manifest.dense_file}: {name} has shape {list(header[name].shape)}, expected "
                     f"{list(bias_shapes[role])}; re-run mlx_flash.convert"
                 )
-        tensors = [t for n, t in header.items() if not n.startswith("__padding")]
+        tensors = {n: t for n, t in header.items() if not n.startswith("__padding")}
         return cls(
-            elems=sum(t.numel for t in tensors),
-            # in memory: integer tensors as stored, floats in the compute dtype
-            bytes=sum(
-                t.numel * (dtype_bytes if t.dtype in ("F32", "F16", "BF16") else t.nbytes // max(t.numel, 1))
-                for t in tensors
-            ),
+            elems=sum(t.numel for t in tensors.values()),
+            bytes=vocab.memory_bytes(tensors.values(), dtype_bytes),
             bias_names=bias_names,
+            header=tensors,
         )
 
 

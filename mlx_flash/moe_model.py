@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import layout
+from . import layout, vocab
 from .budget import ExpertSizes, parse_budget, plan_experts
 from .distributed import process_shard
 from .errors import MlxFlashError
@@ -53,7 +53,7 @@ class ExpertRuntime(FlashRuntime):
 
 def experts_per_token(config: dict, model: nn.Module) -> int:
     """The router's k: config.json's, else the attribute of the model's MoE blocks."""
-    for key in ("num_experts_per_tok", "moe_top_k", "top_k", "num_selected_experts"):
+    for key in ("num_experts_per_tok", "moe_top_k", "top_k", "num_selected_experts", "moe_k"):
         v = config.get(key)
         if isinstance(v, int) and v > 0:
             return v
@@ -97,10 +97,10 @@ def load_moe_model(folder: Path, manifest: layout.Manifest, options) -> tuple[nn
         )
     k = experts_per_token(config, model)
     header, _ = read_header(folder / manifest.dense_file)
-    dense_bytes = sum(
-        t.numel * (dtype.size if t.dtype in ("F32", "F16", "BF16") else t.nbytes // max(t.numel, 1))
-        for n, t in header.items()
-        if not n.startswith("__padding")
+    header = {n: t for n, t in header.items() if not n.startswith("__padding")}
+    dense_bytes = vocab.memory_bytes(header.values(), dtype.size)
+    vocab_sizes, tables = vocab.vocab_sizes(
+        model, header, manifest.hidden_size, dtype.size, config.get("vocab_size")
     )
     heads = _config_int(config, "num_attention_heads")
     kv_heads = _config_int(config, "num_key_value_heads", heads)
@@ -117,6 +117,7 @@ def load_moe_model(folder: Path, manifest: layout.Manifest, options) -> tuple[nn
         experts_per_token=k,
         slot_bytes=slot_bytes,
         stage_experts=min(first.num_experts, max(k, STAGE_BYTES // first.expert_bytes)),
+        stage_bytes=first.expert_bytes,
     )
     if k > first.num_experts:
         raise layout.FlashFormatError(f"{folder}: num_experts_per_tok {k} > {first.num_experts} experts")
@@ -134,9 +135,12 @@ def load_moe_model(folder: Path, manifest: layout.Manifest, options) -> tuple[nn
             experts_per_token=min(k, owned),
             stage_experts=min(owned, sizes.stage_experts),
         )
-    context = _context(config, options.context)
     plan = plan_experts(
-        sizes, budget_bytes=parse_budget(options.memory_budget, sizes.model_bytes), context=context
+        sizes,
+        budget_bytes=parse_budget(options.memory_budget, sizes.model_bytes),
+        context=_context(config, options.context),
+        vocab=vocab_sizes,
+        auto_context=options.context is None,
     )
     view = manifest.expert_rows()
     reader = FlashReader(folder, view, threads=options.threads)
@@ -152,11 +156,15 @@ def load_moe_model(folder: Path, manifest: layout.Manifest, options) -> tuple[nn
             compute_dtype=dtype,
             shard=shard,
         )
+    except BaseException:
+        reader.close()
+        raise
+    try:
         cache = ExpertCache(
             manifest.experts,
             reader,
             plan.cache_capacity,
-            plan.stream_bytes // slot_bytes,
+            plan.stream_bytes // first.expert_bytes,
             dtype,
             verify=options.verify,
             policy=options.expert_policy,
@@ -169,15 +177,17 @@ def load_moe_model(folder: Path, manifest: layout.Manifest, options) -> tuple[nn
             _pool_parameters(inner, entry, cache.pools[j])
             runtime.switches.append(FlashSwitch(inner, j, cache, runtime))
             runtime.switches[-1].overlap = options.overlap
-            _set_module(model, entry.module, runtime.switches[-1])
+            vocab.set_module(model, entry.module, runtime.switches[-1])
+        skip = vocab.install(model, folder, manifest.dense_file, tables, plan, runtime)
         load_dense_weights(
-            model, config, dense_weights(folder, manifest, dtype), folder / manifest.dense_file
+            model, config, dense_weights(folder, manifest, dtype), folder / manifest.dense_file, skip
         )
         if options.lookahead:
             for j, (a, b) in enumerate(zip(manifest.experts, manifest.experts[1:])):
                 runtime.switches[j].guess = next_router(model, a.module, b.module, b.num_experts)
+        vocab.plan_kv_cache(model, plan.context)
     except BaseException:
-        reader.close()
+        runtime.close()
         raise
     model.eval()
     return model, runtime
@@ -234,11 +244,3 @@ def _get_module(model: nn.Module, path: str) -> object:
     for p in path.split("."):
         node = node[int(p)] if isinstance(node, list) else getattr(node, p)
     return node
-
-
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent: object = model
-    *parents, last = path.split(".")
-    for p in parents:
-        parent = parent[int(p)] if isinstance(parent, list) else getattr(parent, p)
-    setattr(parent, last, module)

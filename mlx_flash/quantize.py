@@ -143,9 +143,11 @@ def quantize_loaded(model: nn.Module, config: dict, weights: dict[str, mx.array]
         infer_quant_config = None
 
     def predicate(path: str, module: nn.Module):
+        if not hasattr(module, "to_quantized"):  # e.g. a vocabulary table left on flash
+            return False
         if path in quantization:
             return quantization[path]
-        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+        if f"{path}.scales" not in weights:
             return False
         return infer_quant_config(path, module, weights) if infer_quant_config else True
 

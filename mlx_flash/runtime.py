@@ -88,15 +88,33 @@ class FlashRuntime:
             tuple[dict[str, np.ndarray], dict[str, mx.array]]
         ] = []  # see stream_blocks
         self.lock = threading.RLock()  # one generation at a time per model
+        self.vocab: dict = {}  # "embed" / "head": the vocab.VocabTableReader of a table on flash
+        self._opened_by_embedding = False
 
     # -- statistics ---------------------------------------------------------------------------
     def begin_layer(self, layer: int, tokens: int = 1) -> None:
-        """Called by each FlashFFN as it starts; the first layer opens a new pass record."""
+        """Called by each FlashFFN as it starts; the first layer opens a new pass record (unless
+        the embedding read from flash opened it, `begin_pass`)."""
         if layer == 0:
-            self.end_pass()
-            self._current = PassStats(tokens=tokens)
-            self._pass_start = time.perf_counter()
-            self.reader.stats.take()
+            if self._opened_by_embedding:
+                self._opened_by_embedding = False
+                return
+            self.begin_pass(tokens)
+            self._opened_by_embedding = False
+
+    def begin_pass(self, tokens: int) -> None:
+        """Open a new pass record (the embedding table on flash calls it, its reads being the
+        pass's first)."""
+        self.end_pass()
+        self._current = PassStats(tokens=tokens)
+        self._pass_start = time.perf_counter()
+        for r in self.readers():
+            r.stats.take()
+        self._opened_by_embedding = True
+
+    def readers(self) -> list[FlashReader]:
+        """The FFN's (or experts') reader, and those of the vocabulary tables on flash."""
+        return [self.reader] + [v.reader for v in self.vocab.values()]
 
     def end_pass(self) -> None:
         """Close the open pass record (its wall time runs until now)."""
@@ -104,10 +122,10 @@ class FlashRuntime:
         if cur is None:
             return
         cur.wall_ms = (time.perf_counter() - self._pass_start) * 1e3
-        io = self.reader.stats.take()
-        cur.bytes_read = sum(s.bytes_read for s in io.values())
-        cur.reads = sum(s.reads for s in io.values())
-        cur.io_ms = 1e3 * sum(s.wait_seconds for s in io.values())  # the reader's clock of waiting callers
+        io = [s for r in self.readers() for s in r.stats.take().values()]
+        cur.bytes_read = sum(s.bytes_read for s in io)
+        cur.reads = sum(s.reads for s in io)
+        cur.io_ms = 1e3 * sum(s.wait_seconds for s in io)  # the reader's clock of waiting callers
         with self._busy_lock:
             spans, self._busy = sorted(self._busy), []
         cur.reader_busy_ms = 1e3 * _union_seconds(spans, self._pass_start)
@@ -305,7 +323,8 @@ class FlashRuntime:
 
     def close(self) -> None:
         self.drop_staged()
-        self.reader.close()
+        for r in self.readers():
+            r.close()
 
 
 def _union_seconds(spans: list[tuple[float, float]], start: float) -> float:

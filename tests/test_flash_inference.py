@@ -142,10 +142,10 @@ def test_budget_planner_arithmetic():
     for bad in ("lots", "-5", "0", "5 parsecs"):
         with pytest.raises(BudgetError):
             parse_budget(bad, 100)
-    # fixed: dense 4000 B, kv 40*256*4 = 40960 B (10 tokens of context: mlx-lm's KV cache
-    # holds whole steps of 256), stream 3 blocks of 13 neurons*30*4 = 4680 B, selector
-    # 2*100*10*4 = 8000 B
-    kv = 40 * 256 * 4
+    # fixed: dense 4000 B, kv 40*10*4 = 1600 B (10 tokens of context: the flash model's KV
+    # cache grows by the context when it is shorter than mlx-lm's step of 256), stream 3 blocks
+    # of 13 neurons*30*4 = 4680 B, selector 2*100*10*4 = 8000 B
+    kv = 40 * 10 * 4
     plan = plan_memory(
         sizes, mode="flash", budget_bytes=4000 + kv + 4680 + 8000 + 50 * 240, dtype_bytes=4, context=10
     )
@@ -162,8 +162,53 @@ def test_budget_planner_arithmetic():
     from mlx_lm.models.cache import KVCache
 
     assert KVCache.step == KV_STEP  # the planner's assumption about mlx-lm's KV cache
-    with pytest.raises(BudgetError, match="at least 57.9 KB"):
+    with pytest.raises(BudgetError, match="at least 18.5 KB"):
         plan_memory(sizes, mode="flash", budget_bytes=1000, dtype_bytes=4, context=10)
+
+
+def test_budget_planner_puts_vocabulary_tables_on_flash_and_shortens_the_context():
+    """What does not fit goes, cheapest first: the embedding rows, a shorter context (down to
+    one KV step), the lm_head streamed, then a shorter context still; an explicit context is
+    kept; a budget below all of it names the smallest."""
+    import re
+
+    from mlx_flash.budget import KV_STEP, MIN_AUTO_CONTEXT, ModelSizes, VocabSizes
+
+    sizes = ModelSizes(
+        dense_elems=100_000, num_layers=2, num_neurons=100, hidden_size=10, num_parts=3, kv_elems_per_token=40
+    )
+    vocab = VocabSizes(embed_bytes=150_000, head_bytes=150_000, head_stream_bytes=6_000)
+
+    def plan(budget, **kw):
+        kw.setdefault("auto_context", True)
+        return plan_memory(
+            sizes, mode="flash", budget_bytes=budget, dtype_bytes=4, context=2048, vocab=vocab, **kw
+        )
+
+    full = plan(None)
+    assert not (full.embed_on_flash or full.head_on_flash) and full.context == 2048
+    # fixed apart from the KV cache: dense 400 KB + stream 4680 + selector 8000; one slot 240 B
+    rest, kv = 400_000 + 4680 + 8000 + 240, 160 * 2048
+    p = plan(rest + kv)  # holds it all at one slot: nothing moves
+    assert not p.embed_on_flash and p.cache_capacity == 1 and p.context == 2048
+    p = plan(rest + kv - 1)
+    assert p.embed_on_flash and not p.head_on_flash and p.context == 2048
+    p = plan(rest - 150_000 + 160 * 300)  # room for 300 tokens: the context shrinks first
+    assert p.embed_on_flash and not p.head_on_flash and p.context == KV_STEP
+    assert p.total_bytes <= p.budget_bytes
+    p = plan(rest - 294_000 + kv)  # shortening to 1024 tokens beats streaming the head
+    assert not p.head_on_flash and p.context == 1024
+    p = plan(rest - 294_000 + kv, auto_context=False)  # the context asked for: the head streams
+    assert p.head_on_flash and p.context == 2048 and p.vocab_stream_bytes == 6000
+    p = plan(rest - 294_000 + 160 * 100)
+    assert p.head_on_flash and p.context == 100 and p.total_bytes <= p.budget_bytes
+    with pytest.raises(BudgetError, match="2048 tokens"):
+        plan(rest - 294_000 + 160 * 100, auto_context=False)
+    with pytest.raises(BudgetError) as e:
+        plan(rest - 294_000 + 160 * (MIN_AUTO_CONTEXT - 1))
+    smallest = int(re.search(r"memory_budget >= (\d+)", str(e.value)).group(1))
+    assert smallest == rest - 294_000 + 160 * MIN_AUTO_CONTEXT
+    assert plan(smallest).context == MIN_AUTO_CONTEXT
 
 
 def run_generate(*args):

@@ -134,6 +134,8 @@ class Planner:
             not self.manifest.quantized
             and self.manifest.dtype == "float32"
             and all((c1 - c0) % self.align == 0 for _, c0, c1, _ in cols)
+            and seg.data_offset % self.align == 0  # rows start on blocks (a flash file's do; a
+            and seg.row_bytes % self.align == 0  # vocabulary table in the dense file's need not)
         )
         return SegmentReads(seg, file, cols, vectored)
 
