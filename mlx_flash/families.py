@@ -169,12 +169,13 @@ EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "mo
 
 
 def config_experts(config: dict) -> int:
-    """The number of routed experts config.json declares (0: none)."""
+    """The number of routed experts config.json declares (0: none); also in a nested settings
+    block (DBRX's ``ffn_config``)."""
     for k in EXPERT_COUNT_KEYS:
         v = config.get(k)
         if isinstance(v, int) and not isinstance(v, bool) and v > 1:
             return v
-    return 0
+    return next((n for v in config.values() if isinstance(v, dict) and (n := config_experts(v))), 0)
 
 
 def check_moe_config(config: dict) -> None:

@@ -10,9 +10,10 @@ the same `gather_mm` / `gather_qmm` on the same expert weights, so the same resu
 
 Prefill, expert-major: all tokens of a call share one plan, so each expert a chunk needs is read
 once per layer, not once per token. When a call needs more distinct experts than the pool has
-slots, its tokens are split, in order, into parts whose experts fit; each part is computed and
-evaluated before the next one overwrites slots (still exact: a token's output depends on its own
-experts only).
+slots, its experts are split into groups that fit (`expert_groups`: those already in the pool
+first), and each group computes the (token, k) entries routed to it, evaluated before the next
+group overwrites slots: each expert is still read at most once per call, and the output is
+exact (an entry depends on its own token and expert only).
 
 Under ``mlx.launch`` (`distributed.Shard`), a rank reads and caches only its own experts; the
 (token, k) entries of the others' experts are computed on slot 0 and replaced by zeros, and one
@@ -72,24 +73,34 @@ class FlashSwitch(nn.Module):
             if decode and len(np.unique(own[own >= 0])) <= pool.slots:
                 y = self._overlapped(x, indices, own, guess)
                 return self._group_sum(y, mine)
-            parts = split_tokens(own, pool.slots)
-            outs = []
-            xs = x.reshape(tokens, x.shape[-1]) if len(parts) > 1 else x
-            for lo, hi in parts:
-                needed = np.unique(own[lo:hi])
-                needed = needed[needed >= 0]
+            needed = np.unique(own)
+            needed = needed[needed >= 0]
+            if len(needed) <= pool.slots:
                 plan = cache.fetch(self.moe_layer, needed, rt.add_time)
                 rt.count_token_layer(
                     self.moe_layer, active=len(needed), loaded=len(plan.missing), used=pool.resident
                 )
                 # Another rank's expert computes on slot 0, its result dropped below.
-                slots = mx.array(np.maximum(pool.slot_of[ids[lo:hi]], 0).astype(np.uint32))
-                if len(parts) == 1:
-                    return self._group_sum(self._inner(x, slots.reshape(indices.shape)), mine)
-                y = self._inner(xs[lo:hi], slots)
-                mx.eval(y)  # the next part may overwrite the slots this one computed on
+                slots = mx.array(np.maximum(pool.slot_of[ids], 0).astype(np.uint32))
+                return self._group_sum(self._inner(x, slots.reshape(indices.shape)), mine)
+            flat = own.reshape(-1)
+            xs = x.reshape(tokens, x.shape[-1])
+            entries, outs = [], []
+            for group in expert_groups(needed, pool.slot_of[needed] >= 0, pool.slots):
+                plan = cache.fetch(self.moe_layer, group, rt.add_time)
+                rt.count_token_layer(
+                    self.moe_layer, active=len(group), loaded=len(plan.missing), used=pool.resident
+                )
+                at = np.flatnonzero(np.isin(flat, group))  # the (token, k) entries of this group
+                slots = mx.array(pool.slot_of[flat[at]].astype(np.uint32)[:, None])
+                y = self._inner(xs[mx.array(at // k)], slots)[:, 0]
+                mx.eval(y)  # the next group may overwrite the slots this one computed on
+                entries.append(at)
                 outs.append(y)
-            return self._group_sum(mx.concatenate(outs, axis=0).reshape(*lead, k, -1), mine)
+            y = mx.concatenate(outs, axis=0)
+            out = mx.zeros((tokens * k, y.shape[-1]), dtype=y.dtype)
+            out[mx.array(np.concatenate(entries))] = y  # another rank's entries stay zero
+            return self._group_sum(out.reshape(*lead, k, -1), mine)
 
     def _overlapped(
         self, x: mx.array, indices: mx.array, own: np.ndarray, guess: mx.array | None
@@ -161,17 +172,8 @@ class FlashSwitch(nn.Module):
         return self._runtime.all_sum(mx.where(keep, y, mx.zeros((), dtype=y.dtype)))
 
 
-def split_tokens(ids: np.ndarray, slots: int) -> list[tuple[int, int]]:
-    """Token ranges [lo, hi) of `ids` ([tokens, k] expert ids; -1: another rank's expert, not
-    counted), in order, each needing at most `slots` distinct experts (one range when all fit)."""
-    if len(np.unique(ids[ids >= 0])) <= slots:
-        return [(0, len(ids))]
-    parts, lo, seen = [], 0, set()
-    for t, row in enumerate(ids.tolist()):
-        grown = seen.union(e for e in row if e >= 0)
-        if len(grown) > slots:
-            parts.append((lo, t))
-            lo, grown = t, {e for e in row if e >= 0}
-        seen = grown
-    parts.append((lo, len(ids)))
-    return parts
+def expert_groups(needed: np.ndarray, resident: np.ndarray, slots: int) -> list[np.ndarray]:
+    """The experts `needed` (sorted) in groups of at most `slots`, those `resident` (a bool per
+    needed expert) first: each group's experts fit the pool at once."""
+    order = np.concatenate([needed[resident], needed[~resident]])
+    return [order[i : i + slots] for i in range(0, len(order), slots)]

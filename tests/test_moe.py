@@ -19,7 +19,7 @@ from mlx_flash.convert import convert
 from mlx_flash.expert_policies import LRUPolicy
 from mlx_flash.experts import ExpertChecksumError
 from mlx_flash.model import load_dense
-from mlx_flash.switch import split_tokens
+from mlx_flash.switch import expert_groups
 
 PROMPT = TOKENIZER_TEXT[:120]
 MAX_TOKENS = 10
@@ -161,10 +161,17 @@ def test_budget_below_k_experts_names_the_smallest(qwen):
     rt.close()
 
 
-def test_unstreamable_moe_layout_names_the_architecture(tmp_path):
+@pytest.mark.parametrize(
+    "model_type, experts",
+    [
+        ("llama", {"num_local_experts": 4}),  # experts mlx-lm does not build as switch modules
+        ("dbrx", {"ffn_config": {"moe_num_experts": 4, "moe_top_k": 2}}),  # mlx-lm's own DBRX experts
+    ],
+)
+def test_unstreamable_moe_layout_names_the_architecture(tmp_path, model_type, experts):
     src = make_tiny_model(tmp_path / "src", "llama")
     cfg = json.loads((src / "config.json").read_text())
-    cfg.update(model_type="llama", num_local_experts=4)  # experts mlx-lm does not build as switch modules
+    cfg.update(model_type=model_type, **experts)
     (src / "config.json").write_text(json.dumps(cfg))
     r = subprocess.run(
         [
@@ -181,7 +188,7 @@ def test_unstreamable_moe_layout_names_the_architecture(tmp_path):
         text=True,
     )
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert "'llama'" in r.stderr and "experts" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert f"'{model_type}'" in r.stderr and "experts" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_lru_never_evicts_a_slot_in_use():
@@ -194,13 +201,27 @@ def test_lru_never_evicts_a_slot_in_use():
     assert 1 not in p.victims(3, protected, np.zeros(4, bool))
 
 
-def test_split_tokens_fits_the_pool():
-    ids = np.array([[0, 1], [2, 3], [0, 2], [4, 5], [4, 1]])
-    parts = split_tokens(ids, 4)
-    assert parts[0] == (0, 3) and parts[-1][1] == len(ids)
-    for lo, hi in parts:
-        assert len(np.unique(ids[lo:hi])) <= 4
-    assert split_tokens(ids, 6) == [(0, 5)]
+def test_expert_groups_fit_the_pool_resident_first():
+    needed = np.array([0, 2, 3, 5, 7])
+    groups = expert_groups(needed, np.array([False, True, False, False, True]), 2)
+    assert [g.tolist() for g in groups] == [[2, 7], [0, 3], [5]]
+    assert [g.tolist() for g in expert_groups(needed, np.zeros(5, bool), 5)] == [needed.tolist()]
+
+
+def test_prefill_split_for_a_small_pool_reads_each_expert_once(qwen):
+    """A prompt needing more experts than the pool holds is computed in groups of experts:
+    each layer reads each expert it needs at most once, and the logits stay mlx-lm's."""
+    src, flash = qwen
+    ref_tokens, ref_logits, x = reference(src)
+    model, rt = load(flash, memory_budget=budget_for_slots(flash, 2))
+    try:
+        logits = np.array(model(x))  # one call per layer for the whole prompt
+        for pool in rt.experts.pools:
+            assert pool.stats.needed > pool.slots  # the call was split
+            assert pool.stats.misses == pool.stats.needed <= pool.entry.num_experts
+        np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    finally:
+        rt.close()
 
 
 def test_cli_convert_verify_generate(qwen, tmp_path):
