@@ -427,16 +427,22 @@ def plan_with_selection(
 ) -> tuple[MemoryPlan, str]:
     """`plan_memory` (`kw`: its vocab and auto_context) and the selection it was made for.
     With `selection` None: "exact", unless the mode is flash, the folder has predictors
-    (`sizes.predictor_elems`) and the budget cannot hold the exact selector; then "predictor"
-    (whose bytes are then planned)."""
+    (`sizes.predictor_elems`) and the budget cannot hold the exact selector with the rest
+    resident; then "predictor" (whose bytes are then planned); only if neither fits so, the
+    vocabulary tables and the context give way, for "exact" first."""
     kw.update(mode=mode, budget_bytes=budget_bytes, dtype_bytes=dtype_bytes, context=context)
     if selection is not None or mode != "flash" or not has_predictors:
         selection = selection or "exact"
         return plan_memory(sizes, selection=selection, **kw), selection
-    try:
-        return plan_memory(sizes, **kw), "exact"
-    except BudgetError:
-        return plan_memory(sizes, selection="predictor", **kw), "predictor"
+    # The predictors before any vocabulary table goes to flash or the context shortens.
+    everything = dict(kw, vocab=VocabSizes(), auto_context=False)
+    for options in (everything, kw):
+        for selection in SELECTIONS:
+            try:
+                return plan_memory(sizes, selection=selection, **options), selection
+            except BudgetError as e:
+                error = e
+    raise error
 
 
 @dataclass(frozen=True)
