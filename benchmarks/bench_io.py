@@ -638,6 +638,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--conditions", type=str, default="quiet,busy", help="quiet, busy (a CPU-busy neighbour), or both"
     )
+    ap.add_argument(
+        "--buffers",
+        choices=BUFFER_KINDS,
+        default="small_pages",
+        help="the reader's output buffers: small pages (as fio's; the default), huge pages, numpy's",
+    )
     args = ap.parse_args(argv)
     if args.cache_only:
         return cache_only(args.out, args.quick)

@@ -3,6 +3,7 @@ fallback when the filesystem refuses O_DIRECT; no leaked threads or descriptors.
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import os
 import threading
@@ -40,6 +41,8 @@ from mlx_flash.reader import (
     make_engine,
     plan_chunks,
 )
+from mlx_flash.reader import native as native_reader
+from mlx_flash.reader.request import ReadFuture, Request
 from mlx_flash.safetensors_file import PlannedTensor, SafetensorsWriter
 
 ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -481,3 +484,91 @@ def test_native_engine_reads_many_requests_in_flight_from_several_threads(tmp_pa
             t.join()
         for k, ids in enumerate(jobs):
             check_rows(results[k], raw[k % 2], ids, "float32")
+
+
+NATIVE_ERROR = native_reader.load_error()
+
+
+@pytest.mark.skipif(NATIVE_ERROR is not None, reason=f"native engine not built: {NATIVE_ERROR}")
+@pytest.mark.parametrize(
+    "dtype,bundled,elems",
+    [
+        ("float32", True, (1024, 1024, 1024)),
+        ("float32", False, (1024, 2048, 1024)),
+        ("float16", True, (40, 40, 40)),
+    ]
+    + [("float32", True, (384, 384, 256)), ("bfloat16", False, (1400, 1400, 1400))],
+)
+def test_native_plan_equals_the_python_planner_on_random_cases(tmp_path, dtype, bundled, elems):
+    """One planning source of truth: the C engine's reads (rows to aligned, coalesced ranges)
+    and iovecs (straight into the output rows, gaps into junk, else a span of scratch) are the
+    Python planner's (`plan_chunks`, `Request.vectored`/`spans`), on random requests."""
+    m, _ = make_flash_folder(tmp_path, dtype=dtype, bundled=bundled, elems=elems, num_neurons=300)
+    rng = np.random.default_rng(7)
+    cases, seen = 0, set()
+    for gap, max_read in [(-1, 4096), (0, 8192), (5000, 20000), (16384, 65536), (1 << 30, 1 << 20)]:
+        with FlashReader(tmp_path, m, coalesce_gap=gap, max_read=max_read, engine="threads") as r:
+            for _ in range(12):
+                layer = int(rng.integers(2))
+                ids = np.sort(rng.choice(300, size=int(rng.integers(1, 300)), replace=False)).astype(np.int64)
+                dest = rng.permutation(len(ids)).astype(np.int64) if rng.integers(2) else None
+                out = r.empty_rows(len(ids), raw=True)
+                if rng.integers(3) == 0:  # unaligned outputs: every read through scratch
+                    out = {k: np.empty(v.size + 1, v.dtype)[1:].reshape(v.shape) for k, v in out.items()}
+                req = Request(
+                    layer,
+                    ids,
+                    r._layer_reads[layer],
+                    r._planner,
+                    out,
+                    dest,
+                    None,
+                    ReadFuture(r.stats, layer),
+                    r.stats,
+                )
+                reads, iovs, names = native_reader.plan(req)
+                chunks = req.chunks
+                assert len(reads) == len(chunks)
+                scratch_at = 0
+                for d, c in zip(reads, chunks):
+                    seg = req.reads.index(c.reads)
+                    assert d[4:7].tolist() == [seg, c.first, c.stop]
+                    assert d[1:4].tolist() == [c.offset, c.need, c.length]
+                    got = iovs[d[7] : d[7] + d[8]].tolist()
+                    if req.vectored(c):
+                        assert d[9] == -1
+                        want = [
+                            [0 if k is None else out[k].ctypes.data + off, n] for k, off, n in req.spans(c)
+                        ]
+                        assert got == want
+                        seen.add("into outputs, gaps" if any(a == 0 for a, _ in got) else "into outputs")
+                    else:
+                        assert d[9] == scratch_at and got == [[scratch_at, c.length]]
+                        scratch_at += c.length
+                        seen.add("scratch")
+                cases += 1
+    assert cases == 60
+    vectored = dtype == "float32" and all(e % 128 == 0 for e in elems)  # parts of whole 512 B blocks
+    assert seen == ({"into outputs", "into outputs, gaps", "scratch"} if vectored else {"scratch"})
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_request_nobody_waits_for_resolves_and_runs_its_callbacks(tmp_path, engine):
+    """A request is delivered in the thread that waits for it; one nobody waits for is still
+    delivered (by the engine): its callbacks run, `done()` turns true, `wait` returns it."""
+    m, raw = make_flash_folder(tmp_path)
+    with open_reader(tmp_path, m, engine, threads=2) as r:
+        called = threading.Event()
+        f = r.submit(0, np.arange(0, 300, 3))
+        f.add_done_callback(lambda _f: called.set())
+        assert called.wait(10) and f.done()
+        check_rows(f.result(), raw[0], np.arange(0, 300, 3), "float16")
+        futures = [r.submit(1, np.arange(k, 300, 7)) for k in range(3)]
+        done, _ = concurrent.futures.wait(futures, timeout=10)
+        assert len(done) == 3
+        for k, f in enumerate(futures):
+            check_rows(f.result(), raw[1], np.arange(k, 300, 7), "float16")
+        f = r.submit(1, [3, 9])
+        while not f.done():  # polling delivers it too
+            time.sleep(0.001)
+        check_rows(f.result(), raw[1], [3, 9], "float16")

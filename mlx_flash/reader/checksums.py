@@ -50,6 +50,7 @@ class VerifyingReader(FlashReader):
                 checked.set_result(rows)
 
         inner.add_done_callback(check)
+        checked._driver = inner.drive  # waiting on it delivers the read here
         return checked
 
     def _check(self, layer: int, ids: np.ndarray, rows: dict[str, np.ndarray]) -> None:

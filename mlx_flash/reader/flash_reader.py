@@ -101,11 +101,10 @@ class FlashReader:
             self._close_files()
             raise
         self._planner = Planner(manifest, self.align, self.coalesce_gap, self.max_read)
-        self._segment_reads = {
-            (entry.layer, i): self._planner.segment_reads(seg, self._files[entry.file])
+        self._layer_reads = [
+            tuple(self._planner.segment_reads(seg, self._files[entry.file]) for seg in entry.segments)
             for entry in manifest.layers
-            for i, seg in enumerate(entry.segments)
-        }
+        ]
 
     def swap_engine(self, engine) -> None:
         """Replace the engine (an engine object) while no request is running; the old one is
@@ -202,8 +201,9 @@ class FlashReader:
             if len(ids) < len(inverse):  # repeats: fill unique rows, gather into `out` at the end
                 gather, out = (inverse, out), self.empty_rows(len(ids), raw=True)
                 dest = None
-        plans = [self._planner.plan(self._segment_reads[(layer, i)], ids) for i in range(len(entry.segments))]
-        req = Request(layer, ids, plans, out, dest, gather, future, self.align, self.stats)
+        req = Request(
+            layer, ids, self._layer_reads[layer], self._planner, out, dest, gather, future, self.stats
+        )
         self._start(req)
         return future
 
@@ -283,6 +283,7 @@ class FlashReader:
                 future.set_result(out)
 
         inner.add_done_callback(done)
+        future._driver = inner.drive  # waiting on it delivers the read here
         return future
 
     def submit_rows(self, layer: int, start: int, stop: int, *, raw: bool = False) -> ReadFuture:

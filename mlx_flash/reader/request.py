@@ -15,12 +15,13 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
+from concurrent.futures._base import FINISHED
 from functools import cached_property
 
 import numpy as np
 
 from .errors import FlashReadError
-from .plan import IOV_MAX, RAW_DTYPES, Chunk, SegmentPlan, convert_into
+from .plan import IOV_MAX, RAW_DTYPES, Chunk, Planner, SegmentPlan, SegmentReads, convert_into
 from .stats import IOStats, LayerIOStats
 
 Pread = Callable[[int, list[memoryview], int], int]  # os.preadv's signature
@@ -28,54 +29,90 @@ Pread = Callable[[int, list[memoryview], int], int]  # os.preadv's signature
 
 class ReadFuture(Future):
     """A Future of a read request; `result()` adds the time the caller blocked in it to the
-    reader's `wait_seconds` for the layer."""
+    reader's `wait_seconds` for the layer. An engine that delivers a request in the thread that
+    waits for it (the native one) sets `_driver(block)`: `result()`, `exception()` and `done()`
+    call it first, so that the caller's own thread delivers the request when it is finished
+    (`block`: once it has finished) instead of waking another thread to do it."""
+
+    _driver: Callable[[bool], None] | None = None
 
     def __init__(self, stats: IOStats, layer: int):
         super().__init__()
         self._stats, self._layer = stats, layer
 
+    def drive(self, block: bool = True) -> None:
+        """Deliver the request here if it finished (block: wait until it has)."""
+        if self._driver is not None and self._state != FINISHED:
+            self._driver(block)
+
     def result(self, timeout: float | None = None):
-        if self.done():
+        if self._state == FINISHED:
             return super().result(0)
         t0 = time.perf_counter()
         try:
+            if timeout is None:
+                self.drive()
             return super().result(timeout)
         finally:
             self._stats.add_wait(self._layer, time.perf_counter() - t0)
 
+    def exception(self, timeout: float | None = None):
+        if timeout is None:
+            self.drive()
+        return super().exception(timeout)
+
+    def done(self) -> bool:
+        if self._state != FINISHED:
+            self.drive(block=False)
+        return super().done()
+
 
 class Request:
-    """One submitted request: its plan, outputs, progress, and the future to resolve."""
+    """One submitted request: its ids, outputs, progress, and the future to resolve. Its reads
+    (`plans`, `chunks`) are planned by the Python planner on first use (the native engine plans
+    them in C from `ids`, `dest` and `reads`)."""
 
     def __init__(
         self,
         layer: int,
         ids: np.ndarray,
-        plans: list[SegmentPlan],
+        reads: tuple[SegmentReads, ...],
+        planner: Planner,
         out: dict[str, np.ndarray],
         dest: np.ndarray | None,
         gather: tuple[np.ndarray, dict[str, np.ndarray]] | None,
         future: ReadFuture,
-        align: int,
         stats: IOStats,
     ):
-        """dest: output row of each sorted id (None: the same row); gather: (inverse, final)
-        when ids repeat: the unique rows read into `out` are gathered into `final` at the end."""
+        """reads: the layer's segments; dest: output row of each sorted id (None: the same row);
+        gather: (inverse, final) when ids repeat: the unique rows read into `out` are gathered
+        into `final` at the end."""
         self.layer, self.ids, self.out, self.dest, self.gather = layer, ids, out, dest, gather
-        # Rows go straight into the outputs only if these are aligned for O_DIRECT.
-        self.aligned = all(a.ctypes.data % align == 0 for a in out.values())
+        self.reads, self.planner = reads, planner
         self.future = future
-        self.plans = plans
+        self.batch = None  # the native engine's handle
         self._chunks: list[Chunk] | None = None
-        self.max_length = max(int(p.length.max()) for p in plans)
         self.next_job = itertools.count()  # next(...) is atomic under the GIL
         self.failed = False
         self._error: BaseException | None = None
         self.t_submit = time.perf_counter()
         self._lock = threading.Lock()
         self._workers = 0
-        self._stats = LayerIOStats()
+        self._stats: LayerIOStats | None = None  # the Python engines' counts, merged per worker
         self._sink = stats
+
+    @cached_property
+    def plans(self) -> list[SegmentPlan]:
+        return [self.planner.plan(r, self.ids) for r in self.reads]
+
+    @cached_property
+    def aligned(self) -> bool:
+        """Whether rows may go straight into the outputs (aligned for O_DIRECT)."""
+        return all(a.ctypes.data % self.planner.align == 0 for a in self.out.values())
+
+    @cached_property
+    def max_length(self) -> int:
+        return max(int(p.length.max()) for p in self.plans)
 
     # What the engines that build each read in Python use (made on first use).
     @cached_property
@@ -193,7 +230,7 @@ class Request:
         straggling read land in them; `now`: workers that never ran (the engine was shut
         down) are not waited for."""
         with self._lock:
-            if self.future.done():
+            if self.future._state == FINISHED:
                 return
             if not self.failed:
                 self.failed, self._error = True, exc
@@ -209,6 +246,8 @@ class Request:
     def worker_done(self, local: LayerIOStats) -> None:
         """Merge a worker's counts; the last worker to finish resolves the future."""
         with self._lock:
+            if self._stats is None:
+                self._stats = LayerIOStats()
             self._stats.merge(local)
             self._workers -= 1
             if self._workers:
@@ -217,7 +256,22 @@ class Request:
         self._stats.neurons = len(self.ids) if self.gather is None else len(self.gather[0])
         self._stats.request_latency.add(time.perf_counter() - self.t_submit)
         self._sink.add(self.layer, self._stats)  # failed requests count too: their reads happened
-        if self.future.done():
+        self._resolve_done()
+
+    def complete(self, counts: tuple, error: BaseException | None) -> None:
+        """An engine that counted the whole request itself (the native one): its `counts`
+        (`IOStats.add_counts`) into the reader's statistics, then the future resolved with
+        `error` or the outputs."""
+        self._sink.add_counts(
+            self.layer, len(self.ids) if self.gather is None else len(self.gather[0]), *counts
+        )
+        if error is not None:
+            self.failed, self._error = True, error
+        self._resolve_done()
+
+    def _resolve_done(self) -> None:
+        """Resolve the future of a request whose reads have all stopped."""
+        if self.future._state == FINISHED:
             return
         if self.failed:
             _resolve(self.future.set_exception, self._error)

@@ -138,9 +138,47 @@ class IOStats:
         with self._lock:
             self._layers.setdefault(layer, LayerIOStats()).merge(delta)
 
+    def add_counts(
+        self,
+        layer: int,
+        neurons: int,
+        bytes_read: int,
+        bytes_used: int,
+        calls: int,
+        into_outputs: int,
+        via_scratch: int,
+        timed: int,
+        total_ns: int,
+        max_ns: int,
+        request_ns: int,
+        histogram: bytes,
+    ) -> None:
+        """One request counted by an engine that summed it itself (the native engine's batch
+        statistics: its reads' latency histogram as int64 bucket counts, in nanoseconds)."""
+        with self._lock:
+            s = self._layers.get(layer)
+            if s is None:
+                s = self._layers[layer] = LayerIOStats()
+            s.requests += 1
+            s.neurons += neurons
+            s.reads += calls
+            s.bytes_read += bytes_read
+            s.bytes_used += bytes_used
+            s.reads_into_outputs += into_outputs
+            s.reads_via_scratch += via_scratch
+            h = s.read_latency
+            if timed:
+                h.counts += np.frombuffer(histogram, dtype=np.int64)
+                h.total_seconds += total_ns * 1e-9
+                h.max_seconds = max(h.max_seconds, max_ns * 1e-9)
+            s.request_latency.add(request_ns * 1e-9)
+
     def add_wait(self, layer: int, seconds: float) -> None:
         with self._lock:
-            self._layers.setdefault(layer, LayerIOStats()).wait_seconds += seconds
+            s = self._layers.get(layer)
+            if s is None:
+                s = self._layers[layer] = LayerIOStats()
+            s.wait_seconds += seconds
 
     def snapshot(self) -> dict[int, LayerIOStats]:
         """A consistent copy of every layer's counters."""
