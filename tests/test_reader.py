@@ -572,3 +572,44 @@ def test_a_request_nobody_waits_for_resolves_and_runs_its_callbacks(tmp_path, en
         while not f.done():  # polling delivers it too
             time.sleep(0.001)
         check_rows(f.result(), raw[1], [3, 9], "float16")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("elems", [(1024, 1024, 1024), (40, 40, 40)])
+def test_rows_go_straight_into_the_given_rows_of_a_larger_buffer(tmp_path, engine, elems):
+    """submit(rows=): neuron ids[j] lands in row rows[j] of `out` (a cache's buffers) and no
+    other row is touched; aligned float32 parts of whole blocks are read straight there, the
+    rest through scratch, and the statistics say which."""
+    m, raw = make_flash_folder(tmp_path, dtype="float32", elems=elems)
+    crcs = [verify_layer(tmp_path, e) for e in m.layers]
+    rng = np.random.default_rng(5)
+    direct = all(e % 128 == 0 for e in elems)  # parts of whole 512-byte blocks
+    with VerifyingReader(tmp_path, m, crcs, engine=engine, threads=3, coalesce_gap=4096) as r:
+        for aligned in (True, False):
+            buffers = r.empty_rows(64)
+            if not aligned:  # not aligned for O_DIRECT: through scratch
+                buffers = {
+                    k: np.empty(v.size + 1, np.float32)[1:].reshape(v.shape)
+                    for k, v in r.empty_rows(64).items()
+                }
+            for v in buffers.values():
+                v.fill(np.nan)
+            ids = rng.choice(300, size=20, replace=False)
+            rows = rng.choice(64, size=20, replace=False)
+            r.stats.take()
+            got = r.read(1, ids, out=buffers, rows=rows)
+            s = r.stats.take()[1]
+            assert all(got[k] is buffers[k] for k in buffers)
+            check_rows({k: v[rows] for k, v in got.items()}, raw[1], ids, "float32")
+            untouched = np.setdiff1d(np.arange(64), rows)
+            assert all(np.isnan(v[untouched]).all() for v in got.values())
+            if aligned and direct:
+                assert s.reads_into_outputs > 0 and s.reads_via_scratch == 0
+            else:
+                assert s.reads_into_outputs == 0 and s.reads_via_scratch > 0
+        with pytest.raises(ValueError, match="distinct"):
+            r.read(1, [3, 3], out=r.empty_rows(8), rows=[0, 1])
+        with pytest.raises(IndexError, match="rows"):
+            r.read(1, [3, 4], out=r.empty_rows(8), rows=[0, 8])
+        with pytest.raises(ValueError, match="rows= needs out="):
+            r.read(1, [3, 4], rows=[0, 1])

@@ -78,6 +78,7 @@ enum { F_NONE = 0, F_EIO = 1, F_SHORT = 2, F_PARTIAL = 3, F_EINTR = 4 };
 enum { BACKEND_PTHREADS = 0, BACKEND_URING = 1 };
 enum { CONV_COPY = 0, CONV_F16 = 1, CONV_BF16 = 2 }; /* a column's bytes into its output */
 enum { B_FLIGHT = 0, B_DONE = 1, B_TAKEN = 2 };      /* a batch's life */
+#define NATIVE_API 2 /* native.py refuses a build of another version (a stale in-place build) */
 #define SCRATCH_ALIGN 4096
 #define KEEP_SCRATCH 4
 /* The latency histogram of stats.LatencyHistogram: bucket k holds [2**(k/4), 2**((k+1)/4)) us. */
@@ -1050,20 +1051,6 @@ static Batch *make_batch(Engine *e, PyObject *args) {
             PyErr_SetString(PyExc_ValueError, "ids must be sorted, distinct and >= 0");
             goto fail;
         }
-    if (dest != Py_None) {
-        if (PyObject_GetBuffer(dest, &b->dest_buf, PyBUF_C_CONTIGUOUS) < 0) goto fail;
-        b->has_dest = 1;
-        if (b->dest_buf.itemsize != 8 || b->dest_buf.len != b->ids_buf.len) {
-            PyErr_SetString(PyExc_ValueError, "dest must be an int64 array as long as ids");
-            goto fail;
-        }
-        b->dest = b->dest_buf.buf;
-        for (Py_ssize_t k = 0; k < b->nids; k++)
-            if (b->dest[k] < 0 || b->dest[k] >= b->nids) {
-                PyErr_SetString(PyExc_ValueError, "dest out of range");
-                goto fail;
-            }
-    }
     PyObject *o = PySequence_Fast(outs, "outs must be a sequence of arrays");
     if (!o) goto fail;
     if (PySequence_Fast_GET_SIZE(o) != L->nouts) {
@@ -1074,6 +1061,7 @@ static Batch *make_batch(Engine *e, PyObject *args) {
     b->out_bufs = PyMem_Calloc((size_t)L->nouts + 1, sizeof(Py_buffer));
     b->out_base = PyMem_Calloc((size_t)L->nouts + 1, sizeof(char *));
     int aligned = 1;
+    Py_ssize_t rows = -1; /* rows of every output */
     for (int i = 0; i < L->nouts; i++) {
         if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(o, i), &b->out_bufs[i], PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE)
             < 0) {
@@ -1081,16 +1069,35 @@ static Batch *make_batch(Engine *e, PyObject *args) {
             goto fail;
         }
         b->nouts = i + 1;
-        if (b->out_bufs[i].len != b->nids * L->out_row_bytes[i]) {
+        Py_ssize_t len = b->out_bufs[i].len, rb = (Py_ssize_t)L->out_row_bytes[i];
+        if (len % rb || (rows >= 0 && len / rb != rows)) {
             Py_DECREF(o);
-            PyErr_Format(PyExc_ValueError, "output %d: %zd bytes, want %zd rows of %lld", i, b->out_bufs[i].len,
-                         b->nids, (long long)L->out_row_bytes[i]);
+            PyErr_Format(PyExc_ValueError, "output %d: %zd bytes, not rows of %zd bytes as many as the others'", i,
+                         len, rb);
             goto fail;
         }
+        rows = len / rb;
         b->out_base[i] = b->out_bufs[i].buf;
         aligned = aligned && (uintptr_t)b->out_base[i] % (uintptr_t)L->align == 0;
     }
     Py_DECREF(o);
+    if (dest != Py_None) {
+        if (PyObject_GetBuffer(dest, &b->dest_buf, PyBUF_C_CONTIGUOUS) < 0) goto fail;
+        b->has_dest = 1;
+        if (b->dest_buf.itemsize != 8 || b->dest_buf.len != b->ids_buf.len) {
+            PyErr_SetString(PyExc_ValueError, "dest must be an int64 array as long as ids");
+            goto fail;
+        }
+        b->dest = b->dest_buf.buf;
+        for (Py_ssize_t k = 0; k < b->nids; k++)
+            if (b->dest[k] < 0 || b->dest[k] >= rows) {
+                PyErr_SetString(PyExc_ValueError, "dest: a row outside the outputs");
+                goto fail;
+            }
+    } else if (rows < b->nids) {
+        PyErr_SetString(PyExc_ValueError, "outputs with fewer rows than ids");
+        goto fail;
+    }
     Plan p = {0};
     int big = b->nids > 4096; /* plan a large request with the GIL released */
     PyThreadState *ts = big ? PyEval_SaveThread() : NULL;
@@ -1393,6 +1400,7 @@ PyMODINIT_FUNC PyInit__native(void) {
         }
     }
     PyModule_AddIntConstant(m, "IOV_MAX", IOV_MAX);
+    PyModule_AddIntConstant(m, "API", NATIVE_API);
     PyModule_AddIntConstant(m, "READ_FIELDS", READ_FIELDS);
     PyModule_AddIntConstant(m, "HIST_BUCKETS", HIST_BUCKETS);
     return m;

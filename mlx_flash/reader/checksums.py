@@ -34,20 +34,21 @@ class VerifyingReader(FlashReader):
         super().__init__(folder, manifest, **kwargs)
         self.row_checksums = row_checksums
 
-    def _submit(self, layer: int, ids: np.ndarray, *args, **kwargs) -> ReadFuture:
-        inner = super()._submit(layer, ids, *args, **kwargs)
+    def _submit(self, layer: int, ids: np.ndarray, out=None, rows=None) -> ReadFuture:
+        inner = super()._submit(layer, ids, out, rows)
         ids = np.asarray(ids).astype(np.int64, copy=False)
+        where = None if rows is None else np.asarray(rows).astype(np.int64, copy=False)
         checked = ReadFuture(self.stats, layer)
         checked.set_running_or_notify_cancel()
 
         def check(f: Future) -> None:
             try:
-                rows = Future.result(f, 0)
-                self._check(layer, ids, rows)
+                got = Future.result(f, 0)
+                self._check(layer, ids, got if where is None else {k: v[where] for k, v in got.items()})
             except BaseException as exc:
                 checked.set_exception(exc)
             else:
-                checked.set_result(rows)
+                checked.set_result(got)
 
         inner.add_done_callback(check)
         checked._driver = inner.drive  # waiting on it delivers the read here

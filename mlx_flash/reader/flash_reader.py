@@ -163,7 +163,13 @@ class FlashReader:
     # -- requests ------------------------------------------------------------------------
 
     def submit(
-        self, layer: int, ids: np.ndarray, out: dict[str, np.ndarray] | None = None, *, raw: bool = False
+        self,
+        layer: int,
+        ids: np.ndarray,
+        out: dict[str, np.ndarray] | None = None,
+        *,
+        raw: bool = False,
+        rows: np.ndarray | None = None,
     ) -> ReadFuture:
         """Start reading neurons `ids` of `layer`; the future resolves to {part: float32
         [len(ids), elems]} with row j = neuron ids[j] (ids may be in any order, repeated).
@@ -173,30 +179,38 @@ class FlashReader:
         caller that reuses them saves the page faults of fresh memory, which cost as much as
         the reads on large requests.
         raw: in a quantized folder, the stored fields ({"part.weight": uint32, "part.scales",
-        "part.biases": float32}) instead of dequantized float32 rows (no effect otherwise)."""
+        "part.biases": float32}) instead of dequantized float32 rows (no effect otherwise).
+        rows: with `out` (arrays of any number of rows), neuron ids[j] goes into row rows[j] of
+        them and no other row is written (e.g. a cache's free slots: read straight into the
+        cache's buffers; `IOStats` says which reads landed there and which went through
+        scratch). ids must be distinct then, rows distinct."""
         if self.manifest.quantized and not raw:
+            if rows is not None:
+                raise ValueError("rows= takes the stored fields (raw=True) in a quantized folder")
             return self._dequantized(layer, ids, out)
-        return self._submit(layer, ids, out)
+        return self._submit(layer, ids, out, rows)
 
-    def _submit(self, layer: int, ids: np.ndarray, out: dict[str, np.ndarray] | None) -> ReadFuture:
+    def _submit(
+        self, layer: int, ids: np.ndarray, out: dict[str, np.ndarray] | None, rows: np.ndarray | None = None
+    ) -> ReadFuture:
         """`submit` of the stored fields (`row_fields`): the one path every read takes."""
         if self._closed:
             raise ReaderClosedError("FlashReader is closed")
         entry = self._entry(layer)
-        ids = np.asarray(ids)
-        if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
-            raise ValueError(f"ids must be a 1-D integer array, got shape {ids.shape} dtype {ids.dtype}")
-        ids = ids.astype(np.int64, copy=False)
+        ids = self._ids(ids, "ids")
         if ids.size and (ids.min() < 0 or ids.max() >= entry.num_neurons):
             raise IndexError(f"layer {layer}: neuron ids must lie in [0, {entry.num_neurons})")
         future = ReadFuture(self.stats, layer)
         future.set_running_or_notify_cancel()
-        out = self._check_out(out, len(ids)) if out is not None else self.empty_rows(len(ids), raw=True)
+        dest = gather = None
+        if rows is not None:
+            out, ids, dest = self._into_rows(out, ids, rows)
+        else:
+            out = self._check_out(out, len(ids)) if out is not None else self.empty_rows(len(ids), raw=True)
         if not ids.size:
             future.set_result(out)
             return future
-        dest = gather = None
-        if ids.size > 1 and not np.all(ids[1:] > ids[:-1]):
+        if rows is None and ids.size > 1 and not np.all(ids[1:] > ids[:-1]):
             ids, dest, inverse = np.unique(ids, return_index=True, return_inverse=True)
             if len(ids) < len(inverse):  # repeats: fill unique rows, gather into `out` at the end
                 gather, out = (inverse, out), self.empty_rows(len(ids), raw=True)
@@ -206,6 +220,30 @@ class FlashReader:
         )
         self._start(req)
         return future
+
+    @staticmethod
+    def _ids(ids, what: str) -> np.ndarray:
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+            raise ValueError(f"{what} must be a 1-D integer array, got shape {ids.shape} dtype {ids.dtype}")
+        return ids.astype(np.int64, copy=False)
+
+    def _into_rows(
+        self, out: dict[str, np.ndarray] | None, ids: np.ndarray, rows
+    ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        """`submit(rows=)`: (the checked outputs, the sorted ids, the output row of each)."""
+        rows = self._ids(rows, "rows")
+        if out is None or len(rows) != len(ids):
+            raise ValueError("rows= needs out= and one row per id")
+        n = len(next(iter(out.values()), ()))
+        out = self._check_out(out, n)
+        if rows.size and (rows.min() < 0 or rows.max() >= n):
+            raise IndexError(f"rows must lie in [0, {n}) (the rows of out)")
+        order = np.argsort(ids, kind="stable")
+        ids, rows = ids[order], rows[order]
+        if len(ids) > 1 and (np.any(ids[1:] == ids[:-1]) or len(np.unique(rows)) < len(rows)):
+            raise ValueError("with rows=, ids must be distinct and rows distinct")
+        return out, ids, rows
 
     def _start(self, req: Request) -> None:
         with self._lock:
@@ -225,10 +263,10 @@ class FlashReader:
             self._requests.discard(req)
 
     def read(
-        self, layer: int, ids: np.ndarray, out: dict[str, np.ndarray] | None = None, *, raw: bool = False
+        self, layer: int, ids: np.ndarray, out: dict[str, np.ndarray] | None = None, **kw
     ) -> dict[str, np.ndarray]:
-        """`submit(layer, ids, out, raw=raw).result()`."""
-        return self.submit(layer, ids, out, raw=raw).result()
+        """`submit(layer, ids, out, **kw).result()` (raw=, rows= as `submit` takes them)."""
+        return self.submit(layer, ids, out, **kw).result()
 
     def empty_rows(self, n: int, *, raw: bool = False) -> dict[str, np.ndarray]:
         """Fresh 4 KiB-aligned arrays per output, as `submit` (with `raw`) fills them."""

@@ -28,6 +28,7 @@ from .faults import FAULT_KINDS, Fault, fault_table
 from .plan import Chunk, SegmentReads
 from .request import Request
 
+API = 2  # the interface of _native.c this module speaks (its NATIVE_API)
 try:
     from . import _native
 except ImportError as e:  # not built (no compiler at install) or built for another Python
@@ -38,7 +39,14 @@ except ImportError as e:  # not built (no compiler at install) or built for anot
         else f"its C extension does not load: {e}"
     )
 else:
-    _LOAD_ERROR = None
+    _LOAD_ERROR = (
+        None
+        if getattr(_native, "API", None) == API
+        else "its C extension is a build of another version (rebuild it: pip install -e ., or "
+        "python setup.py build_ext --inplace)"
+    )
+    if _LOAD_ERROR:
+        _native = None
 
 _SHORT = -1  # the C engine's status of a read that ended before the bytes it needed
 _FAULT_CODES = {k: i + 1 for i, k in enumerate(FAULT_KINDS)}  # the C side's numbering
