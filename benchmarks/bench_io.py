@@ -498,6 +498,12 @@ def targets(cells: list[dict], engines: list[str], batch: list[dict]) -> dict:
                 for c in cells
                 if c["condition"] == cond
             ]
+            kind = "fio-io_uring" if "io_uring" in e else "fio-psync"  # fio's engine of the same kind
+            cpu_kind = [
+                c["results"][e]["cpu_us_per_read"] / c["results"][kind]["cpu_us_per_read"]
+                for c in cells
+                if c["condition"] == cond
+            ]
             if ratios:
                 t[cond] = {
                     "throughput_median": float(np.median(ratios)),
@@ -506,6 +512,7 @@ def targets(cells: list[dict], engines: list[str], batch: list[dict]) -> dict:
                 }
             t.setdefault(cond, {})["cpu_per_read_median"] = float(np.median(cpu))
             t[cond]["cpu_per_read_worst"] = float(np.max(cpu))
+            t[cond][f"cpu_per_read_vs_{kind}_median"] = float(np.median(cpu_kind))
         t["batch_8_over_1"] = {f"{b['row_bytes'] // KIB} KiB": b["ratio"] for b in batch if b["engine"] == e}
         out[e] = t
     return out
@@ -548,9 +555,10 @@ def print_tables(
             if cond == "batch_8_over_1":
                 parts.append("8 rows/1 row " + ", ".join(f"{k} {r:.2f}" for k, r in v.items()))
             elif "throughput_median" in v:
+                same = next(f"{v[k]:.2f}x {k[16:-7]}" for k in v if k.startswith("cpu_per_read_vs_"))
                 parts.append(
                     f"{cond}: median {v['throughput_median']:.2f}, worst {v['throughput_worst']:.2f}, "
-                    f"CPU/read {v['cpu_per_read_median']:.2f}x (worst {v['cpu_per_read_worst']:.2f}x)"
+                    f"CPU/read {v['cpu_per_read_median']:.2f}x (worst {v['cpu_per_read_worst']:.2f}x; {same})"
                 )
         print(f"  {e}: " + "; ".join(parts))
     if model:
@@ -648,7 +656,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.cache_only:
         return cache_only(args.out, args.quick)
     if shutil.which("fio") is None:
-        print("error: fio is not installed (apt-get install fio / brew install fio)", file=sys.stderr)
+        print(
+            "error: fio is not installed, and bench_io measures the reader against it: install it "
+            "(Debian/Ubuntu: apt-get install fio; macOS: brew install fio) and run again "
+            "(--cache-only runs without it)",
+            file=sys.stderr,
+        )
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     gb = args.file_gb or (1.0 if args.quick else 2.0)

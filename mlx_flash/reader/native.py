@@ -100,7 +100,10 @@ def layout_of(reads: tuple[SegmentReads, ...], align: int, coalesce_gap: int, ma
 
 class NativeEngine:
     """`depth` reads in flight in C. backend: "io_uring", "pthreads" or "auto" (io_uring where
-    the kernel allows it); faults: `Fault`s injected by the C code."""
+    the kernel allows it); faults: `Fault`s injected by the C code. `close()` resolves every
+    request it was given (the reader need not track them)."""
+
+    resolves_all_at_close = True
 
     def __init__(self, depth: int, *, backend: str = "auto", faults: tuple[Fault, ...] = ()):
         if _native is None:
@@ -141,6 +144,11 @@ class NativeEngine:
             with self._lock:
                 self._running.pop(batch, None)
             self._deliver(req, batch)
+
+    def busy(self) -> bool:
+        """Whether a request it was given is not delivered yet."""
+        with self._lock:
+            return bool(self._running)
 
     # -- delivering --------------------------------------------------------------------
 
