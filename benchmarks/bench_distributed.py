@@ -74,6 +74,7 @@ def measure(
         "decode_tokens": s.decode_tokens,
         "bytes_per_token": s.bytes_per_token,
         "reads_per_token": s.reads_per_token,
+        "neurons_loaded_per_token": s.neurons_loaded_per_token,  # MoE: experts
         "ms_per_token": s.ms_per_token,
         "io_ms": s.io_ms,
         "all_sum_ms": s.all_sum_ms,
@@ -218,21 +219,30 @@ def run_worker(args: argparse.Namespace) -> int:
 
 def table(runs: dict[int, list[dict]]) -> str:
     one = runs[1][0]
+    moe = "experts" in one  # MoE: each rank's experts, pool slots and expert bytes of the whole run
     lines = [
         "| ranks | rank | tokens equal to 1 process | KB read / token | share of 1 process | ms / token | "
-        "I/O wait ms | all_sum ms / token | one all_sum alone, us (median) | plan MB | peak RSS MB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "I/O wait ms | all_sum ms / token | one all_sum alone, us (median) | plan MB | peak RSS MB |"
+        + (" experts owned (slots) | expert KB read, run | share of 1 process |" if moe else ""),
+        "| --- " * (14 if moe else 11) + "|",
     ]
     for n, results in sorted(runs.items()):
         for r in results:
             share = r["bytes_per_token"] / one["bytes_per_token"] if one["bytes_per_token"] else float("nan")
-            lines.append(
+            line = (
                 f"| {n} | {r['rank']} | {'yes' if r['tokens'] == one['tokens'] else 'NO'} | "
                 f"{r['bytes_per_token'] / 1e3:.1f} | {share:.3f} | {r['ms_per_token']:.1f} | "
                 f"{r['io_ms']:.1f} | {r['all_sum_ms']:.2f} | "
                 f"{r['all_sum_alone_us']['median'] if 'all_sum_alone_us' in r else 0:.0f} | "
                 f"{r['plan_bytes'] / 1e6:.1f} | {r['peak_rss_bytes'] / 1e6:.0f} |"
             )
+            if moe:
+                ex, ex1 = r["experts"], one["experts"]
+                line += (
+                    f" {ex['owned']} ({ex['slots']}) | {ex['bytes_read'] / 1e3:.1f} | "
+                    f"{ex['bytes_read'] / ex1['bytes_read'] if ex1['bytes_read'] else float('nan'):.3f} |"
+                )
+            lines.append(line)
     return "\n".join(lines)
 
 

@@ -39,11 +39,20 @@ class Shard:
     rank: int = 0
     size: int = 1
     group: mx.distributed.Group | None = None  # None: the group of one
+    # Per layer, the size + 1 bounds of the ranks' parts (`balanced`); None: even parts.
+    bounds: tuple[tuple[int, ...], ...] | None = None
 
-    def neurons(self, num_neurons: int) -> tuple[int, int]:
-        """The [first, stop) neurons of a layer this rank owns: contiguous, as even as they
-        divide (rank r: r * n // size up to (r + 1) * n // size)."""
+    def neurons(self, num_neurons: int, layer: int | None = None) -> tuple[int, int]:
+        """The [first, stop) neurons of a layer this rank owns: contiguous; as even as they
+        divide (rank r: r * n // size up to (r + 1) * n // size), or layer `layer`'s balanced
+        part when the shard has bounds."""
+        if self.bounds is not None and layer is not None:
+            return self.bounds[layer][self.rank], self.bounds[layer][self.rank + 1]
         return self.rank * num_neurons // self.size, (self.rank + 1) * num_neurons // self.size
+
+    def most_neurons(self, num_neurons: int, num_layers: int) -> int:
+        """The largest part this rank owns of any layer (what its memory plan is made for)."""
+        return max(b - a for a, b in (self.neurons(num_neurons, i) for i in range(num_layers)))
 
     def experts(self, num_experts: int) -> np.ndarray:
         """The experts of an MoE layer this rank owns, sorted: every `size`-th one from `rank`
@@ -128,3 +137,101 @@ def broadcast_flag(flag: bool, shard: Shard | None = None) -> bool:
     if shard.size == 1:
         return flag
     return int(shard.all_sum(mx.array([int(bool(flag)) if shard.primary else 0], dtype=mx.int32)).item()) > 0
+
+
+# -- balancing the ranks' reads -----------------------------------------------------------------
+LOADS_FILE = "neuron_loads.npy"  # in a flash folder: per layer, how often each neuron was read
+
+
+def part_bounds(loads: np.ndarray, size: int) -> tuple[int, ...]:
+    """The size + 1 bounds of `size` contiguous parts of a layer whose neurons were read
+    `loads` times each, with about equal reads per part (every part at least one neuron)."""
+    n = len(loads)
+    prefix = np.concatenate([[0.0], np.cumsum(np.asarray(loads, np.float64) + 1e-9)])  # reads of [0, c)
+    cuts = [0]
+    for j in range(1, size):
+        c = int(np.argmin(np.abs(prefix - prefix[-1] * j / size)))
+        cuts.append(min(max(c, cuts[-1] + 1), n - (size - j)))
+    return (*cuts, n)
+
+
+def balanced(shard: Shard, folder, num_layers: int, num_neurons: int) -> Shard:
+    """`shard` with bounds balancing the ranks' reads per layer, from the folder's calibration
+    (`LOADS_FILE`, written by ``python -m mlx_flash.distributed calibrate``); the shard as it
+    is without one, alone, or when its shape is not the model's. A group uses rank 0's bounds
+    (sent to the others), so that ranks whose files differ still cover each neuron once."""
+    from pathlib import Path
+
+    if shard.size == 1 or shard.bounds is not None:
+        return shard
+    bounds = None
+    path = Path(folder) / LOADS_FILE
+    if (shard.primary or shard.group is None) and path.is_file():
+        loads = np.load(path)
+        if loads.shape == (num_layers, num_neurons) and num_neurons >= shard.size:
+            bounds = tuple(part_bounds(row, shard.size) for row in loads)
+    if shard.group is not None:  # a real group (tests build ranks of one process without one)
+        bounds = broadcast_object(bounds, shard)
+    return shard if bounds is None else Shard(shard.rank, shard.size, shard.group, bounds)
+
+
+def calibrate_loads(model, tokenizer, text: str, max_tokens: int = 512) -> np.ndarray:
+    """How often each neuron of each layer is read when `model` (one process, flash mode) decodes
+    `text` token by token: [layers, neurons], from what enters each layer's neuron cache."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    layers = model.flash.layers
+    n = layers[0]._state.num_neurons
+    loads = np.zeros((len(layers), n), dtype=np.int64)
+    held = [np.zeros(0, np.int64) for _ in layers]
+    cache = make_prompt_cache(model)
+    for t in tokenizer.encode(text[: 16 * max_tokens])[:max_tokens]:  # a token is rarely 16 characters
+        mx.eval(model(mx.array([[t]]), cache=cache))
+        for i, ffn in enumerate(layers):
+            now = ffn._state.cache.resident_ids()
+            loads[i, np.setdiff1d(now, held[i], assume_unique=True)] += 1
+            held[i] = np.sort(now)
+    return loads
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import os
+    import sys
+    from pathlib import Path
+
+    from .api import load, resolve_flash_folder
+
+    p = argparse.ArgumentParser(
+        prog="python -m mlx_flash.distributed",
+        description="calibrate: how often each neuron is read (one process, flash mode), written into the "
+        f"flash folder as {LOADS_FILE}; under mlx.launch the ranks' parts of each layer then balance their reads",
+    )
+    p.add_argument("command", choices=["calibrate"])
+    p.add_argument("--model", help="flash folder or model folder (default: the demo model)")
+    p.add_argument("--text", required=True, help="a UTF-8 text file, decoded token by token")
+    p.add_argument("--max-tokens", type=int, default=512, help="tokens of the text decoded (default 512)")
+    p.add_argument("--window", type=int, help="the window the model will run with (default: load's)")
+    args = p.parse_args(argv)
+    folder = resolve_flash_folder(args.model)
+    model, tok = load(folder, mode="flash", window=args.window)
+    try:
+        loads = calibrate_loads(model, tok, Path(args.text).read_text(encoding="utf-8"), args.max_tokens)
+    finally:
+        model.flash.close()
+    tmp = folder / f".{LOADS_FILE}.tmp"
+    with open(tmp, "wb") as f:
+        np.save(f, loads)
+    os.replace(tmp, folder / LOADS_FILE)
+    even = loads[:, : loads.shape[1] // 2].sum() / max(1, loads.sum())
+    print(
+        f"wrote {folder / LOADS_FILE}: {loads.sum()} neuron reads; two even halves would read {even:.3f} / {1 - even:.3f}"
+    )
+    print("(under mlx.launch, the ranks' parts balance these reads)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    from .errors import run_cli
+
+    raise SystemExit(run_cli(main, prog="mlx_flash.distributed"))

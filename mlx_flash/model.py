@@ -28,7 +28,7 @@ import numpy as np
 from . import layout, vocab
 from .budget import ModelSizes, parse_budget, plan_with_selection
 from .cache import NeuronCache
-from .distributed import Shard, process_shard
+from .distributed import Shard, balanced, process_shard
 from .errors import MlxFlashError, one_line
 from .families import ACTIVATIONS, architecture_for
 from .ffn import ACTIVATION_FUNCTIONS, FlashFFN, LayerState, activate
@@ -196,14 +196,16 @@ def load_flash_model(
             f"{folder / 'config.json'}: malformed attention settings ({e})"
         ) from None
     shard = options.shard or process_shard()
-    first, stop = shard.neurons(sizes.num_neurons)
-    if stop == first:
+    if options.mode == "flash":  # parts that balance the ranks' reads, where the folder is calibrated
+        shard = balanced(shard, folder, manifest.num_layers, sizes.num_neurons)
+    owned = shard.most_neurons(sizes.num_neurons, manifest.num_layers)
+    if shard.neurons(sizes.num_neurons)[1] == shard.neurons(sizes.num_neurons)[0]:
         raise MlxFlashError(
             f"{shard.size} processes share {sizes.num_neurons} FFN neurons a layer: rank {shard.rank} would own "
             "none; launch fewer processes"
         )
-    if stop - first < sizes.num_neurons:  # the plan is of this rank's memory: its neurons only
-        sizes = replace(sizes, num_neurons=stop - first)
+    if owned < sizes.num_neurons:  # the plan is of this rank's memory: its largest part of a layer
+        sizes = replace(sizes, num_neurons=owned)
     mode = options.mode
     window = _positive_int("window", DEFAULT_WINDOW if options.window is None else options.window)
     if options.threads is not None:
@@ -389,7 +391,7 @@ def _layer_state(
         return a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a
 
     n = manifest.layers[i].num_neurons
-    first, stop = runtime.shard.neurons(n)
+    first, stop = runtime.shard.neurons(n, i)
     st = LayerState(layer=i, num_neurons=n, first=first, stop=stop)
     st.up_bias = biases.get((i, "up_bias"))
     st.down_bias = biases.get((i, "down_bias"))

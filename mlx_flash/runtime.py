@@ -69,8 +69,8 @@ class FlashRuntime:
         self.act = act
         self.compute_dtype = compute_dtype
         self.shard = shard or Shard()  # this process's part of each layer's neurons (distributed.py)
-        first, stop = self.shard.neurons(manifest.layers[0].num_neurons)
-        self.stream_block = stream_block_neurons(stop - first)
+        owned = self.shard.most_neurons(manifest.layers[0].num_neurons, len(manifest.layers))
+        self.stream_block = stream_block_neurons(owned)
         self.bundle_bytes = manifest.layers[0].bundle_bytes  # bytes of one neuron on flash
         self.records: list[PassStats] = []
         self._current: PassStats | None = None

@@ -33,7 +33,8 @@ from tiny_models import make_tiny_model
 import mlx_flash
 from mlx_flash import layout
 from mlx_flash.convert import conversion_lock, convert, verify
-from mlx_flash.distributed import Shard, broadcast_text
+from mlx_flash.distributed import LOADS_FILE, Shard, broadcast_text, part_bounds
+from mlx_flash.distributed import main as distributed_main
 from mlx_flash.model import FlashOptions, load_flash_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,6 +172,55 @@ def test_two_expert_shards_add_up_to_the_layer(tmp_path, family, budget):
         assert prt.stats().extra["experts"]["owned"] == 4
         if budget:
             assert prt.plan.total_bytes <= prt.plan.budget_bytes
+    for _, prt in [(whole, rt), *parts]:
+        prt.close()
+
+
+@pytest.mark.parametrize("size", [2, 3, 5])
+def test_balanced_parts_share_the_reads(size):
+    """Contiguous parts with about equal reads (within one neuron's), each at least one neuron."""
+    rng = np.random.default_rng(size)
+    for loads in [rng.integers(0, 50, 64) * (np.arange(64) < 16), np.zeros(7), rng.integers(0, 9, 300)]:
+        b = part_bounds(loads, size)
+        assert b[0] == 0 and b[-1] == len(loads) and all(x < y for x, y in zip(b, b[1:]))
+        if loads.sum():
+            parts = [loads[x:y].sum() for x, y in zip(b, b[1:])]
+            assert max(parts) - min(parts) <= 2 * loads.max()
+
+
+def test_calibrated_parts_add_up_to_the_layer(tiny_llama, tmp_path):
+    """A calibrated folder (calibrate's loads file: here every read in the first quarter of each
+    layer's neurons) gives the two ranks uneven parts, balanced per layer, planned for the
+    larger; their outputs still add up to the layer's, and one process ignores the file."""
+    src, folder = tiny_llama
+    cal = tmp_path / "flash"
+    shutil.copytree(folder, cal)
+    assert (
+        distributed_main(
+            ["calibrate", "--model", str(cal), "--text", str(src / "tokenizer.json"), "--max-tokens", "24"]
+        )
+        == 0
+    )
+    loads = np.load(cal / LOADS_FILE)
+    assert loads.shape == (2, 1024) and loads.sum() > 0
+    loads[:, 256:] = 0
+    np.save(cal / LOADS_FILE, loads)
+    opts = FlashOptions(context=16)
+    whole, rt = load_flash_model(cal, opts)
+    parts = [load_flash_model(cal, replace(opts, shard=Shard(r, 2))) for r in (0, 1)]
+    for layer in range(2):
+        first, stop = parts[0][1].shard.neurons(1024, layer)
+        assert first == 0 and stop < 256 and parts[1][1].shard.neurons(1024, layer) == (stop, 1024)
+        assert parts[1][0].layers[layer].mlp._state.first == stop
+    assert parts[1][1].stream_block >= parts[0][1].stream_block
+    rng = np.random.default_rng(1)
+    for shape in [(1, 1, 64), (1, 5, 64), (1, 1, 64)]:
+        x = mx.array(rng.standard_normal(shape).astype(np.float32))
+        for layer in range(2):
+            want = whole.layers[layer].mlp(x)
+            got = sum(m.layers[layer].mlp(x) for m, _ in parts)
+            np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-5)
+    assert rt.shard.bounds is None
     for _, prt in [(whole, rt), *parts]:
         prt.close()
 
