@@ -22,7 +22,7 @@ from mlx_flash.model import FlashOptions, load_dense, load_flash_model
 from mlx_flash.predictors import Predictors, fitting, training
 from mlx_flash.predictors import calibration as cal
 from mlx_flash.predictors.__main__ import main as cli
-from mlx_flash.predictors.evaluation import agreement, evaluate, layer_metrics
+from mlx_flash.predictors.evaluation import agreement, evaluate, layer_metrics, window_union
 from mlx_flash.predictors.store import LayerPredictor, install_predictors
 
 FAST = ["--epochs", "4", "--quiet"]
@@ -291,6 +291,27 @@ def test_eval_perplexities_match_dense_model_by_hand(relu_trained, tmp_path):
     assert r2["perplexity_predictor"] == pytest.approx(r2["perplexity_dense"], rel=1e-4)
     assert r2["greedy_agreement"] == 1.0
     assert all(l["recall"] == 1.0 and l["predicted_fraction"] == 1.0 for l in r2["layers"])
+
+
+def test_window_union_by_hand():
+    m = np.zeros((2 * 4, 3), bool)  # two windows of 4 tokens
+    m[0, 0] = m[2, 1] = m[3, 2] = m[4, 2] = True
+    u = window_union(m, 4, 2)
+    assert u[:4].tolist() == [[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 1, 1]]
+    assert u[4:].tolist() == [[0, 0, 1], [0, 0, 1], [0, 0, 0], [0, 0, 0]]  # windows do not mix
+    assert (window_union(m, 4, 1) == m).all() and window_union(m, 4, 9)[3].tolist() == [1, 1, 1]
+
+
+def test_eval_teacher_forced_flash_equals_decode_path(relu_trained):
+    """The teacher-forced flash perplexity (each token's neurons: the window's union of
+    predicted sets) is the decode path's, token by token, when both start with an empty cache."""
+    _, folder, text = relu_trained
+    for window in (1, 3):
+        r = evaluate(folder, text, tokens=32, seq_len=32, window=window, decode_tokens=32, progress=False)
+        assert r["decode_positions"] == r["predicted_positions"] == 31 and r["flash_window"] == window
+        assert r["perplexity_flash"] == pytest.approx(r["perplexity_predictor"], rel=1e-4)
+        assert r["greedy_agreement_flash"] == r["greedy_agreement"]
+    assert r["perplexity_flash"] <= r["perplexity_predicted_sets"] * 1.05
 
 
 def test_eval_cli_json(relu_trained, tmp_path, capsys):

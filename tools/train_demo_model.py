@@ -594,6 +594,14 @@ def main(argv: list[str] | None = None) -> None:
         default=d.target_sparsity,
         help=f"fraction of inactive FFN neurons to steer to (default {d.target_sparsity})",
     )
+    shape = Shape()
+    for name in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads"):
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=int,
+            default=getattr(shape, name),
+            help=f"model shape (default {getattr(shape, name)})",
+        )
     args = p.parse_args(argv)
 
     if args.evaluate is not None:
@@ -605,8 +613,22 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--target-sparsity must be between 0 and 1")
     cfg = TrainConfig(steps=args.steps, seed=args.seed, target_sparsity=args.target_sparsity)
     cfg.warmup_steps = min(cfg.warmup_steps, max(1, cfg.steps // 10))
+    shape = Shape(
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.num_hidden_layers,
+        intermediate_size=args.intermediate_size,
+        num_attention_heads=args.num_attention_heads,
+        num_key_value_heads=max(1, min(shape.num_key_value_heads, args.num_attention_heads)),
+    )
+    if (
+        min(args.hidden_size, args.num_hidden_layers, args.intermediate_size, args.num_attention_heads) < 1
+        or shape.hidden_size % shape.num_attention_heads
+    ):
+        p.error("the shape's sizes must be positive and --hidden-size a multiple of --num-attention-heads")
+    if shape.num_attention_heads % shape.num_key_value_heads:
+        shape.num_key_value_heads = 1
     command = shlex.join(["python", "tools/train_demo_model.py"] + list(argv))
-    cmd_train(args.out, cfg, Shape(), command)
+    cmd_train(args.out, cfg, shape, command)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ calibration text, or measure them on held-out text.
 
   python -m mlx_flash.predictors train --model FLASHDIR --data calibration.txt [--tokens N]
                                        [--rank R | --recall 0.95] [--sparsity 0.5]
-  python -m mlx_flash.predictors eval --model FLASHDIR --data heldout.txt [--json OUT]
+  python -m mlx_flash.predictors eval --model FLASHDIR --data heldout.txt [--decode-tokens N] [--json OUT]
 
 train runs the model over the text (its FFN streamed from flash, so a model larger than
 memory works), records each layer's FFN input and truly active neurons, and trains per layer a
@@ -141,6 +141,13 @@ def _parser() -> argparse.ArgumentParser:
         "--window", type=int, default=None, help="the flash model's neuron window in tokens (default: 5)"
     )
     e.add_argument(
+        "--decode-tokens",
+        type=int,
+        default=256,
+        help="also run the flash decode path token by token on the first N tokens, a check of the "
+        "teacher-forced flash perplexity (default: %(default)s; 0: skip)",
+    )
+    e.add_argument(
         "--no-sweep", action="store_true", help="non-ReLU models: skip the perplexity-against-sparsity sweep"
     )
     e.add_argument(
@@ -198,14 +205,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .evaluation import evaluate, format_result
 
-    if args.tokens < 0:
-        raise MlxFlashError(f"--tokens must be >= 0, got {args.tokens}")
+    if args.tokens < 0 or args.decode_tokens < 0:
+        raise MlxFlashError("--tokens and --decode-tokens must be >= 0")
     result = evaluate(
         args.model,
         args.data,
         tokens=args.tokens or None,
         seq_len=args.seq_len,
         window=args.window,
+        decode_tokens=args.decode_tokens,
         sweep=not args.no_sweep,
         progress=not args.quiet,
     )

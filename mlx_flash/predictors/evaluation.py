@@ -4,10 +4,16 @@
   neurons, precision, and the fraction of neurons predicted against the fraction truly active,
   all pooled over tokens (`training.set_counts`).
 - For the model: perplexity of the dense model (the `naive` path: every FFN neuron, the same
-  arithmetic as mlx-lm's dense model) against the flash model with predictor selection, run
-  token by token through the decode path (the neuron cache, its window, reads from flash), in
-  windows of `seq_len` tokens whose KV cache starts empty; and greedy-token agreement, the
-  fraction of positions where both models' most likely next token is the same.
+  arithmetic as mlx-lm's dense model) against the flash model with predictor selection, over
+  every held-out token in windows of `seq_len` tokens, and greedy-token agreement (the fraction
+  of positions where both models' most likely next token is the same). The flash model's
+  perplexity is computed teacher-forced in batched forward passes that compute, in every layer
+  and for every token, exactly the neurons the flash decode path computes: the union of the
+  predicted sets of the token and the `window - 1` tokens before it (the neuron cache; ReLU
+  models), or the token's own predicted set (other activations, whose cached neurons not
+  predicted for the token are masked). Then, on the first `decode_tokens` tokens, the flash
+  model itself token by token through the decode path (neuron cache, reads from flash) checks
+  it: on the first window (the cache starts empty in both) the two give the same perplexity.
 - For models whose active sets are thresholded (not ReLU): the perplexity of the thresholded
   model itself (every neuron with |activation| above the threshold for a sparsity s, computed
   exactly) for each s of a grid, so that a user can choose the sparsity to train for.
@@ -74,11 +80,27 @@ def _positions(lo: int, hi: int) -> np.ndarray:
     return np.arange(lo, hi - 1)
 
 
-def _predicted_mask(predictors: Predictors):
-    """mask_for(layer, x) of `calibration.run_windows`: each token's predicted set."""
+def window_union(predicted: np.ndarray, seq: int, window: int) -> np.ndarray:
+    """bool [B*T, n]: for each token of B windows of T = `seq` tokens (rows in order), the union
+    of the predicted sets of it and of the `window - 1` tokens before it in its window: the
+    neurons the neuron cache holds when that token is computed (unbounded capacity)."""
+    m = predicted.reshape(-1, seq, predicted.shape[-1])
+    out = m.copy()
+    for k in range(1, min(window, seq)):
+        out[:, k:] |= m[:, :-k]
+    return out.reshape(predicted.shape)
+
+
+def _predicted_mask(predictors: Predictors, window: int = 1, batch: dict | None = None):
+    """mask_for(layer, x) of `calibration.run_windows`: each token's predicted set, or with
+    `window` > 1 its union with the sets of the tokens before it (`window_union`; batch["seq"]:
+    the tokens per window of the pass)."""
 
     def mask_for(layer: int, x: np.ndarray):
-        m = predictors.predict_mask(layer, x).astype(np.float32)
+        m = predictors.predict_mask(layer, x)
+        if window > 1:
+            m = window_union(m, batch["seq"], window)
+        m = m.astype(np.float32)
         return lambda lo, hi: m[:, lo:hi]
 
     return mask_for
@@ -96,21 +118,27 @@ def _threshold_mask(ffns: list[cal.LayerFFN], thresholds: list[float]):
     return mask_for
 
 
-def _score(model, token_ids, spans, batch_tokens, progress, desc, mask_for=None, keep_inputs=None) -> _Scorer:
-    """Teacher-forced scores of the windows (numpy BLAS), optionally masked per layer."""
+def _score(
+    model, token_ids, spans, batch_tokens, progress, desc, mask_for=None, keep_inputs=None, batch=None
+) -> _Scorer:
+    """Teacher-forced scores of the windows (numpy BLAS), optionally masked per layer; one pass
+    at a time, `batch["seq"]` set to its windows' length."""
     sc = _Scorer(token_ids)
+    batch = {} if batch is None else batch
 
-    def on_batch(batch, logits, layer_x):
+    def on_batch(windows, logits, layer_x):
         if keep_inputs is not None:
             keep_inputs.add(layer_x)
-        for b, (lo, hi) in enumerate(batch):
+        for b, (lo, hi) in enumerate(windows):
             sc.add(_positions(lo, hi), logits[b, : hi - lo - 1])
 
     n_rows = sum(hi - lo for lo, hi in spans)
     with tqdm(total=n_rows, desc=desc, unit="tok", disable=not progress) as bar:
-        cal.run_windows(
-            model, token_ids, spans, on_batch, batch_tokens=batch_tokens, progress=bar, mask_for=mask_for
-        )
+        for windows in cal.passes(spans, batch_tokens):
+            batch["seq"] = windows[0][1] - windows[0][0]
+            cal.run_windows(
+                model, token_ids, windows, on_batch, batch_tokens=n_rows, progress=bar, mask_for=mask_for
+            )
     return sc
 
 
@@ -121,7 +149,7 @@ def evaluate(
     tokens: int | None = 16384,
     seq_len: int | None = None,
     window: int | None = None,
-    decode_tokens: int = 2048,
+    decode_tokens: int = 256,
     batch_tokens: int = 4096,
     sweep: bool = True,
     progress: bool = True,
@@ -130,15 +158,18 @@ def evaluate(
     """Measure a flash folder's predictors on the text of `data`; returns a JSON-able dict.
 
     Teacher-forced over every token (numpy BLAS): the dense model's perplexity and FFN inputs,
-    per layer the predicted against the truly active sets, and the perplexity of the model in
-    which every layer computes only each token's predicted neurons (no window: what a token
-    gets from its own prediction, the pessimistic case). Then, on the first `decode_tokens`
-    tokens, the flash model with predictor selection token by token through the decode path
-    (neuron cache, window, reads from flash), against the dense model on the same tokens."""
+    per layer the predicted against the truly active sets, the perplexity of the flash model
+    (every layer computes what the decode path computes with a neuron window of `window`
+    tokens: see the module docstring) and of the model in which every layer computes only each
+    token's predicted neurons (window 1: the pessimistic case). Then, on the first
+    `decode_tokens` tokens (0: none), the flash model with predictor selection token by token
+    through the decode path (neuron cache, window, reads from flash), against the dense model
+    on the same tokens."""
     from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.utils import load_tokenizer
 
-    from ..model import FlashOptions, load_flash_model, read_config
+    from ..families import ACTIVATIONS
+    from ..model import DEFAULT_WINDOW, FlashOptions, load_flash_model, read_config
 
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
     folder = Path(folder)
@@ -157,6 +188,9 @@ def evaluate(
         kind, {i: float(r.get("activation_threshold", 0.0)) for i, r in enumerate(layer_info)}
     )
     n_rows = sum(hi - lo for lo, hi in spans)
+    window = DEFAULT_WINDOW if window is None else window
+    # the flash path masks cached neurons not predicted for the token unless the model is ReLU
+    cache_window = window if ACTIVATIONS[manifest.activation] in ("relu", "drelu") else 1
 
     model, rt = load_flash_model(folder, FlashOptions(mode="naive", context=seq_len))
     try:
@@ -191,15 +225,31 @@ def evaluate(
                 )
             del x, inputs
 
-        # 3. every layer computes only the predicted neurons (teacher-forced, no window)
-        masked = _score(
+        # 3. the flash model, teacher-forced: every layer computes what the decode path does
+        #    (the window's union of predicted sets), and the predicted sets alone (window 1)
+        batch: dict = {}
+        flash_tf = _score(
             model,
             token_ids,
             spans,
             batch_tokens,
             progress,
-            "predicted sets only",
-            _predicted_mask(predictors),
+            f"flash model (window {cache_window})",
+            _predicted_mask(predictors, cache_window, batch),
+            batch=batch,
+        )
+        masked = (
+            flash_tf
+            if cache_window == 1
+            else _score(
+                model,
+                token_ids,
+                spans,
+                batch_tokens,
+                progress,
+                "predicted sets only",
+                _predicted_mask(predictors),
+            )
         )
 
         # 4. the thresholded model's perplexity against sparsity
@@ -215,9 +265,6 @@ def evaluate(
         rt.close()
 
     # 5. flash with predictors, token by token through the decode path
-    fmodel, frt = load_flash_model(
-        folder, FlashOptions(mode="flash", selection="predictor", window=window, context=seq_len)
-    )
     flash = _Scorer(token_ids)
     dec_spans, left = [], max(0, decode_tokens)
     for lo, hi in spans:
@@ -225,26 +272,33 @@ def evaluate(
             break
         dec_spans.append((lo, min(hi, lo + left)))
         left -= dec_spans[-1][1] - lo
-    try:
-        with tqdm(
-            total=sum(hi - lo - 1 for lo, hi in dec_spans),
-            desc="flash decode (predictors)",
-            unit="tok",
-            disable=not progress,
-        ) as bar:
-            for lo, hi in dec_spans:
-                cache = make_prompt_cache(fmodel)
-                for j in range(lo, hi - 1):
-                    logits = fmodel(mx.array(token_ids[j : j + 1])[None], cache=cache)
-                    flash.add(np.array([j]), logits[0, -1:])
-                    bar.update(1)
-        stats = frt.stats()
-    finally:
-        frt.close()
+    stats = None
+    if dec_spans:
+        fmodel, frt = load_flash_model(
+            folder, FlashOptions(mode="flash", selection="predictor", window=window, context=seq_len)
+        )
+        try:
+            with tqdm(
+                total=sum(hi - lo - 1 for lo, hi in dec_spans),
+                desc="flash decode (predictors)",
+                unit="tok",
+                disable=not progress,
+            ) as bar:
+                for lo, hi in dec_spans:
+                    cache = make_prompt_cache(fmodel)
+                    for j in range(lo, hi - 1):
+                        logits = fmodel(mx.array(token_ids[j : j + 1])[None], cache=cache)
+                        flash.add(np.array([j]), logits[0, -1:])
+                        bar.update(1)
+            stats = frt.stats()
+        finally:
+            frt.close()
 
     d_nll, count = dense.result()
     m_nll, _ = masked.result()
+    f_nll, _ = flash_tf.result()
     ppl_dense, ppl_masked = cal.perplexity(d_nll, count), cal.perplexity(m_nll, count)
+    ppl_flash = cal.perplexity(f_nll, count)
     pos = sorted(dense.nll)
     dec_pos = sorted(flash.nll)
     result = {
@@ -253,7 +307,7 @@ def evaluate(
         "tokens": int(len(token_ids)),
         "predicted_positions": count,
         "seq_len": seq_len,
-        "window": frt.window,
+        "window": window,
         "rule": kind,
         "sparsity": info.get("sparsity"),
         "layers": layers,
@@ -261,6 +315,12 @@ def evaluate(
         "max_ratio": max(l["ratio"] for l in layers),
         "mean_ratio": sum(l["ratio"] for l in layers) / len(layers),
         "perplexity_dense": ppl_dense,
+        "perplexity_flash": ppl_flash,
+        "perplexity_change_flash": ppl_flash / ppl_dense - 1,
+        "greedy_agreement_flash": agreement(
+            [dense.argmax[p] for p in pos], [flash_tf.argmax[p] for p in pos]
+        ),
+        "flash_window": cache_window,
         "perplexity_predicted_sets": ppl_masked,
         "perplexity_change_predicted_sets": ppl_masked / ppl_dense - 1,
         "greedy_agreement_predicted_sets": agreement(
@@ -316,14 +376,20 @@ def format_result(r: dict) -> str:
         f"mean {r['mean_ratio']:.2f}, highest layer {r['max_ratio']:.2f}"
     )
     lines.append(
-        f"perplexity, teacher-forced over {r['predicted_positions']} positions: dense {r['perplexity_dense']:.3f}, "
-        f"each token's predicted neurons only (no window) {r['perplexity_predicted_sets']:.3f} "
-        f"({100 * r['perplexity_change_predicted_sets']:+.2f}%), greedy-token agreement "
-        f"{100 * r['greedy_agreement_predicted_sets']:.2f}%"
+        f"perplexity over {r['predicted_positions']} positions (teacher-forced): dense {r['perplexity_dense']:.3f}, "
+        f"flash with predictors (the neurons the decode path computes, window {r['flash_window']}) "
+        f"{r['perplexity_flash']:.3f} ({100 * r['perplexity_change_flash']:+.2f}%, greedy-token agreement "
+        f"{100 * r['greedy_agreement_flash']:.2f}%)"
     )
+    if r["flash_window"] > 1:
+        lines.append(
+            f"  each token's predicted neurons only (window 1) {r['perplexity_predicted_sets']:.3f} "
+            f"({100 * r['perplexity_change_predicted_sets']:+.2f}%, greedy-token agreement "
+            f"{100 * r['greedy_agreement_predicted_sets']:.2f}%)"
+        )
     if r.get("decode_positions"):
         lines.append(
-            f"perplexity, flash decode path (window {r['window']}) over the first {r['decode_positions']} positions: "
+            f"check, flash decode path (window {r['window']}) over the first {r['decode_positions']} positions: "
             f"dense {r['perplexity_dense_decoded']:.3f}, flash with predictors {r['perplexity_predictor']:.3f} "
             f"({100 * r['perplexity_change']:+.2f}%), greedy-token agreement {100 * r['greedy_agreement']:.2f}%"
         )
