@@ -81,9 +81,11 @@ class Row:
     lookahead: bool = False
 
 
-def row_specs(window: int, quantize: tuple[int, ...] = ()) -> dict[str, Row]:
+def row_specs(window: int, quantize: tuple[int, ...] = (), svd_rank: int | None = None) -> dict[str, Row]:
     """The rows by name; `quantize` adds, per bit width b, the full method on b-bit bundles
-    (`bundling-qb`, its folder converted with ``--quantize b``)."""
+    (`bundling-qb`, its folder converted with ``--quantize b``); `svd_rank` the full method with
+    the untrained rank-`svd_rank` SVD predictors (`bundling-svd`, a linked copy of the bundled
+    folder with its own predictors)."""
     rows = {
         "naive": Row("naive", "naive", "unbundled", 0, "every token streams each layer's whole FFN"),
         "hybrid": Row(
@@ -115,6 +117,14 @@ def row_specs(window: int, quantize: tuple[int, ...] = ()) -> dict[str, Row]:
             f"bundled-q{b}",
             window,
             f"the full method on {b}-bit bundles (float16 scales, {QUANT_GROUP}-wide groups)",
+        )
+    if svd_rank:
+        rows["bundling-svd"] = Row(
+            "bundling-svd",
+            "flash",
+            "bundled-svd",
+            window,
+            f"the full method with rank-{svd_rank} SVD predictors of the selector (untrained shortcut)",
         )
     return rows
 
@@ -297,6 +307,27 @@ def svd_predictors(folder: Path, x_dir: Path, rank: int, recall: float, log) -> 
         {"rule": "relu", "kind": f"svd-{rank}", "elems": int(elems), "layers": records},
         summary,
     )
+
+
+def linked_copy(src: Path, dst: Path) -> Path:
+    """`dst`: the flash folder `src` with every weight file hard-linked (no second copy of the
+    model) and its own manifest, without predictors (for other predictors than `src`'s)."""
+    from mlx_flash import layout
+
+    m = layout.read_manifest(src)
+    if dst.exists():
+        shutil.rmtree(dst)
+    for f in sorted(src.rglob("*")):
+        rel = f.relative_to(src)
+        if f.is_dir():
+            (dst / rel).mkdir(parents=True, exist_ok=True)
+        elif rel.name not in (m.predictors_file, layout.MANIFEST_NAME):
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.link(f, dst / rel)
+    m.predictors_file = None
+    m.extra.pop("predictors", None)
+    layout.write_manifest(dst, m)
+    return dst
 
 
 def predictor_summary(folder: Path) -> dict | None:
@@ -990,9 +1021,9 @@ def main(argv: list[str] | None = None) -> int:
         "--svd-predictors",
         metavar="RANK[:XDIR]",
         default=None,
-        help="install rank-RANK SVD predictors of the selector (thresholds for 95%% recall on the calibration "
-        "inputs XDIR/x_layer_NNN.npy; default XDIR: those --train-predictors kept) in the flash folders, "
-        "replacing trained ones: the untrained shortcut, labelled svd-RANK in the outputs",
+        help="add the row bundling-svd: the full method with rank-RANK SVD predictors of the selector "
+        "(thresholds for 95%% recall on the calibration inputs XDIR/x_layer_NNN.npy; default XDIR: those "
+        "--train-predictors kept), the untrained shortcut; the other rows keep the trained predictors",
     )
     ap.add_argument("--prepare-only", action="store_true", help="convert (and train predictors), then stop")
     ap.add_argument(
@@ -1021,7 +1052,11 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"--quantize: bit widths 4 or 8, comma-separated, not {args.quantize!r}")
     if any(b not in (4, 8) for b in args.quantize):
         return fail(f"--quantize: bit widths 4 or 8, not {args.quantize}")
-    names = list(row_specs(args.window, args.quantize))
+    rank, _, args.svd_xdir = (args.svd_predictors or "").partition(":")
+    if args.svd_predictors and not (rank.isdigit() and int(rank) > 0):
+        return fail(f"--svd-predictors: RANK[:XDIR] with a positive RANK, not {args.svd_predictors!r}")
+    args.svd_rank = int(rank) if args.svd_predictors else None
+    names = list(row_specs(args.window, args.quantize, args.svd_rank))
     rows = [r.strip() for r in (args.rows or ",".join(names)).split(",") if r.strip()]
     unknown = [r for r in rows if r not in names]
     if unknown:
@@ -1045,25 +1080,30 @@ def run(args, rows: list[str]) -> int:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     work = args.work or out / "flash"
-    specs = row_specs(args.window, args.quantize)
+    specs = row_specs(args.window, args.quantize, args.svd_rank)
     source = args.model.resolve()
     label = args.label or source.name
     mach = machine()
-    layouts = {specs[r].layout for r in rows if specs[r].mode != "dense"}
+    layouts = {specs[r].layout for r in rows if specs[r].mode != "dense"} - {"bundled-svd"}
+    if "bundling-svd" in rows:
+        layouts.add("bundled")
     if args.train_predictors and any(specs[r].mode == "flash" for r in rows):
         layouts.add("bundled")
     folders = prepare_folders(source, work, args.dtype, layouts, log)
     if args.train_predictors and "bundled" in folders:
         train_predictors(folders["bundled"], work, args.train_predictors, log)
         share_all_predictors(folders, log)
-    if args.svd_predictors:
-        rank, _, xdir = args.svd_predictors.partition(":")
-        xdir = xdir or str(work / "calibration-inputs")
-        first = folders.get("bundled") or folders.get("unbundled") or next(iter(folders.values()))
-        if (predictor_summary(first) or {}).get("kind") != f"svd-{rank}":
-            log(f"installing rank-{rank} SVD predictors in {first} (calibration inputs {xdir})")
-            svd_predictors(first, Path(xdir), int(rank), 0.95, log)
-        share_all_predictors(folders, log)
+    if "bundling-svd" in rows:  # the SVD shortcut's own row, beside the headline's predictors
+        xdir = args.svd_xdir or str(work / "calibration-inputs")
+        svd = work / f"{folders['bundled'].name}-svd{args.svd_rank}"
+        if not (
+            svd.is_dir()
+            and (predictor_summary(svd) or {}).get("kind") == f"svd-{args.svd_rank}"
+            and os.path.samefile(svd / "config.json", folders["bundled"] / "config.json")
+        ):
+            log(f"installing rank-{args.svd_rank} SVD predictors in {svd} (calibration inputs {xdir})")
+            svd_predictors(linked_copy(folders["bundled"], svd), Path(xdir), args.svd_rank, 0.95, log)
+        folders["bundled-svd"] = svd
     if args.prepare_only:
         log(f"flash folders ready: {', '.join(str(f) for f in folders.values())}")
         return 0
@@ -1087,7 +1127,7 @@ def run(args, rows: list[str]) -> int:
         "continuation": cont,
         "tokens": tokens,
     }
-    files = model_files([source, *folders.values()])
+    files = model_files([source, *{f.resolve() for f in folders.values()}])
     results = []
     for name in rows:
         spec = specs[name]
@@ -1146,6 +1186,7 @@ def run(args, rows: list[str]) -> int:
         "dtype": args.dtype,
         "machine": mach,
         "predictors": predictor_summary(folders["bundled"]) if "bundled" in folders else None,
+        "svd_predictors": predictor_summary(folders["bundled-svd"]) if "bundled-svd" in folders else None,
         "rows": results,
         "paper": PAPER,
     }
@@ -1160,6 +1201,12 @@ def run(args, rows: list[str]) -> int:
         header += (
             f"; predictors: {p['kind']} (ranks {min(p['ranks'])}-{max(p['ranks'])}, "
             f"predicted/true {p['mean_ratio_predicted_to_active']:.2f} on held-out calibration tokens)"
+        )
+    p = result["svd_predictors"]
+    if p:
+        header += (
+            f"; row bundling-svd: {p['kind']} predictors (predicted/true "
+            f"{p['mean_ratio_predicted_to_active']:.2f} on the calibration inputs)"
         )
     (out / "bench_flash.md").write_text(f"{header}\n\n{table}\n")
     print(header)

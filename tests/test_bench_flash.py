@@ -196,9 +196,10 @@ def test_errors_are_one_line(tiny, tmp_path):
 
 
 def test_svd_predictors_installed_and_used(tiny, tmp_path):
-    """--svd-predictors RANK:XDIR writes predictors in the trained ones' format (thresholds for
-    95% recall on the given calibration inputs) into both folders; the flash rows then select
-    with them."""
+    """--svd-predictors RANK:XDIR adds the row bundling-svd: a linked copy of the bundled folder
+    with predictors in the trained ones' format (thresholds for 95% recall on the given
+    calibration inputs), selecting with them; the headline rows keep the folder's own
+    selection (here: no predictors, the exact selector)."""
     import numpy as np
 
     bench = _load("bench_flash", BENCH)
@@ -220,19 +221,25 @@ def test_svd_predictors_installed_and_used(tiny, tmp_path):
         "--max-tokens",
         "6",
         "--rows",
-        "windowing,bundling",
+        "bundling,bundling-svd",
         "--in-process",
         "--svd-predictors",
         f"16:{xdir}",
     ]
     assert bench.main(args) == 0
     result = json.loads((out / "bench_flash.json").read_text())
-    assert result["predictors"]["kind"] == "svd-16" and len(result["predictors"]["ranks"]) == 4
-    for r in result["rows"]:
-        assert "error" not in r and r["selection"] == "predictor", r
+    assert result["predictors"] is None
+    assert result["svd_predictors"]["kind"] == "svd-16" and len(result["svd_predictors"]["ranks"]) == 4
+    rows = {r["name"]: r for r in result["rows"]}
+    assert all("error" not in r for r in rows.values()), rows
+    assert rows["bundling"]["selection"] == "exact" and rows["bundling-svd"]["selection"] == "predictor"
+    assert "row bundling-svd: svd-16" in (out / "bench_flash.md").read_text()
     from mlx_flash import layout
 
-    for kind in ("bundled", "unbundled"):
-        m = layout.read_manifest(out / "flash" / f"{kind}-float32")
-        assert m.predictors_file and m.extra["predictors"]["kind"] == "svd-16"
-        assert all(abs(l["recall"] - 0.95) < 0.02 for l in m.extra["predictors"]["layers"])
+    bundled, svd = out / "flash" / "bundled-float32", out / "flash" / "bundled-float32-svd16"
+    assert not layout.read_manifest(bundled).predictors_file
+    m = layout.read_manifest(svd)
+    assert m.predictors_file and m.extra["predictors"]["kind"] == "svd-16"
+    assert all(abs(l["recall"] - 0.95) < 0.02 for l in m.extra["predictors"]["layers"])
+    assert (svd / m.dense_file).stat().st_ino == (bundled / m.dense_file).stat().st_ino  # linked, not copied
+    assert bench.main(args) == 0  # a second run reuses the folder
