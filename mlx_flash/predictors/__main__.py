@@ -65,13 +65,20 @@ def _parser() -> argparse.ArgumentParser:
         "--recall",
         type=float,
         default=d.recall,
-        help="recall of truly active neurons each layer's threshold must reach on validation tokens (default: %(default)s)",
+        help="recall of truly active neurons each layer must reach on new text (default: %(default)s)",
     )
     g.add_argument(
         "--rank",
         type=int,
         default=None,
         help="one fixed rank for every layer (its threshold still reaches --recall 0.95)",
+    )
+    t.add_argument(
+        "--recall-margin",
+        type=float,
+        default=d.recall_margin,
+        help="thresholds reach --recall plus this on the held-out calibration tokens, so that other "
+        "text still reaches --recall (default: %(default)s)",
     )
     t.add_argument(
         "--max-size",
@@ -168,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
         opts = TrainOptions(
             recall=args.recall,
+            recall_margin=args.recall_margin,
             rank=args.rank,
             max_size=args.max_size,
             max_rank=args.max_rank,
