@@ -613,3 +613,22 @@ def test_rows_go_straight_into_the_given_rows_of_a_larger_buffer(tmp_path, engin
             r.read(1, [3, 4], out=r.empty_rows(8), rows=[0, 8])
         with pytest.raises(ValueError, match="rows= needs out="):
             r.read(1, [3, 4], rows=[0, 1])
+
+
+def test_default_coalesce_gap_spans_at_most_a_few_rows(tmp_path):
+    """Small rows (here 240 B bundles, 80 B parts unbundled) get a gap of COALESCE_ROWS rows, so a
+    sparse read does not fetch many unneeded neighbours; large rows keep DEFAULT_COALESCE_GAP; a
+    gap given by the caller is kept."""
+    from mlx_flash.reader.flash_reader import COALESCE_ROWS, DEFAULT_COALESCE_GAP
+
+    m, _ = make_flash_folder(tmp_path / "b", dtype="float16", elems=(40, 40, 40))
+    with FlashReader(tmp_path / "b", m) as r:
+        assert r.coalesce_gap == COALESCE_ROWS * 240
+    with FlashReader(tmp_path / "b", m, coalesce_gap=0) as r:
+        assert r.coalesce_gap == 0
+    m, _ = make_flash_folder(tmp_path / "u", dtype="float16", bundled=False, elems=(40, 40, 40))
+    with FlashReader(tmp_path / "u", m) as r:
+        assert r.coalesce_gap == COALESCE_ROWS * 80
+    m, _ = make_flash_folder(tmp_path / "l", dtype="float32", elems=(4096, 4096), num_neurons=8)
+    with FlashReader(tmp_path / "l", m) as r:
+        assert r.coalesce_gap == DEFAULT_COALESCE_GAP

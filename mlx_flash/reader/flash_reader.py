@@ -37,6 +37,11 @@ from .plan import DEFAULT_COALESCE_GAP, DEFAULT_MAX_READ, DEFAULT_THREADS, Plann
 from .request import ReadFuture, Request
 from .stats import IOStats
 
+# A default gap spans at most this many rows: on the tiny preset (1 KiB bundles, ~100 of 2048 read
+# a layer) the 28 KiB gap read 3.3 MB a token for 0.4 MB of needed bundles; 4 rows read 0.67 MB
+# in the same reader time (benchmarks/RESULTS.md, issue 16).
+COALESCE_ROWS = 4
+
 
 class FlashReader:
     """Parallel, aligned, page-cache-bypassing reader of a flash folder's neuron bundles.
@@ -47,7 +52,9 @@ class FlashReader:
         bypass when the filesystem allows, else buffered with one warning. `self.direct` says
         what was done.
     coalesce_gap: merge neighbouring reads whose gap on flash is at most this many bytes
-        (default `DEFAULT_COALESCE_GAP`; negative: merge only reads sharing a sector).
+        (default `DEFAULT_COALESCE_GAP`, at most `COALESCE_ROWS` of the folder's smallest rows:
+        small bundles would otherwise read many unneeded ones per needed one; negative: merge
+        only reads sharing a sector).
     max_read: a merged read stops growing at about this many bytes (default `DEFAULT_MAX_READ`).
     engine: an engine name (`engines.ENGINE_NAMES`; None: the default, the fastest that loads)
         or an engine object (e.g. `ThreadEngine(4, faults=[Fault("eio", 3)])`); `self.engine`
@@ -70,7 +77,12 @@ class FlashReader:
         self.folder = Path(folder)
         self.manifest = manifest
         self.threads = threads or DEFAULT_THREADS
-        self.coalesce_gap = DEFAULT_COALESCE_GAP if coalesce_gap is None else coalesce_gap
+        rows = [seg.row_bytes for entry in manifest.layers for seg in entry.segments]
+        self.coalesce_gap = (
+            min(DEFAULT_COALESCE_GAP, COALESCE_ROWS * min(rows, default=DEFAULT_COALESCE_GAP))
+            if coalesce_gap is None
+            else coalesce_gap
+        )
         self.max_read = max_read or DEFAULT_MAX_READ
         if self.threads < 1 or self.max_read < SECTOR:
             raise ValueError(f"threads must be >= 1 and max_read >= {SECTOR}")
