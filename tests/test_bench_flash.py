@@ -243,3 +243,23 @@ def test_svd_predictors_installed_and_used(tiny, tmp_path):
     assert all(abs(l["recall"] - 0.95) < 0.02 for l in m.extra["predictors"]["layers"])
     assert (svd / m.dense_file).stat().st_ino == (bundled / m.dense_file).stat().st_ino  # linked, not copied
     assert bench.main(args) == 0  # a second run reuses the folder
+
+
+def test_trained_predictors_full_method_reads_8x_fewer_bytes(tiny, tmp_path):
+    """--train-predictors on the tiny preset at the default budget (50%): the headline rows select
+    with the trained predictors and the full method reads at least 8x fewer bytes a token than
+    naive (the bytes are deterministic: teacher-forced tokens; the timing is benchmarks/' job)."""
+    bench = _load("bench_flash", BENCH)
+    out = tmp_path / "out"
+    args = ["--model", str(tiny), "--out", str(out), "--rows", "naive,bundling", "--train-predictors", "2048"]
+    args += ["--prompt-tokens", "32", "--max-tokens", "24", "--slow-tokens", "4", "--in-process"]
+    assert bench.main(args) == 0
+    result = json.loads((out / "bench_flash.json").read_text())
+    assert result["predictors"]["kind"] == "trained" and result["predictors"]["fraction_of_model"] <= 0.05
+    rows = {r["name"]: r for r in result["rows"]}
+    assert all("error" not in r for r in rows.values()), rows
+    assert rows["bundling"]["selection"] == "predictor"
+    assert rows["naive"]["bytes_per_token"] >= 8 * rows["bundling"]["bytes_per_token"], (
+        rows["naive"]["bytes_per_token"],
+        rows["bundling"]["bytes_per_token"],
+    )
