@@ -20,7 +20,7 @@ from pathlib import Path
 import mlx.nn as nn
 
 from . import layout
-from .convert import conversion_lock, convert, open_source, resolve_source
+from .convert import check_source, conversion_lock, convert, resolve_source
 from .distributed import is_primary
 from .errors import MlxFlashError, one_line
 from .model import FlashOptions, load_flash_model
@@ -37,7 +37,7 @@ def cache_root() -> Path:
 
 def _converted_folder(source: Path, label: str) -> Path:
     """A flash folder converted once from `source` into the cache (keyed by its weights)."""
-    open_source(source)  # a folder that cannot be converted fails here, before it is hashed
+    check_source(source)  # a folder that cannot be converted fails here, before it is hashed
     h = hashlib.sha256()
     for f in sorted(source.glob("*.safetensors")) + [source / "config.json"]:
         h.update(f.name.encode())

@@ -127,6 +127,19 @@ def source_config(path: Path) -> dict:
     return config
 
 
+def check_source(path: Path) -> None:
+    """Fail now, in one line, on a folder `convert` cannot convert (dense or mixture of experts),
+    reading only config.json and the safetensors headers."""
+    config = source_config(path)
+    if config_experts(config):
+        from .expert_convert import moe_skeleton
+
+        moe_skeleton(config)  # an architecture whose experts mlx_flash cannot stream
+        source_tensors(path)
+    else:
+        open_source(path)
+
+
 def open_source(path: Path) -> SourceModel:
     config = source_config(path)
     check_moe_config(config)  # an MoE model is converted by expert_convert, not here

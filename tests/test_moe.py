@@ -115,6 +115,22 @@ def qwen(tmp_path_factory):
     return src, root / "flash"
 
 
+def test_load_converts_an_moe_model_folder_once(qwen, tmp_path, monkeypatch):
+    """`mlx_flash.load(model folder)` converts an MoE folder into the cache, as a dense one."""
+    src, _ = qwen
+    monkeypatch.setenv("MLX_FLASH_CACHE", str(tmp_path / "cache"))
+    ref, _, _ = reference(src)
+    model, rt = load(src, memory_budget="55%")
+    try:
+        tokens = [r.token for r in mlx_flash.stream_generate(model, _tok(src), PROMPT, max_tokens=MAX_TOKENS)]
+        assert tokens == ref
+        assert mlx_flash.flash_stats(model).extra["experts"]["misses"] > 0
+    finally:
+        rt.close()
+    (cached,) = [p for p in (tmp_path / "cache").iterdir() if layout.is_flash_folder(p)]
+    assert (cached / layout.EXPERTS_DIR).is_dir()
+
+
 def test_corrupt_expert_with_verify_is_a_checksum_error(qwen, tmp_path):
     import shutil
 
