@@ -8,7 +8,7 @@ fault injection as an argument (`faults`, see `faults.Fault`).
   request's reads submitted in one call, executed with the GIL released, through io_uring
   (Linux, where the kernel and container allow it) or a pthread pool of preads (everywhere,
   macOS included, where the files are opened with F_NOCACHE and read-ahead off). "native" is
-  `native.DEFAULT_BACKEND` (pthreads: faster than io_uring on the machines measured).
+  `native.DEFAULT_BACKEND`: io_uring where it runs (less CPU per read, as fast), else pthreads.
 - "threads": a pool of Python threads (`threads`), the reference and the fallback.
 
 (A Linux native AIO engine through ctypes was removed once the native engine existed: in

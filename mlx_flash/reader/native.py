@@ -50,12 +50,14 @@ else:
 
 _SHORT = -1  # the C engine's status of a read that ended before the bytes it needed
 _FAULT_CODES = {k: i + 1 for i, k in enumerate(FAULT_KINDS)}  # the C side's numbering
-BACKENDS = ("pthreads", "io_uring")  # fastest first
-# The default backend ("native"): on the project's Linux VM the pthread pool read faster than
-# io_uring in 35 of 40 cells of bench_io's grid (4 KiB-1 MiB, 1-64 in flight, quiet and busy;
-# fio's own io_uring engine was no faster than its psync either), while io_uring took 20-40%
-# less CPU per read: "native-io_uring" is there for a machine short of CPU (RESULTS.md).
-DEFAULT_BACKEND = "pthreads"
+BACKENDS = ("io_uring", "pthreads")  # fastest first
+# The default backend ("native"): "auto", io_uring where the kernel and the container allow it,
+# else the pthread pool. On the project's Linux VM, once requests were planned and delivered in C
+# (bench_io's grid, 4 KiB-1 MiB, 1-64 in flight, quiet and busy; RESULTS.md, issue 19), io_uring
+# took less CPU per read than the pthread pool in 33 of 40 cells (1.11x / 1.16x fio's, median,
+# against 1.55x / 1.78x) and read faster in 22 of 40 (21 of the 32 at 16 KiB and more). (Before
+# that rewrite the pool was faster in 35 of 40 cells and was the default.)
+DEFAULT_BACKEND = "auto"
 _probed: dict[str, str | None] = {}
 
 
