@@ -1271,11 +1271,16 @@ static PyObject *Engine_submit(Engine *e, PyObject *args) {
     b->pending = 1;
     list_push(&e->pend, b, PEND);
     e->outstanding++;
-    /* wake as many workers as there are reads (one for io_uring): a broadcast would wake
-     * every idle thread of the pool for a batch of one read */
-    Py_ssize_t wake = e->backend == BACKEND_URING ? 1 : (b->nreads < e->nthreads ? b->nreads : e->nthreads);
-    for (Py_ssize_t w = 0; w < wake; w++) pthread_cond_signal(&e->work_cv);
     pthread_mutex_unlock(&e->mu);
+    /* wake as many workers as there are reads (one for io_uring): a broadcast would wake
+     * every idle thread of the pool for a batch of one read. After unlocking: a worker woken
+     * while the lock is still held would at once block on it again (two more futex calls and
+     * a context switch per wake-up; safe, since a worker tests for work under the lock before
+     * it waits, and the engine outlives this call) */
+    Py_ssize_t wake = e->backend == BACKEND_URING ? 1 : (b->nreads < e->nthreads ? b->nreads : e->nthreads);
+    if (wake >= e->nthreads && wake > 1) pthread_cond_broadcast(&e->work_cv); /* one system call */
+    else
+        for (Py_ssize_t w = 0; w < wake; w++) pthread_cond_signal(&e->work_cv);
     return (PyObject *)b;
 }
 
