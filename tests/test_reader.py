@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
+import io
 import os
+import subprocess
+import sys
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -99,6 +103,7 @@ def as_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
     return np.array(a.astype(mx.float32))
 
 
+ROOT = Path(__file__).resolve().parents[1]  # the checkout whose mlx_flash the tests import
 ENGINES = available_engines()  # every engine that loads here: the same results from each
 
 
@@ -462,6 +467,39 @@ def test_default_engine_is_native_where_built_else_threads_said_once(tmp_path, m
                 assert r.engine == "threads"
     assert [rec.getMessage() for rec in caplog.records].count(caplog.records[0].getMessage()) == 1
     assert "no C compiler at install" in caplog.records[0].getMessage()
+
+
+def test_without_the_extension_a_fresh_process_reads_with_threads_saying_so_once(tmp_path):
+    """An install without a C compiler has no `_native` module: a new interpreter that cannot
+    import it (no monkeypatching of the reader) reads the same bytes with the thread engine,
+    lists only it, and warns once for several readers."""
+    m, raw = make_flash_folder(tmp_path, dtype="float32", elems=(1024, 1024, 1024))
+    probe = (
+        "import logging, sys\n"
+        "import numpy as np\n"
+        "sys.modules['mlx_flash.reader._native'] = None  # import fails as for a module never built\n"
+        "logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(message)s')\n"
+        "from mlx_flash.layout import read_manifest\n"
+        "from mlx_flash.reader import FlashReader, available_engines\n"
+        f"folder = {str(tmp_path)!r}\n"
+        "for _ in range(2):\n"
+        "    with FlashReader(folder, read_manifest(folder)) as r:\n"
+        "        got = r.read(1, np.array([3, 7, 250]))\n"
+        "print(r.engine, ','.join(available_engines()))\n"
+        "np.save(sys.stdout.buffer, got['up'])\n"
+    )
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, env=env, check=True, timeout=120
+    )
+    first, rest = done.stdout.split(b"\n", 1)
+    assert first.decode() == "threads threads"
+    np.testing.assert_array_equal(np.load(io.BytesIO(rest)), raw[1]["up"][[3, 7, 250]])
+    warned = [line for line in done.stderr.decode().splitlines() if line.startswith("WARNING")]
+    assert len(warned) == 1 and "native reader engine is not available" in warned[0]
+    assert "not built" in warned[0] and "C compiler" in warned[0]
 
 
 @pytest.mark.parametrize("engine", [e for e in ENGINES if e.startswith("native")])
