@@ -512,7 +512,8 @@ def plot(cells: list[dict], path: Path) -> None:
 
 def targets(cells: list[dict], engines: list[str], batch: list[dict]) -> dict:
     """The issue's targets per engine: throughput against the better fio at >= 16 KiB (median,
-    worst; quiet and busy), CPU per read against fio's (median over cells), 8 rows / 1 row."""
+    worst; quiet and busy; also against fio's engine of the same kind), CPU per read against
+    fio's (median over cells), 8 rows / 1 row."""
     out = {}
     for e in engines:
         t = {}
@@ -531,16 +532,35 @@ def targets(cells: list[dict], engines: list[str], batch: list[dict]) -> dict:
                 if c["condition"] == cond
             ]
             if ratios:
+                same = [c["results"][e]["mbps"] / c["results"][kind]["mbps"] for c in big]
                 t[cond] = {
                     "throughput_median": float(np.median(ratios)),
                     "throughput_worst": float(np.min(ratios)),
                     "cells": len(ratios),
+                    "same_kind": kind,
+                    "throughput_vs_same_kind_median": float(np.median(same)),
+                    "throughput_vs_same_kind_worst": float(np.min(same)),
                 }
             t.setdefault(cond, {})["cpu_per_read_median"] = float(np.median(cpu))
             t[cond]["cpu_per_read_worst"] = float(np.max(cpu))
             t[cond][f"cpu_per_read_vs_{kind}_median"] = float(np.median(cpu_kind))
         t["batch_8_over_1"] = {f"{b['row_bytes'] // KIB} KiB": b["ratio"] for b in batch if b["engine"] == e}
         out[e] = t
+    return out
+
+
+def fio_spread(cells: list[dict]) -> dict:
+    """How far fio's worse engine is from its better one, per condition, at >= 16 KiB (the cells
+    the throughput target counts): a bound on what a ratio to "the better fio" can resolve."""
+    out = {}
+    for cond in sorted({c["condition"] for c in cells}):
+        r = [
+            min(c["results"][f"fio-{f}"]["mbps"] for f in FIO_ENGINES) / c["fio_best_mbps"]
+            for c in cells
+            if c["condition"] == cond and c["chunk_bytes"] >= 16 * KIB
+        ]
+        if r:
+            out[cond] = {"median": float(np.median(r)), "worst": float(np.min(r))}
     return out
 
 
@@ -583,10 +603,16 @@ def print_tables(
             elif "throughput_median" in v:
                 same = next(f"{v[k]:.2f}x {k[16:-7]}" for k in v if k.startswith("cpu_per_read_vs_"))
                 parts.append(
-                    f"{cond}: median {v['throughput_median']:.2f}, worst {v['throughput_worst']:.2f}, "
+                    f"{cond}: median {v['throughput_median']:.2f}, worst {v['throughput_worst']:.2f} "
+                    f"({v['throughput_vs_same_kind_median']:.2f}, {v['throughput_vs_same_kind_worst']:.2f} "
+                    f"vs {v['same_kind']}), "
                     f"CPU/read {v['cpu_per_read_median']:.2f}x (worst {v['cpu_per_read_worst']:.2f}x; {same})"
                 )
         print(f"  {e}: " + "; ".join(parts))
+    for cond, v in fio_spread(cells).items():
+        print(
+            f"  fio's worse engine against its better, {cond}: median {v['median']:.2f}, worst {v['worst']:.2f}"
+        )
     if model:
         print("\nCost model t(c) = a + b*c (aggregate time per read, the default engine, quiet):")
         for t, f in model["fits"].items():
@@ -775,6 +801,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds": time.perf_counter() - t_start,
         "cells": cells,
         "targets": goals,
+        "fio_spread": fio_spread(cells),
         "batch": batch,
         "cost_model": model,
         "cost_model_engine": default,

@@ -65,3 +65,24 @@ def test_fio_huge_pages_library_serves_only_the_sizes_asked_2mib_aligned(tmp_pat
     )
     got = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert got.stdout.split() == ["0", "0", "True"]
+
+
+def test_targets_report_the_same_kind_of_fio_and_fio_against_itself(monkeypatch):
+    bench = load_bench(monkeypatch)
+
+    def cell(chunk, ours, psync, uring):
+        res = {"native-io_uring": ours, "fio-psync": psync, "fio-io_uring": uring}
+        return {
+            "condition": "quiet",
+            "chunk_bytes": chunk,
+            "results": {k: {"mbps": v, "cpu_us_per_read": 10.0} for k, v in res.items()},
+            "fio_best_mbps": max(psync, uring),
+            "fio_best_cpu_us_per_read": 10.0,
+        }
+
+    cells = [cell(4096, 1.0, 9.0, 9.0), cell(16384, 90.0, 100.0, 90.0), cell(65536, 60.0, 50.0, 100.0)]
+    t = bench.targets(cells, ["native-io_uring"], [])["native-io_uring"]["quiet"]
+    assert t["cells"] == 2 and t["same_kind"] == "fio-io_uring"  # 4 KiB is not counted
+    assert (t["throughput_median"], t["throughput_worst"]) == (0.75, 0.6)
+    assert (t["throughput_vs_same_kind_median"], t["throughput_vs_same_kind_worst"]) == (0.8, 0.6)
+    assert bench.fio_spread(cells) == {"quiet": {"median": 0.7, "worst": 0.5}}
