@@ -20,8 +20,7 @@ exactly the same tokens; --decode greedy lets the model choose):
   bundling   + the bundled layout: one read fetches a neuron's up row and down column (the
              full method)
   lookahead  + I/O off the critical path: while a layer computes, the next layer's neurons
-             guessed from this layer's input are read, and the cached rows are computed on while
-             the rest is read (`mlx_flash.load(lookahead=True)`)
+             guessed from the residual stream are read (`mlx_flash.load(lookahead=True)`)
   dense      mlx-lm with the whole model in memory, float32 (when it fits in memory)
 
 The first five rows use the unbundled folder except `bundling`. The selector is the folder's

@@ -103,8 +103,9 @@ def load(
         Without it, load checks what is cheap: the manifest, each shard's size and header, and
         config.json against them.
     lookahead: (flash mode) while a layer computes, read the next layer's neurons guessed from
-        this layer's input (its predictor or exact selector), and compute on the cached rows
-        while the rest is read; exact selection stays exact (the guess only warms the cache).
+        the residual stream after this layer's attention (its predictor or exact selector, see
+        ffn.py), wasted reads capped at 25% of the rows read; exact selection stays exact (the
+        guess only warms the cache).
         A mixture of experts: the next MoE layer's router on this layer's input names the
         experts read ahead.
     expert_policy: (mixtures of experts) the expert pools' eviction policy: "lru" (default),

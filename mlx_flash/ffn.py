@@ -27,6 +27,7 @@ included.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -187,7 +188,11 @@ class FlashFFN(nn.Module):
         self._state = state
         self._rt = runtime
         self._deferred: tuple[np.ndarray, dict[str, np.ndarray]] | None = None  # rows to insert (`_finish`)
-        self._needed: int | None = None  # neurons the last decoded token missed here (look-ahead's size)
+        # look-ahead's guess input (see `tap_residuals`): the norm that feeds this FFN (its plain
+        # call), the residual stream at its input in this call and at the last token's
+        self._norm: Callable | None = None
+        self._residual: mx.array | None = None
+        self._last_residual: mx.array | None = None
 
     # -- the public surface ---------------------------------------------------------------------
     @property
@@ -276,10 +281,11 @@ class FlashFFN(nn.Module):
                 if st.down_bias is not None:
                     y = y + st.down_bias
                 y = y.astype(x.dtype)
-                mx.eval(y)
+                mx.eval(y, *self._keep_residuals())
                 self._finish()
             except BaseException as exc:
                 self._deferred = None
+                self._residual = self._last_residual = None
                 rt.drop_staged()
                 if st.cache is not None:
                     st.cache.clear()
@@ -348,45 +354,54 @@ class FlashFFN(nn.Module):
     # -- flash decode -----------------------------------------------------------------------
     def _decode_flash(self, x: mx.array) -> mx.array:
         """One decoded token: select, read what the cache misses, compute on the cached rows.
-        With look-ahead, the guess of the next layer's neurons is scored in the same evaluation
-        as this layer's selection, the rows read ahead for this layer are collected, the rest is
-        read while the rows already cached are computed on, and the missing rows' share of the
-        FFN is added from the read buffer when they arrive (they enter the cache once the
-        layer's output is evaluated: `_finish`)."""
+        With look-ahead, the next layer's neurons are scored on a guess of its input
+        (`_guess_input`) in the same evaluation as this layer's selection; the rows read ahead
+        for this layer are collected, the rest is read, and the next layer's guess is read
+        behind it (`stage`) while this layer waits and computes. When the cached rows are many
+        (`FlashRuntime.overlap_min_elems`) they are computed on while the rest is read, and the
+        missing rows' share of the FFN is added from the read buffer when they arrive (they
+        enter the cache once the layer's output is evaluated: `_finish`)."""
         rt, st = self._rt, self._state
         xc = x.astype(rt.compute_dtype).reshape(1, -1)
         nxt = rt.layers[st.layer + 1] if rt.lookahead and st.layer + 1 < len(rt.layers) else None
-        guess = nxt.scores(xc) if nxt is not None else None
+        guess = nxt.scores(self._guess_input(nxt, xc)) if nxt is not None else None
         ids, guess = self._select(xc, guess)
+        staged = rt.take_staged(st.layer) if rt.lookahead else None  # waits (I/O) if in flight
         if len(ids) > st.cache.capacity:
-            y = self._decode_overflow(xc, ids)
+            y = self._decode_overflow(xc, ids, staged)
             if nxt is not None:  # after the streaming, which used the look-ahead's buffer
-                rt.stage(nxt.layer, nxt.guessed(guess, rt.lookahead_factor))
+                rt.stage(nxt.layer, nxt.guessed(guess))
             return y.reshape(x.shape)
         t0 = time.perf_counter()
         missing = st.cache.begin_token(ids)
-        needed = self._needed = len(missing)
-        staged = rt.take_staged(st.layer) if rt.lookahead else None
+        needed = len(missing)
+        hits = 0
         if staged is not None:  # the rows read ahead while the layer before computed
             sids, srows, _ = staged
             hit, pos = _found(sids, missing)
-            if hit.any():
+            hits = int(hit.sum())
+            if hits:
                 st.cache.insert(missing[hit], {k: v[pos[hit]] for k, v in srows.items()})
-            rt.count_lookahead(
-                needed=needed, hits=int(hit.sum()), fetched=len(sids), bundle_bytes=rt.bundle_bytes
-            )
             missing = missing[~hit]
+        if rt.lookahead:
+            rt.count_lookahead(
+                st.layer, needed=needed, hits=hits, fetched=None if staged is None else len(staged[0])
+            )
 
         def stage() -> None:  # after this layer's own read, so that it goes first
             if nxt is not None:
                 t = time.perf_counter()
-                rt.stage(nxt.layer, nxt.guessed(guess, rt.lookahead_factor))
+                rt.stage(nxt.layer, nxt.guessed(guess))
                 rt.add_time("selection", time.perf_counter() - t)  # the next layer's selection
 
         rt.count_token_layer(st.layer, active=len(ids), loaded=needed, used=st.cache.used)
         mask = st.cache.active_mask(partial=True) if rt.mask_inactive else None
         bias = mx.take(st.up_bias, st.cache.resident_rows(partial=True)) if st.up_bias is not None else None
-        overlap = rt.lookahead and 0 < len(missing) <= rt.stream_block
+        overlap = (
+            rt.lookahead
+            and 0 < len(missing) <= rt.stream_block
+            and st.cache.used * xc.shape[-1] >= rt.overlap_min_elems
+        )
         if overlap:  # compute on the rows at hand while the rest is read
             host, arrays = rt.missing_buffer()
             future = rt.submit(st.layer, missing, host)
@@ -411,11 +426,14 @@ class FlashFFN(nn.Module):
         else:
             rt.add_time("memory", time.perf_counter() - t0)
             if len(missing):
-                rows, _ = rt.read_missing(st.layer, missing)
+                pending = rt.read_missing(st.layer, missing)
+                stage()  # while this layer's own read runs
+                rows = pending.result()
                 t1 = time.perf_counter()
                 st.cache.insert(missing, rows)
                 rt.add_time("memory", time.perf_counter() - t1)
-            stage()
+            else:
+                stage()
             y = ffn_block(xc, st.cache.views(), rt.act, bias, mask, quant=self.quantization)
         return y.reshape(x.shape)
 
@@ -427,6 +445,29 @@ class FlashFFN(nn.Module):
             self._deferred = None
             self._state.cache.insert(ids, rows)
             self._rt.add_time("memory", time.perf_counter() - t0)
+
+    def _keep_residuals(self) -> list[mx.array]:
+        """The residual stream at the FFN's input at this call's last position, kept for the
+        next token's guess; to evaluate with the output."""
+        h, self._residual = self._residual, None
+        if h is None:
+            return []
+        self._last_residual = h.reshape(-1, h.shape[-1])[-1:]
+        return [self._last_residual]
+
+    def _tap_residual(self, h: mx.array) -> None:
+        self._residual = h
+
+    def _guess_input(self, nxt: FlashFFN, xc: mx.array) -> mx.array:
+        """The next layer's FFN input as guessed now, before this layer's FFN runs: the residual
+        stream here (after this layer's attention) plus what this layer's FFN and the next
+        layer's attention added to it at the last token, through the next layer's norm. Without
+        the residuals (no tap, the first token): this layer's own input."""
+        h, last, nxt_last = self._residual, self._last_residual, nxt._last_residual
+        if h is None or last is None or nxt_last is None or nxt._norm is None:
+            return xc
+        est = h.reshape(1, -1) + (nxt_last - last)
+        return nxt._norm(est).astype(self._rt.compute_dtype)
 
     def scores(self, x: mx.array) -> mx.array:
         """Lazy per-neuron scores of this layer for an input x ([1, d]): larger means more likely
@@ -443,32 +484,31 @@ class FlashFFN(nn.Module):
             pre = pre + _range(st.up_bias, st.first, st.stop)
         return pre.reshape(-1)
 
-    def guessed(self, scores: np.ndarray, factor: float) -> np.ndarray:
-        """The neurons to read ahead for this layer from its `scores` on the layer before's input:
-        the best-scored ones not cached, as many as `factor` times what this layer missed last
-        time (a recall-favouring cut: past the selector's own threshold), sorted."""
+    def guessed(self, scores: np.ndarray) -> np.ndarray:
+        """The neurons to read ahead for this layer from its `scores` on its guessed input: the
+        best-scored ones not cached, as many as the runtime allows for the number of uncached
+        neurons the guess selects (`FlashRuntime.lookahead_size`), sorted."""
         st = self._state
         if len(scores) == st.num_neurons:  # a predictor scores every neuron: the owned ones
             scores = scores[st.first : st.stop]
         owned = np.arange(st.first, st.first + len(scores), dtype=np.int64)
         cand = np.flatnonzero(st.cache.slots(owned) < 0)
-        k = int(factor * (self._needed if self._needed is not None else 0.02 * len(scores)))
+        k = self._rt.lookahead_size(st.layer, int(np.count_nonzero(scores[cand] >= 0)))
         if k <= 0 or not len(cand):
             return np.zeros(0, np.int64)
         if k < len(cand):
             cand = cand[np.argpartition(-scores[cand], k - 1)[:k]]
         return np.sort(cand).astype(np.int64) + st.first
 
-    def _decode_overflow(self, xc: mx.array, ids: np.ndarray) -> mx.array:
+    def _decode_overflow(self, xc: mx.array, ids: np.ndarray, staged) -> mx.array:
         """A token whose active set is larger than the cache: its neurons are read in blocks
         of the streaming buffer's size and computed block by block, the cache left as it is.
         Slower (nothing is reused), never wrong, and within the memory plan. With look-ahead,
-        the neurons read ahead are computed from the look-ahead's buffer first (evaluated: the
-        streaming reuses that buffer) and only the rest is streamed."""
+        the neurons read ahead (`staged`, from `take_staged`) are computed from the look-ahead's
+        buffer first (evaluated: the streaming reuses that buffer) and only the rest is streamed."""
         rt, st = self._rt, self._state
-        self._needed = len(ids)
-        staged = rt.take_staged(st.layer) if rt.lookahead else None
         y = None
+        ids_left = ids
         if staged is not None:
             sids, _, srows = staged
             hit, pos = _found(sids, ids)
@@ -478,12 +518,14 @@ class FlashFFN(nn.Module):
                 bias = mx.take(st.up_bias, mx.array(ids[hit])) if st.up_bias is not None else None
                 y = ffn_block(xc, parts, rt.act, bias, quant=self.quantization)
                 mx.eval(y)
-            rt.count_lookahead(
-                needed=len(ids), hits=int(hit.sum()), fetched=len(sids), bundle_bytes=rt.bundle_bytes
-            )
             ids_left = ids[~hit]
-        else:
-            ids_left = ids
+        if rt.lookahead:
+            rt.count_lookahead(
+                st.layer,
+                needed=len(ids),
+                hits=len(ids) - len(ids_left),
+                fetched=None if staged is None else len(sids),
+            )
         rest = self._computed_blocks(xc, rt.stream_blocks(st.layer, ids_left))
         rt.count_token_layer(st.layer, active=len(ids), loaded=len(ids), used=0, overflow=True)
         return rest if y is None else y + rest
@@ -515,6 +557,49 @@ class FlashFFN(nn.Module):
         g = np.array(guess) if guess is not None else None
         rt.add_time("selection", time.perf_counter() - t1)
         return ids, g
+
+
+# The norm whose input is the residual stream an FFN reads, by attribute name in a decoder layer
+# (mlx-lm's Llama-like models, OPT, Gemma).
+FFN_NORMS = ("post_attention_layernorm", "final_layer_norm", "pre_feedforward_layernorm")
+_TAPPED: dict[type, type] = {}
+
+
+def tap_residuals(layers: list[nn.Module]) -> int:
+    """For look-ahead: the norm that feeds each layer's FlashFFN hands it its input, the
+    residual stream, as it normalises it (the norm's class becomes a subclass whose call also
+    does that: parameters, names and outputs unchanged), and each FlashFFN gets the plain call
+    of its norm (to normalise a guessed residual). Returns the layers tapped; a layer whose norm
+    is not found (a parallel-attention block such as Phi's) is guessed from the layer before's
+    input. The first layer is not guessed: its input changes with every token (its guess from
+    the embeddings recalled 40% at 60% waste on the tiny preset, and cost more than it hid)."""
+    n = 0
+    for layer in layers:
+        ffn = layer.get("mlp") if isinstance(layer, dict) else None
+        name = next((k for k in FFN_NORMS if isinstance(layer.get(k), nn.Module)), None)
+        if not isinstance(ffn, FlashFFN) or name is None:
+            continue
+        ffn._norm = functools.partial(_tap(layer[name], ffn._tap_residual), layer[name])
+        n += 1
+    return n
+
+
+def _tap(norm: nn.Module, record: Callable[[mx.array], None]) -> Callable:
+    """Make `norm` call `record(x)` with its input before normalising it; returns its plain call."""
+    base = type(norm)
+    if base in _TAPPED.values():
+        base = base.__mro__[1]
+    else:
+        if base not in _TAPPED:
+            _TAPPED[base] = type(f"Tapped{base.__name__}", (base,), {"__call__": _tapped_call})
+        norm.__class__ = _TAPPED[base]
+    object.__setattr__(norm, "_flash_record", record)  # not a child module: the parameters stay the same
+    return base.__call__
+
+
+def _tapped_call(self, x, *args, **kwargs):
+    self._flash_record(x)
+    return type(self).__mro__[1].__call__(self, x, *args, **kwargs)
 
 
 def _found(sorted_ids: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -31,7 +31,7 @@ from .cache import NeuronCache
 from .distributed import Shard, balanced, process_shard
 from .errors import MlxFlashError, one_line
 from .families import ACTIVATIONS, architecture_for
-from .ffn import ACTIVATION_FUNCTIONS, FlashFFN, LayerState, activate
+from .ffn import ACTIVATION_FUNCTIONS, FlashFFN, LayerState, activate, tap_residuals
 from .models import get_model_classes
 from .quantize import quantize_loaded
 from .reader import FlashReader
@@ -270,6 +270,8 @@ def load_flash_model(
         vocab.plan_kv_cache(model, plan.context)
         runtime.layers = [layer.mlp for layer in layers]
         runtime.lookahead = options.lookahead and mode == "flash"
+        if runtime.lookahead:  # layer l+1's input guessed from the residual stream
+            runtime.lookahead_tapped = tap_residuals(layers)
         mx.eval([a for l in layers for a in l.mlp.resident_arrays()])
     except BaseException:
         runtime.close()

@@ -24,12 +24,13 @@ from .errors import MlxFlashError
 from .expert_convert import switch_modules
 from .experts import ExpertCache, ExpertPool
 from .reader import FlashReader
-from .runtime import FlashRuntime
+from .runtime import LOOKAHEAD_WASTE_CAP, FlashRuntime
 from .safetensors_file import read_header
 from .stats import StatsSummary
 from .switch import FlashSwitch
 
 STAGE_BYTES = 64 << 20  # the staging buffer holds k experts, or as many as fit in this
+EXPERT_LOOKAHEAD_START = 1.5  # experts read ahead per expert the layer missed last time, to begin with
 
 
 class ExpertRuntime(FlashRuntime):
@@ -38,6 +39,19 @@ class ExpertRuntime(FlashRuntime):
 
     experts: ExpertCache
     switches: list[FlashSwitch]
+    lookahead_factor = EXPERT_LOOKAHEAD_START  # guessed experts per expert missed, under the waste cap
+
+    def count_expert_lookahead(self, *, needed: int, hits: int, fetched: int, bundle_bytes: int) -> None:
+        """An MoE layer's look-ahead outcome: of `needed` missing experts, `hits` had been read
+        ahead, of `fetched` read ahead; the rest of `fetched` was wasted. Adapts the look-ahead's
+        size so that the waste stays under LOOKAHEAD_WASTE_CAP of the bytes read."""
+        self.record_guess(
+            needed=needed, hits=hits, fetched=fetched, wasted_bytes=(fetched - hits) * bundle_bytes
+        )
+        read = needed + fetched - hits  # experts read for this layer: the misses, and everything guessed
+        waste = (fetched - hits) / read if read else 0.0
+        self.lookahead_factor *= 0.85 if waste > 0.8 * LOOKAHEAD_WASTE_CAP else 1.05
+        self.lookahead_factor = min(max(self.lookahead_factor, 0.05), 8.0)
 
     def stats(self) -> StatsSummary:
         s = super().stats()

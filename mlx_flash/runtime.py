@@ -33,7 +33,8 @@ class NeuronBlock(NamedTuple):
     rows: dict[str, mx.array]
 
 
-LOOKAHEAD_START = 1.5  # guessed rows read per row the layer missed last time, to begin with
+LOOKAHEAD_START = 1.0  # rows read ahead per uncached neuron the guess selects, to begin with
+OVERLAP_MIN_ELEMS = 1 << 22  # see FlashRuntime.overlap_min_elems
 LOOKAHEAD_WASTE_CAP = 0.25  # wasted look-ahead bytes stay under this share of the bytes read
 
 
@@ -80,7 +81,14 @@ class FlashRuntime:
         self.mask_inactive = False  # zero cached neurons not selected for this token (non-ReLU predictors)
         self.lookahead = False  # read layer l+1's guessed neurons while layer l computes (see ffn.py)
         self.layers: list = []  # the FlashFFN of each layer (set at load)
-        self.lookahead_factor = LOOKAHEAD_START  # guessed rows per missing row, kept under the waste cap
+        self.lookahead_factors: dict[int, float] = {}  # per layer, see lookahead_size
+        self._layer_waste: dict[int, list[int]] = {}  # per layer: [rows read, rows wasted]
+        # look-ahead: a layer computes on its cached rows while the rest is read when they hold at
+        # least this many elements (below, the split's second graph costs more than it hides)
+        self.overlap_min_elems = OVERLAP_MIN_ELEMS
+        self.lookahead_tapped = 0  # layers whose guess comes from the residual stream (ffn.tap_residuals)
+        self.lookahead_read_rows = 0  # decoded layers' rows read since the last reset_stats
+        self.lookahead_wasted_rows = 0  # of those, read ahead and not needed
         self._staged: Staged | None = None  # the look-ahead read in flight (one at a time)
         self._busy: list[tuple[float, float]] = []  # this pass's read requests (submit, done) times
         self._busy_lock = threading.Lock()
@@ -136,21 +144,47 @@ class FlashRuntime:
         if self._current is not None:
             setattr(self._current, f"{key}_ms", getattr(self._current, f"{key}_ms") + seconds * 1e3)
 
-    def count_lookahead(self, *, needed: int, hits: int, fetched: int, bundle_bytes: int) -> None:
-        """A layer's look-ahead outcome: of `needed` missing neurons, `hits` had been read ahead,
-        of `fetched` read ahead; the rest of `fetched` was wasted. Adapts the look-ahead's size
-        so that the waste stays under LOOKAHEAD_WASTE_CAP of the bytes read."""
+    def count_lookahead(self, layer: int, *, needed: int, hits: int, fetched: int | None) -> None:
+        """A decoded layer's reads under look-ahead: of `needed` missing neurons, `hits` had been
+        read ahead, of `fetched` read ahead (None: nothing was read ahead for this layer); the
+        rest of `fetched` was wasted. Keeps the running totals the cap is on, and adapts the
+        layer's look-ahead size: larger while its waste is under 80% of the cap, smaller above
+        (a layer whose guess is poor, such as the first, reads ahead little)."""
+        fetched = fetched or 0
+        wasted = fetched - hits
+        read = needed - hits + fetched
+        self.lookahead_read_rows += read
+        self.lookahead_wasted_rows += wasted
+        totals = self._layer_waste.setdefault(layer, [0, 0])
+        totals[0] += read
+        totals[1] += wasted
+        if fetched:
+            self.record_guess(
+                needed=needed, hits=hits, fetched=fetched, wasted_bytes=wasted * self.bundle_bytes
+            )
+            f = self.lookahead_factors.get(layer, LOOKAHEAD_START)
+            f *= 0.9 if totals[1] > 0.8 * LOOKAHEAD_WASTE_CAP * totals[0] else 1.05
+            self.lookahead_factors[layer] = min(max(f, 0.05), 4.0)
+
+    def record_guess(self, *, needed: int, hits: int, fetched: int, wasted_bytes: int) -> None:
+        """A guess's outcome in the pass's statistics: of `needed` missing neurons (or experts),
+        `hits` had been read ahead, of `fetched` read ahead, `wasted_bytes` of them not used."""
         cur = self._current
         if cur is not None:
             cur.lookahead_needed += needed
             cur.lookahead_hits += hits
             cur.lookahead_rows += fetched
-            cur.lookahead_wasted_bytes += (fetched - hits) * bundle_bytes
-        read = needed + fetched - hits  # rows read for this layer: the misses, and everything guessed
-        waste = (fetched - hits) / read if read else 0.0
-        target = 0.8 * LOOKAHEAD_WASTE_CAP
-        self.lookahead_factor *= 0.85 if waste > target else 1.05
-        self.lookahead_factor = min(max(self.lookahead_factor, 0.05), 8.0)
+            cur.lookahead_wasted_bytes += wasted_bytes
+
+    def lookahead_size(self, layer: int, selected: int) -> int:
+        """Rows to read ahead for `layer` when its guess selects `selected` uncached neurons: the
+        layer's adaptive factor times that, within one streaming block and within the hard cap:
+        were every one of them wasted, the wasted rows would stay at most LOOKAHEAD_WASTE_CAP of
+        the rows read since the last reset_stats."""
+        cap = LOOKAHEAD_WASTE_CAP
+        room = (cap * self.lookahead_read_rows - self.lookahead_wasted_rows) / (1 - cap)
+        f = self.lookahead_factors.get(layer, LOOKAHEAD_START)
+        return max(0, min(int(f * selected + 0.5), int(room), self.stream_block))
 
     def count_token_layer(
         self, layer: int, *, active: int, loaded: int, used: int, overflow: bool = False
@@ -165,6 +199,8 @@ class FlashRuntime:
     def reset_stats(self) -> None:
         self.end_pass()
         self.records = []
+        self.lookahead_read_rows = self.lookahead_wasted_rows = 0
+        self._layer_waste = {}
         mx.reset_peak_memory()
 
     def stats(self) -> StatsSummary:
@@ -218,16 +254,12 @@ class FlashRuntime:
         the first streaming buffer, idle while decoding; `stream_block` rows."""
         return self._streaming_buffers()[0]
 
-    def read_missing(
-        self, layer: int, ids: np.ndarray
-    ) -> tuple[dict[str, np.ndarray], dict[str, mx.array] | None]:
-        """Read a decoded token's missing neurons now: (numpy rows, MLX rows over the same
-        memory or None), in the missing buffer when they fit (valid until the next read)."""
+    def read_missing(self, layer: int, ids: np.ndarray) -> ReadFuture:
+        """Start reading a decoded token's missing neurons: a future of their numpy rows, in the
+        missing buffer when they fit (valid until the next read into it), else fresh memory."""
         if len(ids) > self.stream_block:
-            return self.submit(layer, ids).result(), None
-        host, arrays = self.missing_buffer()
-        rows = self.submit(layer, ids, host).result()
-        return rows, {k: v[: len(ids)] for k, v in arrays.items()}
+            return self.submit(layer, ids)
+        return self.submit(layer, ids, self.missing_buffer()[0])
 
     # -- look-ahead ---------------------------------------------------------------------------
     def stage(self, layer: int, ids: np.ndarray) -> None:
@@ -254,6 +286,7 @@ class FlashRuntime:
         """Forget the look-ahead read, once it has landed (its buffer is reused next)."""
         st, self._staged = self._staged, None
         if st is not None:
+            self.count_lookahead(st.layer, needed=0, hits=0, fetched=len(st.ids))  # read, and not used
             try:
                 st.future.result()
             except BaseException:  # noqa: BLE001 - a guess's failure is nobody's error

@@ -118,7 +118,7 @@ class FlashSwitch(nn.Module):
         plan = pending.plan
         rt.count_token_layer(layer, active=len(needed), loaded=len(plan.missing), used=pool.resident)
         if plan.ahead_hits or self._ahead_sent:  # how the guess made for this call did
-            rt.count_lookahead(
+            rt.count_expert_lookahead(
                 needed=len(plan.missing) + plan.ahead_hits,
                 hits=plan.ahead_hits,
                 fetched=self._ahead_sent,

@@ -7,6 +7,7 @@ import sys
 
 import mlx_lm
 import pytest
+from mlx.utils import tree_flatten
 from tiny_models import TOKENIZER_TEXT, make_tiny_model
 
 import mlx_flash
@@ -69,10 +70,15 @@ def test_modes_equal_dense(family):
         dict(mode="flash", window=3),
         dict(mode="flash", window=3, lookahead=True),  # look-ahead reads: the guess only warms the cache
     ]
+    names = None
     for kw in cases:
         model, _ = mlx_flash.load(folder, context=128, **kw)
         got = greedy_tokens(model, tok)
         assert got == ref, kw
+        # the look-ahead's taps on the norms leave the parameters and their names as they are
+        keys = [k for k, _ in tree_flatten(model.parameters())]
+        assert names is None or keys == names, kw
+        names = keys
         # the same model object through mlx-lm itself
         assert [r.token for r in mlx_lm.stream_generate(model, tok, PROMPT, max_tokens=MAX_TOKENS)] == ref
         stats = mlx_flash.flash_stats(model)
@@ -119,7 +125,12 @@ def test_lookahead_under_a_tight_budget_stays_exact_and_reports(tmp_path):
     ref = greedy_tokens(load_dense(src), tok)
     budget = budget_for_capacity(folder, 0.5)
     model, rt = load(folder, mode="flash", window=4, memory_budget=budget, context=128, lookahead=True)
-    assert rt.lookahead and greedy_tokens(model, tok) == ref
+    assert rt.lookahead and rt.lookahead_tapped == len(model.layers)  # guesses from the residual stream
+    assert greedy_tokens(model, tok) == ref
+    # the hard cap: were every row read ahead and not yet used wasted, still under a quarter
+    assert 0 < rt.lookahead_wasted_rows <= 0.25 * rt.lookahead_read_rows
+    rt.overlap_min_elems = 0  # every layer computes on its cached rows while the rest is read
+    assert greedy_tokens(model, tok) == ref
     s = mlx_flash.flash_stats(model)
     assert s.reader_busy_ms > 0 and s.io_ms >= 0 and s.bytes_per_token > 0
     assert 0 < s.lookahead_recall <= 1
