@@ -1,6 +1,7 @@
 """The bundled demo model (mlx_flash/demo_model, made by tools/train_demo_model.py)."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,41 @@ def test_tokenizer_round_trips():
     assert 0 < len(ids) < len(text)
     assert tokenizer.decode(ids) == text
     assert tokenizer.eos_token == "<|endoftext|>"
+
+
+def _tool():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "train_demo_model.py"
+    spec = importlib.util.spec_from_file_location("train_demo_model", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_trains_on_text_files_and_holds_whole_files_out(tmp_path, capsys):
+    """--text FILE...: a model trained on other text than pydoc's topics, one document a file;
+    the held-out files are never trained on, and --evaluate measures the held-out ones again."""
+    pytest.importorskip("mlx_lm")
+    tool = _tool()
+    topics = tool.load_topics()
+    files = []
+    for k, name in enumerate(sorted(topics)[:40]):
+        f = tmp_path / "text" / f"doc{k:02d}.txt"
+        f.parent.mkdir(exist_ok=True)
+        f.write_text(topics[name][:3000] + "\n", encoding="utf-8")
+        files.append(str(f))
+    out = tmp_path / "model"
+    shape = ["--hidden-size", "32", "--num-hidden-layers", "1", "--intermediate-size", "64"]
+    tool.main(["--out", str(out), "--steps", "10", "--num-attention-heads", "2", *shape, "--text", *files])
+    card = json.loads((out / "demo_model_card.json").read_text())
+    held = card["held_out_topics"]
+    assert card["data"]["text_files"] == sorted(files)
+    assert held and set(held) < set(files)
+    assert card["data"]["train_topics"] == len(files) - len(held)
+    capsys.readouterr()
+    tool.main(["--evaluate", str(out)])
+    printed = capsys.readouterr().out
+    assert f"({len(held)} topics)" in printed
+    assert f"{card['held_out']['perplexity']:.4f}" in printed.split("card says")[0]
