@@ -601,6 +601,21 @@ class NoReuse:
         return getattr(self.model, name)
 
 
+def cache_note(res: dict) -> str | None:
+    """A flash row whose neuron cache is smaller than what one token selects reuses nothing (each
+    layer streams its whole set every token): say so, and what took the budget."""
+    layers, cap = res.get("num_layers"), res.get("cache_capacity")
+    selected = res.get("neurons_active_per_token")
+    if res.get("mode") != "flash" or not layers or cap is None or not selected or cap * layers >= selected:
+        return None
+    return (
+        f"the budget leaves {cap} cache rows a layer, fewer than the {selected / layers:.0f} a token "
+        f"selects: no neuron is reused across tokens (the KV cache for {res['context']} positions takes "
+        f"{res['kv_bytes'] / 1e6:.1f} MB of the {res['budget_bytes'] / 1e6:.1f} MB); fewer "
+        "--prompt-tokens/--max-tokens or a larger --memory-budget"
+    )
+
+
 def run_row(spec: Row, cfg: dict) -> dict:
     """Load and generate for one row in this process; returns its measurements."""
     import mlx.core as mx
@@ -660,6 +675,9 @@ def run_row(spec: Row, cfg: dict) -> dict:
             plan_bytes=rt.plan.total_bytes,
             cache_capacity=rt.plan.cache_capacity,
             resident_neurons=rt.plan.resident_neurons,
+            kv_bytes=rt.plan.kv_bytes,
+            context=rt.plan.context,
+            num_layers=manifest.num_layers,
             neurons_per_layer=manifest.layers[0].num_neurons,
             bundle_bytes=manifest.layers[0].bundle_bytes,
             flash_dtype=manifest.dtype,
@@ -1161,6 +1179,10 @@ def run(args, rows: list[str]) -> int:
                 f"{res['compute_ms']:.1f}, selection {res['selection_ms']:.1f}), {res['bytes_per_token'] / 1e6:.2f} MB/token, "
                 f"peak {res['peak_memory_bytes'] / 1e6:.0f} MB; {res['row_seconds']:.0f} s"
             )
+            note = cache_note(res)
+            if note:
+                res["note"] = note
+                log(f"{name}: note: {note}")
     naive = next((r for r in results if r["name"] == "naive" and "error" not in r), None)
     for r in results:
         if naive and "error" not in r:

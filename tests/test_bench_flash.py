@@ -263,3 +263,16 @@ def test_trained_predictors_full_method_reads_8x_fewer_bytes(tiny, tmp_path):
         rows["naive"]["bytes_per_token"],
         rows["bundling"]["bytes_per_token"],
     )
+
+
+def test_cache_note_when_a_token_selects_more_than_the_cache_holds():
+    """The tiny preset at the defaults (128 + 256 tokens): the KV cache leaves 46 rows a layer for
+    ~143 selected neurons, so nothing is reused; the row says so, and stays silent otherwise."""
+    bench = _load("bench_flash", BENCH)
+    row = {"mode": "flash", "num_layers": 4, "cache_capacity": 46, "neurons_active_per_token": 573.0}
+    row.update(context=385, kv_bytes=2_097_152, budget_bytes=5_138_432)
+    note = bench.cache_note(row)
+    assert "46 cache rows a layer, fewer than the 143 a token selects" in note
+    assert "385 positions takes 2.1 MB of the 5.1 MB" in note
+    assert bench.cache_note({**row, "cache_capacity": 285}) is None
+    assert bench.cache_note({**row, "mode": "hybrid"}) is None
