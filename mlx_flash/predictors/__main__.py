@@ -51,8 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--tokens",
         type=int,
-        default=8192,
-        help="calibration tokens to use; their FFN inputs are streamed to disk (default: %(default)s)",
+        default=None,
+        help="calibration tokens to use; their FFN inputs are streamed to disk (default: 8192 for a "
+        "model of 5.3 GB or more, up to 65536 for a smaller one, about the same forward work)",
     )
     t.add_argument(
         "--seq-len",
