@@ -2,8 +2,9 @@
 
 The plan adds up, in the dtype weights are computed in:
 - the dense part (embeddings, attention, norms, lm_head, FFN biases): always resident;
-- the KV cache for the context the user asks for, as mlx-lm allocates it (in steps of
-  `KV_STEP` tokens: a context of 137 tokens holds 256);
+- the KV cache for the context the user asks for, as mlx-lm's caches allocate it (in steps:
+  `kv_step` sets the step so that a context of 385 tokens holds 386, where mlx-lm's own step of
+  `KV_STEP` tokens would hold 512);
 - a streaming buffer: when a layer is streamed (naive and hybrid decoding, prefill, a token
   whose active set overflows the cache) blocks of neurons are read into two MLX buffers kept
   for the model's life (the block computed on and the next one being read), plus one block of
@@ -36,9 +37,11 @@ def stream_block_neurons(num_neurons: int) -> int:
 
 
 def kv_step(context: int) -> int:
-    """The step a flash model's KV caches grow by (`model.plan_kv_cache` sets it): mlx-lm's
-    KV_STEP, or the whole context when it is shorter (a short context reserves no more)."""
-    return max(1, min(KV_STEP, context))
+    """The step a flash model's KV caches grow by (`model.plan_kv_cache` sets it): the context
+    cut into as few equal steps of at most mlx-lm's KV_STEP as it takes, so the cache reserves
+    at most a token a step more than the context (385 tokens: two steps of 193, not 512 slots)."""
+    context = max(1, context)
+    return -(-context // -(-context // KV_STEP))
 
 
 def kv_tokens(context: int) -> int:

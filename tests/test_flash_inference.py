@@ -115,6 +115,26 @@ def test_flash_under_a_tight_budget_evicts_and_stays_exact(tmp_path):
     rt.close()
 
 
+def test_kv_cache_holds_what_the_plan_counts(family):
+    """A context of 300 tokens, filled by a prompt and then a token at a time: the KV caches
+    hold exactly the plan's KV bytes (two steps of 150 tokens; mlx-lm's step would hold 512)."""
+    import mlx.core as mx
+
+    _, folder, _ = family
+    model, rt = load(folder, mode="flash", context=300)
+    try:
+        cache = model.make_cache()
+        logits = model(mx.array([list(range(1, 41))]), cache=cache)
+        for t in range(300 - 40):
+            logits = model(mx.array([[1 + t % 50]]), cache=cache)
+        mx.eval(logits)
+        held = sum(c.keys.nbytes + c.values.nbytes for c in cache)
+        assert held == rt.plan.kv_bytes, (held, rt.plan.kv_bytes)
+        assert all(c.keys.shape[2] == 300 for c in cache)
+    finally:
+        rt.close()
+
+
 def test_lookahead_under_a_tight_budget_stays_exact_and_reports(tmp_path):
     """Look-ahead reads and compute overlapped with the reads, with a cache that evicts: the
     greedy tokens do not change, and the stats say what the look-ahead did."""
@@ -168,7 +188,7 @@ def test_budget_planner_arithmetic():
     assert hybrid.resident_neurons == 30 and hybrid.cache_capacity == 0
     assert (
         plan_memory(sizes, mode="naive", budget_bytes=10**6, dtype_bytes=4, context=257).kv_bytes
-        == 40 * 512 * 4
+        == 40 * 258 * 4  # two steps of 129 tokens, where mlx-lm's step of 256 would hold 512
     )
     from mlx_lm.models.cache import KVCache
 
