@@ -602,15 +602,16 @@ class NoReuse:
 
 
 def cache_note(res: dict) -> str | None:
-    """A flash row whose neuron cache is smaller than what one token selects reuses nothing (each
-    layer streams its whole set every token): say so, and what took the budget."""
+    """A flash row whose neuron cache is smaller than what one token selects reuses only what
+    fits (each token caches part of its set and reads the rest for itself every time): say so,
+    and what took the budget."""
     layers, cap = res.get("num_layers"), res.get("cache_capacity")
     selected = res.get("neurons_active_per_token")
     if res.get("mode") != "flash" or not layers or cap is None or not selected or cap * layers >= selected:
         return None
     return (
         f"the budget leaves {cap} cache rows a layer, fewer than the {selected / layers:.0f} a token "
-        f"selects: no neuron is reused across tokens (the KV cache for {res['context']} positions takes "
+        f"selects: the rest is read again every token (the KV cache for {res['context']} positions takes "
         f"{res['kv_bytes'] / 1e6:.1f} MB of the {res['budget_bytes'] / 1e6:.1f} MB); fewer "
         "--prompt-tokens/--max-tokens or a larger --memory-budget"
     )

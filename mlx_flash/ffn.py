@@ -193,6 +193,8 @@ class FlashFFN(nn.Module):
         self._norm: Callable | None = None
         self._residual: mx.array | None = None
         self._last_residual: mx.array | None = None
+        self._seen: np.ndarray | None = None  # per neuron, the last decoded token that selected it
+        self._tokens = 0  # decoded tokens
 
     # -- the public surface ---------------------------------------------------------------------
     @property
@@ -360,22 +362,21 @@ class FlashFFN(nn.Module):
         behind it (`stage`) while this layer waits and computes. When the cached rows are many
         (`FlashRuntime.overlap_min_elems`) they are computed on while the rest is read, and the
         missing rows' share of the FFN is added from the read buffer when they arrive (they
-        enter the cache once the layer's output is evaluated: `_finish`)."""
+        enter the cache once the layer's output is evaluated: `_finish`). A token that selects
+        more neurons than the cache holds caches what fits (`_split_overflow`) and reads the
+        rest for itself, in the same request when it fits the missing buffer."""
         rt, st = self._rt, self._state
         xc = x.astype(rt.compute_dtype).reshape(1, -1)
         nxt = rt.layers[st.layer + 1] if rt.lookahead and st.layer + 1 < len(rt.layers) else None
         guess = nxt.scores(self._guess_input(nxt, xc)) if nxt is not None else None
         ids, guess = self._select(xc, guess)
         staged = rt.take_staged(st.layer) if rt.lookahead else None  # waits (I/O) if in flight
-        if len(ids) > st.cache.capacity:
-            y = self._decode_overflow(xc, ids, staged)
-            if nxt is not None:  # after the streaming, which used the look-ahead's buffer
-                rt.stage(nxt.layer, nxt.guessed(guess))
-            return y.reshape(x.shape)
         t0 = time.perf_counter()
+        ids, rest = self._split_overflow(ids)
         missing = st.cache.begin_token(ids)
-        needed = len(missing)
+        needed, selected = len(missing) + len(rest), len(ids) + len(rest)
         hits = 0
+        rest_staged = None  # (ids, numpy rows) of the rest, read ahead
         if staged is not None:  # the rows read ahead while the layer before computed
             sids, srows, _ = staged
             hit, pos = _found(sids, missing)
@@ -383,6 +384,11 @@ class FlashFFN(nn.Module):
             if hits:
                 st.cache.insert(missing[hit], {k: v[pos[hit]] for k, v in srows.items()})
             missing = missing[~hit]
+            hit, pos = _found(sids, rest)
+            if hit.any():  # copied: the look-ahead buffer is read into again before y is evaluated
+                rest_staged = (rest[hit], {k: v[pos[hit]] for k, v in srows.items()})
+                hits += int(hit.sum())
+                rest = rest[~hit]
         if rt.lookahead:
             rt.count_lookahead(
                 st.layer, needed=needed, hits=hits, fetched=None if staged is None else len(staged[0])
@@ -394,11 +400,19 @@ class FlashFFN(nn.Module):
                 rt.stage(nxt.layer, nxt.guessed(guess))
                 rt.add_time("selection", time.perf_counter() - t)  # the next layer's selection
 
-        rt.count_token_layer(st.layer, active=len(ids), loaded=needed, used=st.cache.used)
+        rt.count_token_layer(
+            st.layer, active=selected, loaded=needed, used=st.cache.used, overflow=selected > len(ids)
+        )
         mask = st.cache.active_mask(partial=True) if rt.mask_inactive else None
         bias = mx.take(st.up_bias, st.cache.resident_rows(partial=True)) if st.up_bias is not None else None
+        extra = []  # the FFN's share of the neurons read for this token only
+        if rest_staged is not None:
+            extra.append(
+                self._rows_ffn(xc, rest_staged[0], {k: mx.array(v) for k, v in rest_staged[1].items()})
+            )
         overlap = (
             rt.lookahead
+            and not len(rest)
             and 0 < len(missing) <= rt.stream_block
             and st.cache.used * xc.shape[-1] >= rt.overlap_min_elems
         )
@@ -419,23 +433,67 @@ class FlashFFN(nn.Module):
             mx.async_eval(y)
             rows = future.result()
             n = len(missing)
-            rest = {k: v[:n] for k, v in arrays.items()}
-            rbias = mx.take(st.up_bias, mx.array(missing)) if st.up_bias is not None else None
-            y = y + ffn_block(xc, rest, rt.act, rbias, quant=self.quantization)
+            y = y + self._rows_ffn(xc, missing, {k: v[:n] for k, v in arrays.items()})
             self._deferred = (missing, {k: v[:n] for k, v in rows.items()})
         else:
             rt.add_time("memory", time.perf_counter() - t0)
-            if len(missing):
-                pending = rt.read_missing(st.layer, missing)
-                stage()  # while this layer's own read runs
+            joint = len(rest) and len(missing) + len(rest) <= rt.stream_block
+            want = np.union1d(missing, rest) if joint else missing  # disjoint, sorted
+            streamed = len(rest) and not joint
+            if len(want):
+                pending = rt.read_missing(st.layer, want)
+                if not streamed:
+                    stage()  # while this layer's own read runs
                 rows = pending.result()
                 t1 = time.perf_counter()
+                if joint:  # the rest computed from the missing buffer, the cache's rows copied out
+                    arrays = rt.missing_buffer()[1]
+                    n = len(want)
+                    at = mx.array(np.searchsorted(want, rest))
+                    extra.append(
+                        self._rows_ffn(xc, rest, {k: mx.take(v[:n], at, axis=0) for k, v in arrays.items()})
+                    )
+                    pos = np.searchsorted(want, missing)
+                    rows = {k: v[pos] for k, v in rows.items()}
                 st.cache.insert(missing, rows)
                 rt.add_time("memory", time.perf_counter() - t1)
-            else:
+            if streamed:  # many: in blocks after the cache's read (streaming drops what is staged)
+                extra.append(self._computed_blocks(xc, rt.stream_blocks(st.layer, rest)))
+                stage()
+            elif not len(want):
                 stage()
             y = ffn_block(xc, st.cache.views(), rt.act, bias, mask, quant=self.quantization)
+        for e in extra:
+            y = y + e
         return y.reshape(x.shape)
+
+    def _rows_ffn(self, xc: mx.array, ids: np.ndarray, rows: dict[str, mx.array]) -> mx.array:
+        """The FFN of xc over neurons `ids` whose rows are `rows` (outside the cache)."""
+        bias = mx.take(self._state.up_bias, mx.array(ids)) if self._state.up_bias is not None else None
+        return ffn_block(xc, rows, self._rt.act, bias, quant=self.quantization)
+
+    def _split_overflow(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the token's neurons to cache, the rest): all of `ids` when they fit the cache; else
+        every one already cached and, up to the capacity, the uncached ones this layer selected
+        most recently before (a neuron that fired lately fires again: the window's bet), the
+        rest read and computed for this token only (sorted, disjoint)."""
+        st = self._state
+        if self._seen is None:
+            self._seen = np.full(st.num_neurons, -1, np.int64)
+        self._tokens += 1
+        rest = np.zeros(0, np.int64)
+        cap = st.cache.capacity
+        if len(ids) > cap:
+            cached = st.cache.slots(ids) >= 0
+            new = ids[~cached]
+            admit = np.zeros(len(new), bool)
+            admit[np.argsort(-self._seen[new], kind="stable")[: cap - int(cached.sum())]] = True
+            rest = new[~admit]
+            keep = np.sort(np.concatenate([ids[cached], new[admit]]))
+            self._seen[ids] = self._tokens
+            return keep, rest
+        self._seen[ids] = self._tokens
+        return ids, rest
 
     def _finish(self) -> None:
         """After the layer's output is evaluated: the rows read this token enter the cache."""
@@ -499,36 +557,6 @@ class FlashFFN(nn.Module):
         if k < len(cand):
             cand = cand[np.argpartition(-scores[cand], k - 1)[:k]]
         return np.sort(cand).astype(np.int64) + st.first
-
-    def _decode_overflow(self, xc: mx.array, ids: np.ndarray, staged) -> mx.array:
-        """A token whose active set is larger than the cache: its neurons are read in blocks
-        of the streaming buffer's size and computed block by block, the cache left as it is.
-        Slower (nothing is reused), never wrong, and within the memory plan. With look-ahead,
-        the neurons read ahead (`staged`, from `take_staged`) are computed from the look-ahead's
-        buffer first (evaluated: the streaming reuses that buffer) and only the rest is streamed."""
-        rt, st = self._rt, self._state
-        y = None
-        ids_left = ids
-        if staged is not None:
-            sids, _, srows = staged
-            hit, pos = _found(sids, ids)
-            if hit.any():
-                p = mx.array(pos[hit])
-                parts = {k: mx.take(v, p, axis=0) for k, v in srows.items()}
-                bias = mx.take(st.up_bias, mx.array(ids[hit])) if st.up_bias is not None else None
-                y = ffn_block(xc, parts, rt.act, bias, quant=self.quantization)
-                mx.eval(y)
-            ids_left = ids[~hit]
-        if rt.lookahead:
-            rt.count_lookahead(
-                st.layer,
-                needed=len(ids),
-                hits=len(ids) - len(ids_left),
-                fetched=None if staged is None else len(sids),
-            )
-        rest = self._computed_blocks(xc, rt.stream_blocks(st.layer, ids_left))
-        rt.count_token_layer(st.layer, active=len(ids), loaded=len(ids), used=0, overflow=True)
-        return rest if y is None else y + rest
 
     def _select(self, xc: mx.array, guess: mx.array | None = None):
         """(ids of the owned neurons this token needs, exact (the resident selector, whose rows

@@ -266,8 +266,9 @@ def test_trained_predictors_full_method_reads_8x_fewer_bytes(tiny, tmp_path):
 
 
 def test_cache_note_when_a_token_selects_more_than_the_cache_holds():
-    """The tiny preset at the defaults (128 + 256 tokens): the KV cache leaves 46 rows a layer for
-    ~143 selected neurons, so nothing is reused; the row says so, and stays silent otherwise."""
+    """The tiny preset at the defaults (128 + 256 tokens) before the KV cache's steps fitted the
+    context: the KV cache left 46 rows a layer for ~143 selected neurons, so most are read again
+    every token; the row says so, and stays silent otherwise."""
     bench = _load("bench_flash", BENCH)
     row = {"mode": "flash", "num_layers": 4, "cache_capacity": 46, "neurons_active_per_token": 573.0}
     row.update(context=385, kv_bytes=2_097_152, budget_bytes=5_138_432)

@@ -480,23 +480,32 @@ def test_bad_arguments_are_clear_errors(tiny):
     assert set(reader_threads()) <= readers and open_fds() <= fds
 
 
-def test_a_token_needing_more_neurons_than_the_cache_holds(tiny):
-    """A budget whose caches cannot hold one token's active neurons: such a token is read and
-    computed in blocks without the cache, so the text is still exactly the dense model's."""
+@pytest.mark.parametrize("lookahead", [False, True])
+@pytest.mark.parametrize("capacity", [4, 12])
+def test_a_token_needing_more_neurons_than_the_cache_holds(tiny, capacity, lookahead):
+    """A budget whose caches cannot hold one token's active neurons: such a token caches what
+    fits (its cached neurons, then the ones selected most recently) and reads the rest for
+    itself, in the cache's request or, when they are many (a small streaming block here), in
+    blocks after it: the text is still exactly the dense model's, and cached neurons are reused."""
     _, folder, tok, ref = tiny
     m, _ = load(folder, context=128)
     plan = m.flash.plan
     m.flash.close()
     n = m.flash.manifest.layers[0].num_neurons
-    model, _ = load(
-        folder, context=128, memory_budget=plan.total_bytes - (n - 4) * plan.neuron_bytes_all_layers
-    )
-    assert model.flash.plan.cache_capacity == 4
-    for _ in range(2):
-        assert tokens(model, tok) == ref
-        assert sum(r.overflow_layers for r in model.flash.records) > 0
-        check_cache_consistent(model)
-    model.flash.close()
+    budget = plan.total_bytes - (n - capacity) * plan.neuron_bytes_all_layers
+    for stream_block in (None, 4):
+        model, _ = load(folder, context=128, memory_budget=budget, lookahead=lookahead)
+        rt = model.flash
+        assert rt.plan.cache_capacity == capacity
+        if stream_block:
+            rt.stream_block = stream_block  # before the streaming buffers are made (first use)
+        for _ in range(2):
+            assert tokens(model, tok) == ref
+            check_cache_consistent(model)
+        decoded = [r for r in rt.records if not r.is_prefill]
+        assert sum(r.overflow_layers for r in decoded) > 0
+        assert sum(r.neurons_loaded for r in decoded) < sum(r.neurons_active for r in decoded)
+        rt.close()
 
 
 def test_prompt_and_context_errors(tiny):
