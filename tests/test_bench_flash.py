@@ -48,24 +48,16 @@ def tiny(tmp_path_factory):
     return out
 
 
+def bench_args(tiny, out, budget="80%", prompt=16, tokens=6, *extra) -> list[str]:
+    """bench_flash.py's arguments for a short run of the tiny preset into `out`, then `extra`."""
+    args = ["--model", str(tiny), "--out", str(out), "--memory-budget", budget]
+    return args + ["--prompt-tokens", str(prompt), "--max-tokens", str(tokens), *extra]
+
+
 def test_every_row_end_to_end(tiny, tmp_path):
     bench = _load("bench_flash", BENCH)
     out = tmp_path / "out"
-    args = [
-        "--model",
-        str(tiny),
-        "--out",
-        str(out),
-        "--memory-budget",
-        "90%",
-        "--prompt-tokens",
-        "24",
-        "--max-tokens",
-        "10",
-        "--slow-tokens",
-        "6",
-        "--in-process",
-    ]
+    args = bench_args(tiny, out, "90%", 24, 10, "--slow-tokens", "6", "--in-process")
     assert bench.main(args) == 0
     result = json.loads((out / "bench_flash.json").read_text())
     rows = {r["name"]: r for r in result["rows"]}
@@ -113,23 +105,9 @@ def test_quantized_row(tiny, tmp_path):
     """--quantize 4 adds the full method on 4-bit bundles: fewer bytes a token than float32."""
     bench = _load("bench_flash", BENCH)
     out = tmp_path / "out"
-    args = [
-        "--model",
-        str(tiny),
-        "--out",
-        str(out),
-        "--memory-budget",
-        "80%",
-        "--prompt-tokens",
-        "16",
-        "--max-tokens",
-        "6",
-        "--in-process",
-        "--rows",
-        "bundling,bundling-q4",
-        "--quantize",
-        "4",
-    ]
+    args = bench_args(
+        tiny, out, "80%", 16, 6, "--in-process", "--rows", "bundling,bundling-q4", "--quantize", "4"
+    )
     assert bench.main(args) == 0
     rows = {r["name"]: r for r in json.loads((out / "bench_flash.json").read_text())["rows"]}
     assert "error" not in rows["bundling-q4"], rows["bundling-q4"].get("error")
@@ -141,22 +119,7 @@ def test_quantized_row(tiny, tmp_path):
 
 def test_row_in_its_own_process(tiny, tmp_path):
     r = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH),
-            "--model",
-            str(tiny),
-            "--out",
-            str(tmp_path),
-            "--memory-budget",
-            "80%",
-            "--prompt-tokens",
-            "16",
-            "--max-tokens",
-            "6",
-            "--rows",
-            "bundling,naive",
-        ],
+        [sys.executable, str(BENCH), *bench_args(tiny, tmp_path, "80%", 16, 6, "--rows", "bundling,naive")],
         capture_output=True,
         text=True,
     )
@@ -175,21 +138,7 @@ def test_errors_are_one_line(tiny, tmp_path):
     r = run("--model", str(tmp_path / "nothing"), "--out", str(tmp_path))
     assert r.returncode == 2 and "not a model folder" in r.stderr
     # a budget too small for a row is that row's error, the others still run
-    r = run(
-        "--model",
-        str(tiny),
-        "--out",
-        str(tmp_path / "small"),
-        "--memory-budget",
-        "1MB",
-        "--rows",
-        "naive,dense",
-        "--prompt-tokens",
-        "8",
-        "--max-tokens",
-        "4",
-        "--in-process",
-    )
+    r = run(*bench_args(tiny, tmp_path / "small", "1MB", 8, 4, "--rows", "naive,dense", "--in-process"))
     assert r.returncode == 0, r.stderr
     rows = json.loads((tmp_path / "small" / "bench_flash.json").read_text())["rows"]
     assert "too small" in rows[0]["error"] and "error" not in rows[1]
@@ -209,23 +158,8 @@ def test_svd_predictors_installed_and_used(tiny, tmp_path):
     for layer in range(4):  # stand-in calibration inputs (the trainer's --keep-work leaves real ones)
         np.save(xdir / f"x_layer_{layer:03d}.npy", rng.standard_normal((512, 128)).astype(np.float32))
     out = tmp_path / "out"
-    args = [
-        "--model",
-        str(tiny),
-        "--out",
-        str(out),
-        "--memory-budget",
-        "80%",
-        "--prompt-tokens",
-        "16",
-        "--max-tokens",
-        "6",
-        "--rows",
-        "bundling,bundling-svd",
-        "--in-process",
-        "--svd-predictors",
-        f"16:{xdir}",
-    ]
+    args = bench_args(tiny, out, "80%", 16, 6, "--rows", "bundling,bundling-svd", "--in-process")
+    args += ["--svd-predictors", f"16:{xdir}"]
     assert bench.main(args) == 0
     result = json.loads((out / "bench_flash.json").read_text())
     assert result["predictors"] is None
