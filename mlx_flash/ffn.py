@@ -334,14 +334,11 @@ class FlashFFN(nn.Module):
     ) -> mx.array:
         """The FFN of xc summed over blocks of neurons as they arrive from flash (each block
         is evaluated before the next is asked for)."""
-        rt, st = self._rt, self._state
+        rt = self._rt
         y = mx.zeros(xc.shape, dtype=rt.compute_dtype)
         for b in blocks:
             t0 = time.perf_counter()
-            bias = mx.take(st.up_bias, mx.array(b.ids)) if st.up_bias is not None else None
-            y = y + ffn_block(
-                xc, b.rows, rt.act, bias, quant=self.quantization, min_activation=min_activation
-            )
+            y = y + self._rows_ffn(xc, b.ids, b.rows, min_activation)
             mx.eval(y)
             rt.add_time("streamed", time.perf_counter() - t0)
         return y
@@ -440,10 +437,10 @@ class FlashFFN(nn.Module):
             joint = len(rest) and len(missing) + len(rest) <= rt.stream_block
             want = np.union1d(missing, rest) if joint else missing  # disjoint, sorted
             streamed = len(rest) and not joint
-            if len(want):
-                pending = rt.read_missing(st.layer, want)
-                if not streamed:
-                    stage()  # while this layer's own read runs
+            pending = rt.read_missing(st.layer, want) if len(want) else None
+            if not streamed:
+                stage()  # while this layer's own read runs
+            if pending is not None:
                 rows = pending.result()
                 t1 = time.perf_counter()
                 if joint:  # the rest computed from the missing buffer, the cache's rows copied out
@@ -460,17 +457,17 @@ class FlashFFN(nn.Module):
             if streamed:  # many: in blocks after the cache's read (streaming drops what is staged)
                 extra.append(self._computed_blocks(xc, rt.stream_blocks(st.layer, rest)))
                 stage()
-            elif not len(want):
-                stage()
             y = ffn_block(xc, st.cache.views(), rt.act, bias, mask, quant=self.quantization)
         for e in extra:
             y = y + e
         return y.reshape(x.shape)
 
-    def _rows_ffn(self, xc: mx.array, ids: np.ndarray, rows: dict[str, mx.array]) -> mx.array:
+    def _rows_ffn(
+        self, xc: mx.array, ids: np.ndarray, rows: dict[str, mx.array], min_activation: float | None = None
+    ) -> mx.array:
         """The FFN of xc over neurons `ids` whose rows are `rows` (outside the cache)."""
         bias = mx.take(self._state.up_bias, mx.array(ids)) if self._state.up_bias is not None else None
-        return ffn_block(xc, rows, self._rt.act, bias, quant=self.quantization)
+        return ffn_block(xc, rows, self._rt.act, bias, quant=self.quantization, min_activation=min_activation)
 
     def _split_overflow(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(the token's neurons to cache, the rest): all of `ids` when they fit the cache; else
@@ -481,8 +478,7 @@ class FlashFFN(nn.Module):
         if self._seen is None:
             self._seen = np.full(st.num_neurons, -1, np.int64)
         self._tokens += 1
-        rest = np.zeros(0, np.int64)
-        cap = st.cache.capacity
+        keep, rest, cap = ids, np.zeros(0, np.int64), st.cache.capacity
         if len(ids) > cap:
             cached = st.cache.slots(ids) >= 0
             new = ids[~cached]
@@ -490,10 +486,8 @@ class FlashFFN(nn.Module):
             admit[np.argsort(-self._seen[new], kind="stable")[: cap - int(cached.sum())]] = True
             rest = new[~admit]
             keep = np.sort(np.concatenate([ids[cached], new[admit]]))
-            self._seen[ids] = self._tokens
-            return keep, rest
         self._seen[ids] = self._tokens
-        return ids, rest
+        return keep, rest
 
     def _finish(self) -> None:
         """After the layer's output is evaluated: the rows read this token enter the cache."""
