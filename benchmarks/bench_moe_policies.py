@@ -15,7 +15,6 @@ hit, not time.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -24,18 +23,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+import make_synthetic_model as msm  # noqa: E402
 
 FRACTIONS = (0.25, 0.40, 0.50)
-
-
-def _synthetic_tool():
-    spec = importlib.util.spec_from_file_location(
-        "make_synthetic_model", ROOT / "tools" / "make_synthetic_model.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("make_synthetic_model", mod)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def router_trace(folder: Path, sequences: int, tokens: int) -> tuple[list[np.ndarray], int]:
@@ -44,7 +36,6 @@ def router_trace(folder: Path, sequences: int, tokens: int) -> tuple[list[np.nda
     import mlx.core as mx
     from mlx_lm.utils import load_model
 
-    msm = _synthetic_tool()
     model, config = load_model(folder)
     model.set_dtype(mx.float32)
     k, experts = config["num_experts_per_tok"], config["num_experts"]

@@ -25,7 +25,6 @@ weights), with the reader's defaults and with coalescing off (coalesce_gap -1). 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import sys
@@ -38,23 +37,17 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+import train_demo_model as tool  # noqa: E402 (tools/)
 
 import mlx_flash  # noqa: E402
 from mlx_flash.convert import convert  # noqa: E402
 from mlx_flash.model import load_dense  # noqa: E402
 
 
-def demo_tool():
-    spec = importlib.util.spec_from_file_location("train_demo_model", ROOT / "tools" / "train_demo_model.py")
-    tool = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = tool  # its dataclasses look their module up
-    spec.loader.exec_module(tool)
-    return tool
-
-
 def held_out(source: Path) -> tuple[np.ndarray, int]:
     """The held-out token stream and window length, as ``train_demo_model.py --evaluate``."""
-    tool = demo_tool()
     card_path = source / "demo_model_card.json"
     card = json.loads(card_path.read_text()) if card_path.exists() else {}
     held = card.get("held_out_topics") or tool.split_topics(tool.load_topics())[1]

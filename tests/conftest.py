@@ -3,7 +3,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+# the tests' helpers (tiny_models), and the tools' and benchmarks' scripts, imported by name
+ROOT = Path(__file__).resolve().parents[1]
+for folder in (ROOT / "tests", ROOT / "tools", ROOT / "benchmarks"):
+    sys.path.insert(0, str(folder))
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -19,7 +22,6 @@ def _private_flash_cache(tmp_path_factory):
 def tiny_moe_preset(tmp_path_factory):
     """tools/make_synthetic_model.py's tiny-moe preset, built once for the session (in shards of
     2 MiB, so that the folder has several), and its statistics card."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
     import make_synthetic_model as msm
 
     out = tmp_path_factory.mktemp("synthetic") / "tiny-moe"

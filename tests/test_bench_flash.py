@@ -3,7 +3,6 @@ table and chart are written with every key."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,6 +12,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "bench_flash.py"
+
+import bench_flash as bench  # noqa: E402 (benchmarks/, on the path from conftest)
+
 KEYS = (
     "name",
     "ms_per_token",
@@ -32,17 +34,10 @@ KEYS = (
 )
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(name, mod)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    msm = _load("make_synthetic_model", ROOT / "tools" / "make_synthetic_model.py")
+    import make_synthetic_model as msm
+
     out = tmp_path_factory.mktemp("bench") / "tiny"
     msm.build("tiny", out, log=lambda *a: None)
     return out
@@ -55,7 +50,6 @@ def bench_args(tiny, out, budget="80%", prompt=16, tokens=6, *extra) -> list[str
 
 
 def test_every_row_end_to_end(tiny, tmp_path):
-    bench = _load("bench_flash", BENCH)
     out = tmp_path / "out"
     args = bench_args(tiny, out, "90%", 24, 10, "--slow-tokens", "6", "--in-process")
     assert bench.main(args) == 0
@@ -103,7 +97,6 @@ def test_every_row_end_to_end(tiny, tmp_path):
 
 def test_quantized_row(tiny, tmp_path):
     """--quantize 4 adds the full method on 4-bit bundles: fewer bytes a token than float32."""
-    bench = _load("bench_flash", BENCH)
     out = tmp_path / "out"
     args = bench_args(
         tiny, out, "80%", 16, 6, "--in-process", "--rows", "bundling,bundling-q4", "--quantize", "4"
@@ -151,7 +144,6 @@ def test_svd_predictors_installed_and_used(tiny, tmp_path):
     selection (here: no predictors, the exact selector)."""
     import numpy as np
 
-    bench = _load("bench_flash", BENCH)
     xdir = tmp_path / "x"
     xdir.mkdir()
     rng = np.random.default_rng(0)
@@ -183,7 +175,6 @@ def test_trained_predictors_full_method_reads_8x_fewer_bytes(tiny, tmp_path):
     """--train-predictors on the tiny preset at the default budget (50%): the headline rows select
     with the trained predictors and the full method reads at least 8x fewer bytes a token than
     naive (the bytes are deterministic: teacher-forced tokens; the timing is benchmarks/' job)."""
-    bench = _load("bench_flash", BENCH)
     out = tmp_path / "out"
     args = ["--model", str(tiny), "--out", str(out), "--rows", "naive,bundling", "--train-predictors", "2048"]
     args += ["--prompt-tokens", "32", "--max-tokens", "24", "--slow-tokens", "4", "--in-process"]
@@ -203,7 +194,6 @@ def test_cache_note_when_a_token_selects_more_than_the_cache_holds():
     """The tiny preset at the defaults (128 + 256 tokens) before the KV cache's steps fitted the
     context: the KV cache left 46 rows a layer for ~143 selected neurons, so most are read again
     every token; the row says so, and stays silent otherwise."""
-    bench = _load("bench_flash", BENCH)
     row = {"mode": "flash", "num_layers": 4, "cache_capacity": 46, "neurons_active_per_token": 573.0}
     row.update(context=385, kv_bytes=2_097_152, budget_bytes=5_138_432)
     note = bench.cache_note(row)

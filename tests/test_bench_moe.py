@@ -5,15 +5,12 @@ than the cache (deterministic counts; the times are the benchmark's to report)."
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import bench_moe  # noqa: E402
+import bench_moe  # noqa: E402 (benchmarks/, on the path from conftest)
 
 COLUMNS = ("name", "budget", "ms_per_token", "io_ms", "bytes_per_token", "hit_rate", "peak_memory_bytes")
 

@@ -1,7 +1,6 @@
 """The bundled demo model (mlx_flash/demo_model, made by tools/train_demo_model.py)."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -67,22 +66,12 @@ def test_tokenizer_round_trips():
     assert tokenizer.eos_token == "<|endoftext|>"
 
 
-def _tool():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "tools" / "train_demo_model.py"
-    spec = importlib.util.spec_from_file_location("train_demo_model", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_trains_on_text_files_and_holds_whole_files_out(tmp_path, capsys):
     """--text FILE...: a model trained on other text than pydoc's topics, one document a file;
     the held-out files are never trained on, and --evaluate measures the held-out ones again."""
     pytest.importorskip("mlx_lm")
-    tool = _tool()
+    import train_demo_model as tool  # tools/, on the path from conftest
+
     topics = tool.load_topics()
     files = []
     for k, name in enumerate(sorted(topics)[:40]):

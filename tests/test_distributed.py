@@ -9,7 +9,6 @@ half of one process's bytes (the MoE model: its experts' bytes); the ranks conve
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -41,16 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TOKENS = 16
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location(
-        "bench_distributed", ROOT / "benchmarks" / "bench_distributed.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bench = _bench()
+import bench_distributed as bench  # noqa: E402 (benchmarks/, on the path from conftest)
 
 
 def _env(**over) -> dict:

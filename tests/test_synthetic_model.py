@@ -5,7 +5,6 @@ prints are those of the model it wrote, run by MLX."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -17,17 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "make_synthetic_model", ROOT / "tools" / "make_synthetic_model.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("make_synthetic_model", mod)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-msm = _tool()
+import make_synthetic_model as msm  # noqa: E402 (tools/, on the path from conftest)
 
 # The statistics a ReLU model like the paper's OPT-6.7B has (3% active; a predictor keeping
 # 10% of neurons; a window of 5 tokens holds about 24% of them, 2.4% new per token), with room
