@@ -22,7 +22,7 @@ import mlx.nn as nn
 from . import layout
 from .convert import check_source, conversion_lock, convert, resolve_source
 from .distributed import is_primary
-from .errors import MlxFlashError, one_line
+from .errors import MlxFlashError, closed_on_error, one_line
 from .model import FlashOptions, load_flash_model
 from .runtime import FlashRuntime
 from .stats import StatsSummary
@@ -130,17 +130,14 @@ def load(
         overlap=overlap,
     )
     model, runtime = load_flash_model(folder, options)
-    try:
-        # Config files are data: no code from the folder runs (no remote code, no prompt asking).
-        tokenizer = load_tokenizer(folder, tokenizer_config_extra={"trust_remote_code": False})
-    except Exception as e:
-        runtime.close()
-        raise MlxFlashError(
-            f"{folder}: cannot load the tokenizer ({type(e).__name__}: {one_line(e)})"
-        ) from None
-    except BaseException:
-        runtime.close()
-        raise
+    with closed_on_error(runtime):
+        try:
+            # Config files are data: no code from the folder runs (no remote code, no prompt asking).
+            tokenizer = load_tokenizer(folder, tokenizer_config_extra={"trust_remote_code": False})
+        except Exception as e:
+            raise MlxFlashError(
+                f"{folder}: cannot load the tokenizer ({type(e).__name__}: {one_line(e)})"
+            ) from None
     model.flash = runtime
     if verbose and runtime.shard.primary:
         print(runtime.plan.describe(), file=sys.stderr)

@@ -8,7 +8,11 @@ is wrong and what to do. The CLIs print that line and exit non-zero, never a tra
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+_Closable = TypeVar("_Closable")
 
 
 class MlxFlashError(ValueError):
@@ -19,6 +23,17 @@ def one_line(text: object, limit: int = 300) -> str:
     """A message from elsewhere (a library's exception) made into one line of at most `limit`."""
     s = " ".join(str(text).split())
     return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+@contextmanager
+def closed_on_error(resource: _Closable) -> Iterator[_Closable]:
+    """Close `resource` (a reader, a runtime) if the block raises, then re-raise: a loader owns
+    what it opened until it hands it back."""
+    try:
+        yield resource
+    except BaseException:
+        resource.close()
+        raise
 
 
 def run_cli(

@@ -29,7 +29,7 @@ from . import layout, vocab
 from .budget import ModelSizes, parse_budget, plan_with_selection
 from .cache import NeuronCache
 from .distributed import Shard, balanced, process_shard
-from .errors import MlxFlashError, one_line
+from .errors import MlxFlashError, closed_on_error, one_line
 from .families import ACTIVATIONS, architecture_for
 from .ffn import ACTIVATION_FUNCTIONS, FlashFFN, LayerState, activate, tap_residuals
 from .models import get_model_classes
@@ -238,7 +238,7 @@ def load_flash_model(
         reader = VerifyingReader(folder, manifest, row_checksums, threads=options.threads)
     else:
         reader = FlashReader(folder, manifest, threads=options.threads)
-    try:
+    with closed_on_error(reader):
         runtime = FlashRuntime(
             manifest,
             reader,
@@ -250,10 +250,7 @@ def load_flash_model(
             compute_dtype=dtype,
             shard=shard,
         )
-    except BaseException:
-        reader.close()
-        raise
-    try:
+    with closed_on_error(runtime):
         if mode == "flash" and selection == "predictor":
             from .predictors.store import Predictors
 
@@ -273,9 +270,6 @@ def load_flash_model(
         if runtime.lookahead:  # layer l+1's input guessed from the residual stream
             runtime.lookahead_tapped = tap_residuals(layers)
         mx.eval([a for l in layers for a in l.mlp.resident_arrays()])
-    except BaseException:
-        runtime.close()
-        raise
     model.eval()
     return model, runtime
 

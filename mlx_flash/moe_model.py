@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from . import layout, vocab
 from .budget import ExpertSizes, parse_budget, plan_experts
 from .distributed import process_shard
-from .errors import MlxFlashError
+from .errors import MlxFlashError, closed_on_error
 from .expert_convert import switch_modules
 from .experts import ExpertCache, ExpertPool
 from .reader import FlashReader
@@ -158,22 +158,9 @@ def load_moe_model(folder: Path, manifest: layout.Manifest, options) -> tuple[nn
     )
     view = manifest.expert_rows()
     reader = FlashReader(folder, view, threads=options.threads)
-    try:
-        runtime = ExpertRuntime(
-            view,
-            reader,
-            mode="flash",
-            selection="exact",
-            window=1,
-            plan=plan,
-            act=None,
-            compute_dtype=dtype,
-            shard=shard,
-        )
-    except BaseException:
-        reader.close()
-        raise
-    try:
+    with closed_on_error(reader):
+        runtime = ExpertRuntime(view, reader, plan=plan, compute_dtype=dtype, shard=shard)
+    with closed_on_error(runtime):
         cache = ExpertCache(
             manifest.experts,
             reader,
@@ -200,9 +187,6 @@ def load_moe_model(folder: Path, manifest: layout.Manifest, options) -> tuple[nn
             for j, (a, b) in enumerate(zip(manifest.experts, manifest.experts[1:])):
                 runtime.switches[j].guess = next_router(model, a.module, b.module, b.num_experts)
         vocab.plan_kv_cache(model, plan.context)
-    except BaseException:
-        runtime.close()
-        raise
     model.eval()
     return model, runtime
 

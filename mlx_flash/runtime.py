@@ -53,12 +53,12 @@ class FlashRuntime:
         manifest: Manifest,
         reader: FlashReader,
         *,
-        mode: str,
-        selection: str,
-        window: int,
         plan: MemoryPlan,
-        act: Callable[[mx.array], mx.array],
         compute_dtype: mx.Dtype,
+        mode: str = "flash",
+        selection: str = "exact",
+        window: int = 1,
+        act: Callable[[mx.array], mx.array] | None = None,
         shard: Shard | None = None,
     ):
         self.manifest = manifest
