@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
-from tiny_models import make_tiny_model
+from tiny_models import make_tiny_model, run_module
 
 from mlx_flash import layout
 from mlx_flash.convert import ConvertError, convert, verify
@@ -137,10 +137,6 @@ def test_verify_catches_a_flipped_byte_anywhere(tmp_path):
     verify(out, progress=False)
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "mlx_flash.convert", *args], capture_output=True, text=True)
-
-
 def one_line_error(r):
     assert r.returncode == 1, r.stderr
     lines = [l for l in r.stderr.splitlines() if l.strip()]
@@ -150,34 +146,40 @@ def one_line_error(r):
 
 def test_cli_converts_and_verifies(tmp_path):
     src = make_tiny_model(tmp_path / "src", "llama", tokenizer=False)
-    r = run_cli("--model", str(src), "--out", str(tmp_path / "f"), "--quiet", "--dtype", "float16")
+    r = run_module(
+        "convert", "--model", str(src), "--out", str(tmp_path / "f"), "--quiet", "--dtype", "float16"
+    )
     assert r.returncode == 0, r.stderr
     assert "peak memory" in r.stdout
-    r = run_cli("--verify", str(tmp_path / "f"), "--quiet")
+    r = run_module("convert", "--verify", str(tmp_path / "f"), "--quiet")
     assert r.returncode == 0 and "OK" in r.stdout
     # an existing destination is not silently replaced
-    assert "already exists" in one_line_error(run_cli("--model", str(src), "--out", str(tmp_path / "f")))
+    assert "already exists" in one_line_error(
+        run_module("convert", "--model", str(src), "--out", str(tmp_path / "f"))
+    )
 
 
 def test_cli_errors_are_one_line(tmp_path):
     assert "no such folder" in one_line_error(
-        run_cli("--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+        run_module("convert", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
     )
     (tmp_path / "empty").mkdir()
     assert "config.json" in one_line_error(
-        run_cli("--model", str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
+        run_module("convert", "--model", str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
     )
     src = make_tiny_model(tmp_path / "gpt", "llama", tokenizer=False)
     cfg = json.loads((src / "config.json").read_text())
     cfg["model_type"] = "gpt_bigcode"
     (src / "config.json").write_text(json.dumps(cfg))
-    line = one_line_error(run_cli("--model", str(src), "--out", str(tmp_path / "o")))
+    line = one_line_error(run_module("convert", "--model", str(src), "--out", str(tmp_path / "o")))
     assert "gpt_bigcode" in line and "llama" in line and "opt" in line
     # truncated source shard
     src = make_tiny_model(tmp_path / "trunc", "llama", tokenizer=False)
     f = src / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-1000])
-    assert "truncated" in one_line_error(run_cli("--model", str(src), "--out", str(tmp_path / "o")))
+    assert "truncated" in one_line_error(
+        run_module("convert", "--model", str(src), "--out", str(tmp_path / "o"))
+    )
     # an FFN tensor missing
     src = make_tiny_model(tmp_path / "noffn", "llama", tokenizer=False)
     from safetensors.numpy import save_file
@@ -185,7 +187,9 @@ def test_cli_errors_are_one_line(tmp_path):
     w = load_file(str(src / "model.safetensors"))
     del w["model.layers.1.mlp.up_proj.weight"]
     save_file(w, str(src / "model.safetensors"))
-    assert "up_proj" in one_line_error(run_cli("--model", str(src), "--out", str(tmp_path / "o")))
+    assert "up_proj" in one_line_error(
+        run_module("convert", "--model", str(src), "--out", str(tmp_path / "o"))
+    )
     assert not (tmp_path / "o").exists()
     assert not list(tmp_path.glob(".o.partial-*")), "a failed conversion left a partial folder"
     # a truncated flash shard is caught by --verify
@@ -193,7 +197,7 @@ def test_cli_errors_are_one_line(tmp_path):
     m = convert(src, tmp_path / "ok_flash", progress=False)
     shard = tmp_path / "ok_flash" / m.layers[1].file
     shard.write_bytes(shard.read_bytes()[:-4096])
-    assert "truncated" in one_line_error(run_cli("--verify", str(tmp_path / "ok_flash")))
+    assert "truncated" in one_line_error(run_module("convert", "--verify", str(tmp_path / "ok_flash")))
 
 
 def test_unsupported_architecture_api(tmp_path):

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import mlx_lm
 import pytest
 from mlx.utils import tree_flatten
-from tiny_models import TOKENIZER_TEXT, make_tiny_model
+from tiny_models import TOKENIZER_TEXT, make_tiny_model, run_module
 
 import mlx_flash
 from mlx_flash.budget import KV_STEP, BudgetError, parse_budget, plan_memory
@@ -242,14 +239,19 @@ def test_budget_planner_puts_vocabulary_tables_on_flash_and_shortens_the_context
     assert plan(smallest).context == MIN_AUTO_CONTEXT
 
 
-def run_generate(*args):
-    return subprocess.run([sys.executable, "-m", "mlx_flash.generate", *args], capture_output=True, text=True)
-
-
 def test_generate_cli(family):
     src, folder, _ = family
-    r = run_generate(
-        "--model", str(folder), "--prompt", "The quick", "--max-tokens", "5", "--stats", "--window", "2"
+    r = run_module(
+        "generate",
+        "--model",
+        str(folder),
+        "--prompt",
+        "The quick",
+        "--max-tokens",
+        "5",
+        "--stats",
+        "--window",
+        "2",
     )
     assert r.returncode == 0, r.stderr
     assert "per token:" in r.stdout and "I/O wait" in r.stdout and "memory plan" in r.stderr
@@ -262,43 +264,26 @@ def test_generate_cli_errors(tmp_path):
         assert len(lines) == 1, r.stderr
         return lines[0]
 
-    assert "no such folder" in one_line(run_generate("--model", str(tmp_path / "missing")))
+    assert "no such folder" in one_line(run_module("generate", "--model", str(tmp_path / "missing")))
     bad = make_tiny_model(tmp_path / "bad", "llama", tokenizer=False)
     (bad / "config.json").write_text('{"model_type": "rwkv"}')
-    assert "rwkv" in one_line(run_generate("--model", str(bad)))
+    assert "rwkv" in one_line(run_module("generate", "--model", str(bad)))
     src = make_tiny_model(tmp_path / "src", "llama")
     convert(src, tmp_path / "flash", progress=False)
     assert "too small" in one_line(
-        run_generate("--model", str(tmp_path / "flash"), "--memory-budget", "10KB")
+        run_module("generate", "--model", str(tmp_path / "flash"), "--memory-budget", "10KB")
     )
 
 
 def test_chat_cli(family):
     src, folder, _ = family
-    r = subprocess.run(
-        [sys.executable, "-m", "mlx_flash.chat", "--model", str(folder), "--max-tokens", "4"],
-        input="hello there\n/stats\nmore\n/reset\n/nonsense\n/quit\n",
-        capture_output=True,
-        text=True,
-    )
+    chat = ("chat", "--model", folder, "--max-tokens", 4)
+    r = run_module(*chat, input="hello there\n/stats\nmore\n/reset\n/nonsense\n/quit\n")
     assert r.returncode == 0, r.stderr
     assert "decode:" in r.stdout and "(conversation cleared)" in r.stdout and "commands:" in r.stdout
     # a turn past the context is refused with a note; /reset and the next turn work
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mlx_flash.chat",
-            "--model",
-            str(folder),
-            "--max-tokens",
-            "4",
-            "--context",
-            "24",
-        ],
-        input="hello there\n" + "and more words " * 6 + "\n/reset\nhi\n/quit\n",
-        capture_output=True,
-        text=True,
+    r = run_module(
+        *chat, "--context", 24, input="hello there\n" + "and more words " * 6 + "\n/reset\nhi\n/quit\n"
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("(the conversation is full") == 1 and "(conversation cleared)" in r.stdout, r.stdout
@@ -308,21 +293,8 @@ def test_convert_activation_override_writes_config(tmp_path):
     """convert --activation drelu: the manifest and the flash folder's config.json say drelu, and
     the flash model computes relu on gate and up: it differs from the relu model it came from."""
     src = make_tiny_model(tmp_path / "src", "llama", hidden_act="relu", seed=5)
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mlx_flash.convert",
-            "--model",
-            str(src),
-            "--out",
-            str(tmp_path / "f"),
-            "--activation",
-            "drelu",
-            "--quiet",
-        ],
-        capture_output=True,
-        text=True,
+    r = run_module(
+        "convert", "--model", str(src), "--out", str(tmp_path / "f"), "--activation", "drelu", "--quiet"
     )
     assert r.returncode == 0, r.stderr
     import json

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
-from tiny_models import TOKENIZER_TEXT, make_moe_source, make_tiny_model
+from tiny_models import TOKENIZER_TEXT, make_moe_source, make_tiny_model, run_module
 
 import mlx_flash
 from mlx_flash import layout
@@ -189,20 +187,7 @@ def test_unstreamable_moe_layout_names_the_architecture(tmp_path, model_type, ex
     cfg = json.loads((src / "config.json").read_text())
     cfg.update(model_type=model_type, **experts)
     (src / "config.json").write_text(json.dumps(cfg))
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mlx_flash.convert",
-            "--model",
-            str(src),
-            "--out",
-            str(tmp_path / "o"),
-            "--quiet",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    r = run_module("convert", "--model", str(src), "--out", str(tmp_path / "o"), "--quiet")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert f"'{model_type}'" in r.stderr and "experts" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
@@ -244,36 +229,22 @@ def test_cli_convert_verify_generate(qwen, tmp_path):
     src, flash = qwen
     budget = str(budget_for_slots(flash, 3))
     out = tmp_path / "cli"
-    r = subprocess.run(
-        [sys.executable, "-m", "mlx_flash.convert", "--model", str(src), "--out", str(out), "--quiet"],
-        capture_output=True,
-        text=True,
-    )
+    r = run_module("convert", "--model", str(src), "--out", str(out), "--quiet")
     assert r.returncode == 0, r.stderr
     assert "MoE layers x 8 experts" in r.stdout
-    r = subprocess.run(
-        [sys.executable, "-m", "mlx_flash.convert", "--verify", str(out), "--quiet"],
-        capture_output=True,
-        text=True,
-    )
+    r = run_module("convert", "--verify", str(out), "--quiet")
     assert r.returncode == 0 and "MB of experts" in r.stdout, r.stderr
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mlx_flash.generate",
-            "--model",
-            str(out),
-            "--prompt",
-            "The quick",
-            "--max-tokens",
-            "4",
-            "--memory-budget",
-            budget,
-            "--stats",
-        ],
-        capture_output=True,
-        text=True,
+    r = run_module(
+        "generate",
+        "--model",
+        str(out),
+        "--prompt",
+        "The quick",
+        "--max-tokens",
+        "4",
+        "--memory-budget",
+        budget,
+        "--stats",
     )
     assert r.returncode == 0, r.stderr
     assert "experts:" in r.stdout + r.stderr

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import mlx.core as mx
 import mlx.nn
 import mlx_lm
 import numpy as np
 import pytest
-from tiny_models import TOKENIZER_TEXT, make_mlx_quantized_model, make_tiny_model
+from tiny_models import TOKENIZER_TEXT, make_mlx_quantized_model, make_tiny_model, run_module
 
 import mlx_flash
 from mlx_flash import layout
@@ -283,10 +281,6 @@ def test_mlx_community_source(tmp_path):
     assert_modes_equal(folder, tok, greedy(load_dense(src, quantize=4), tok))
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "mlx_flash.convert", *args], capture_output=True, text=True)
-
-
 def one_line_error(r):
     assert r.returncode != 0, r.stdout
     lines = [line for line in r.stderr.splitlines() if line.strip()]
@@ -296,7 +290,8 @@ def one_line_error(r):
 
 def test_cli_quantize_and_its_errors(tmp_path):
     src = make_tiny_model(tmp_path / "src", "llama", tokenizer=False)  # hidden 64
-    r = run_cli(
+    r = run_module(
+        "convert",
         "--model",
         str(src),
         "--out",
@@ -313,15 +308,25 @@ def test_cli_quantize_and_its_errors(tmp_path):
     assert "8-bit, groups of 32" in r.stdout
     assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]["bits"] == 4
     line = one_line_error(
-        run_cli("--model", str(src), "--out", str(tmp_path / "o"), "--quantize", "4", "--group-size", "128")
+        run_module(
+            "convert",
+            "--model",
+            str(src),
+            "--out",
+            str(tmp_path / "o"),
+            "--quantize",
+            "4",
+            "--group-size",
+            "128",
+        )
     )
     assert "group size 128 does not divide hidden_size 64" in line and "32 or 64" in line
-    r = run_cli(
-        "--model", str(src), "--out", str(tmp_path / "o"), "--quantize", "3"
+    r = run_module(
+        "convert", "--model", str(src), "--out", str(tmp_path / "o"), "--quantize", "3"
     )  # argparse: usage + the error
     assert r.returncode == 2 and "invalid choice: 3 (choose from 4, 8)" in r.stderr
     assert "needs --quantize" in one_line_error(
-        run_cli("--model", str(src), "--out", str(tmp_path / "o"), "--group-size", "32")
+        run_module("convert", "--model", str(src), "--out", str(tmp_path / "o"), "--group-size", "32")
     )
     assert not (tmp_path / "o").exists()
     with pytest.raises(ConvertError, match="does not divide hidden_size"):
@@ -329,7 +334,7 @@ def test_cli_quantize_and_its_errors(tmp_path):
     cfg = json.loads((src / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
     (src / "config.json").write_text(json.dumps(cfg))
-    assert "gptq" in one_line_error(run_cli("--model", str(src), "--out", str(tmp_path / "o")))
+    assert "gptq" in one_line_error(run_module("convert", "--model", str(src), "--out", str(tmp_path / "o")))
 
 
 def test_bundle_bytes_at_4_bits_are_under_30_percent_of_float16(tmp_path):

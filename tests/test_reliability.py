@@ -27,7 +27,7 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
-from tiny_models import TOKENIZER_TEXT, make_tiny_model
+from tiny_models import TOKENIZER_TEXT, make_tiny_model, run_module
 
 import mlx_flash
 from mlx_flash import layout
@@ -633,11 +633,7 @@ def test_no_code_from_a_model_folder_runs_and_no_pickle_loads(tiny, tmp_path):
     with pytest.raises(MlxFlashError, match="no \\*.safetensors") as info:
         mlx_flash.load(pt)
     one_line(info.value)
-    r = subprocess.run(
-        [sys.executable, "-m", "mlx_flash.convert", "--model", str(pt), "--out", str(tmp_path / "o")],
-        capture_output=True,
-        text=True,
-    )
+    r = run_module("convert", "--model", str(pt), "--out", str(tmp_path / "o"))
     assert r.returncode == 1 and "safetensors" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not marker.exists()
 

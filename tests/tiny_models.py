@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -290,3 +292,9 @@ def make_moe_source(folder, name: str):
     if name.endswith("-4bit"):
         return make_mlx_quantized_model(folder, name.split("-")[0], bits=4, group_size=32)
     return make_tiny_model(folder, name)
+
+
+def run_module(module: str, *args, input: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m mlx_flash.MODULE ARGS...` in a child process, its output captured as text."""
+    cmd = [sys.executable, "-m", f"mlx_flash.{module}", *map(str, args)]
+    return subprocess.run(cmd, input=input, capture_output=True, text=True)
