@@ -711,13 +711,7 @@ def verify(folder: str | os.PathLike, progress: bool = True) -> Manifest:
                 f"{folder / e.file}: checksum mismatch in expert {bad[0]} of layer {e.layer}: the file is corrupt; "
                 "re-run mlx_flash.convert"
             )
-    if (
-        manifest.dense_checksum
-        and layout.file_digest(folder / manifest.dense_file) != manifest.dense_checksum
-    ):
-        raise layout.FlashFormatError(
-            f"{folder / manifest.dense_file}: checksum mismatch: the file is corrupt; re-run mlx_flash.convert"
-        )
+    layout.verify_dense(folder, manifest)
     return manifest
 
 

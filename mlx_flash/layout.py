@@ -868,3 +868,11 @@ def verify_layer(folder: str | os.PathLike, entry: LayerEntry, chunk: int = 8 <<
             f"{path}: checksum mismatch in layer {entry.layer}: the file is corrupt; re-run mlx_flash.convert"
         )
     return crcs
+
+
+def verify_dense(folder: str | os.PathLike, manifest: Manifest) -> None:
+    """Check the dense file's checksum (a FlashFormatError when it does not match; nothing to
+    check when the manifest has none)."""
+    path = Path(folder) / manifest.dense_file
+    if manifest.dense_checksum and file_digest(path) != manifest.dense_checksum:
+        raise FlashFormatError(f"{path}: checksum mismatch: the file is corrupt; re-run mlx_flash.convert")

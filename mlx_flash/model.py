@@ -308,13 +308,7 @@ def _verify(folder: Path, manifest: layout.Manifest) -> list:
     """verify=True: every checksum now (the dense file's and each neuron row's); returns the
     rows' checksums, against which every neuron read later is checked."""
     row_checksums = [layout.verify_layer(folder, e) for e in manifest.layers]
-    if (
-        manifest.dense_checksum
-        and layout.file_digest(folder / manifest.dense_file) != manifest.dense_checksum
-    ):
-        raise layout.FlashFormatError(
-            f"{folder / manifest.dense_file}: checksum mismatch: the file is corrupt; re-run mlx_flash.convert"
-        )
+    layout.verify_dense(folder, manifest)
     return row_checksums
 
 

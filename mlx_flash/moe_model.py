@@ -92,10 +92,8 @@ def load_moe_model(folder: Path, manifest: layout.Manifest, options) -> tuple[nn
             f"mode {options.mode!r} / selection {options.selection!r}: a mixture-of-experts model runs in flash "
             "mode, its router selecting the experts"
         )
-    if options.verify and layout.file_digest(folder / manifest.dense_file) != manifest.dense_checksum:
-        raise layout.FlashFormatError(
-            f"{folder / manifest.dense_file}: checksum mismatch: the file is corrupt; re-run mlx_flash.convert"
-        )
+    if options.verify:
+        layout.verify_dense(folder, manifest)
     config = read_config(folder)
     if config.get("model_type") != manifest.model_type:
         raise layout.FlashFormatError(
