@@ -30,7 +30,7 @@ up/gate projection: exact, but as large as a third to a half of the FFN, so it m
 budget). Each row's selection is in its output.
 
 Writes OUT/bench_flash.json (one object per row: name, ms_per_token, io_ms (the time the token
-waited on reads), reader_busy_ms (the reader had a read in flight), lookahead_recall,
+waited on reads; io_ms_by_layer, the same per FFN layer), reader_busy_ms (the reader had a read in flight), lookahead_recall,
 lookahead_wasted_bytes_per_token, lookahead_wasted_fraction, mem_ms,
 compute_ms, selection_ms, bytes_per_token, reads_per_token, flash_mbps, peak_memory_bytes,
 peak_rss_bytes, tokens_per_s, speedup_vs_naive, ...), OUT/bench_flash.md (the table) and
@@ -714,6 +714,7 @@ def run_row(spec: Row, cfg: dict) -> dict:
         res.update(
             ms_per_token=s.ms_per_token,
             io_ms=s.io_ms,
+            io_ms_by_layer=s.io_ms_by_layer,
             reader_busy_ms=s.reader_busy_ms,
             lookahead_recall=s.lookahead_recall,
             lookahead_wasted_bytes_per_token=s.lookahead_wasted_bytes_per_token,

@@ -135,6 +135,7 @@ def run_row(spec: MoERow, cfg: dict) -> dict:
     res.update(
         ms_per_token=s.ms_per_token,
         io_ms=s.io_ms,
+        io_ms_by_layer=s.io_ms_by_layer,
         bytes_per_token=s.bytes_per_token,
         hit_rate=ex["hit_rate"],
         reader_busy_ms=s.reader_busy_ms,

@@ -130,10 +130,12 @@ class FlashRuntime:
         if cur is None:
             return
         cur.wall_ms = (time.perf_counter() - self._pass_start) * 1e3
-        io = [s for r in self.readers() for s in r.stats.take().values()]
+        taken = [r.stats.take() for r in self.readers()]
+        io = [s for t in taken for s in t.values()]
         cur.bytes_read = sum(s.bytes_read for s in io)
         cur.reads = sum(s.reads for s in io)
         cur.io_ms = 1e3 * sum(s.wait_seconds for s in io)  # the reader's clock of waiting callers
+        cur.io_ms_by_layer = {layer: 1e3 * s.wait_seconds for layer, s in taken[0].items()}  # the FFN's
         with self._busy_lock:
             spans, self._busy = sorted(self._busy), []
         cur.reader_busy_ms = 1e3 * _union_seconds(spans, self._pass_start)

@@ -41,6 +41,7 @@ class PassStats:
     lookahead_hits: int = 0  # of those, read ahead while the layer before computed
     lookahead_rows: int = 0  # neurons read ahead
     lookahead_wasted_bytes: int = 0  # read ahead and not needed
+    io_ms_by_layer: dict[int, float] = field(default_factory=dict)  # the FFN's (experts') I/O wait per layer
 
     @property
     def compute_ms(self) -> float:
@@ -93,6 +94,7 @@ class StatsSummary:
     peak_memory_bytes: int = 0  # MLX's allocations
     peak_rss_bytes: int = 0  # the whole process (Python, libraries, reader buffers)
     all_sum_ms: float = 0.0  # several processes: the layers' outputs summed over the group
+    io_ms_by_layer: list[float] = field(default_factory=list)  # I/O wait per token, per FFN (MoE) layer
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -168,6 +170,7 @@ def summarize(
     wasted = sum(r.lookahead_wasted_bytes for r in dec)
     active = sum(r.neurons_active for r in dec)
     loaded = sum(r.neurons_loaded for r in dec)
+    layers = 1 + max((k for r in dec for k in r.io_ms_by_layer), default=-1)
     return StatsSummary(
         decode_tokens=len(dec),
         ms_per_token=mean("wall_ms"),
@@ -184,6 +187,7 @@ def summarize(
         lookahead_recall=sum(r.lookahead_hits for r in dec) / needed if needed else 0.0,
         lookahead_wasted_bytes_per_token=mean("lookahead_wasted_bytes"),
         lookahead_wasted_fraction=wasted / read if read else 0.0,
+        io_ms_by_layer=[sum(r.io_ms_by_layer.get(k, 0.0) for r in dec) / n for k in range(layers)],
         prefill_tokens=sum(r.tokens for r in pre),
         prefill_ms=sum(r.wall_ms for r in pre),
         prefill_bytes=sum(r.bytes_read for r in pre),

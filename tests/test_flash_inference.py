@@ -150,6 +150,9 @@ def test_lookahead_under_a_tight_budget_stays_exact_and_reports(tmp_path):
     assert greedy_tokens(model, tok) == ref
     s = mlx_flash.flash_stats(model)
     assert s.reader_busy_ms > 0 and s.io_ms >= 0 and s.bytes_per_token > 0
+    # the FFN's wait, layer by layer, is all of it here (no vocabulary table on flash)
+    assert not rt.vocab and len(s.io_ms_by_layer) == len(model.layers)
+    assert abs(sum(s.io_ms_by_layer) - s.io_ms) <= 1e-9 * max(1.0, s.io_ms)
     assert 0 < s.lookahead_recall <= 1
     assert s.lookahead_wasted_fraction <= 0.25 + 1e-9  # the cap: waste under a quarter of what is read
     recs = [r for r in rt.records if not r.is_prefill]
