@@ -158,9 +158,16 @@ def test_ranks_from_the_budget_by_hand():
     curves = [{8: 3.0, 10: 1.5, 12: 1.499}, {8: 1.2, 10: 1.199, 12: 1.198}]
     d, ns = 10, [90, 90]
     one = training.predictor_elems(d, 90, 8)
-    assert training.allocate_ranks(curves, [5.0, 5.0], d, ns, 10 * one, min_gain=0.05) == [10, 8]
-    assert training.allocate_ranks(curves, [5.0, 5.0], d, ns, 2 * one, min_gain=0.05) == [8, 8]  # no room
-    assert training.allocate_ranks(curves, [5.0, 5.0], d, ns, 10 * one, min_gain=0.0) == [12, 12]
+    ranks = lambda budget, gain, ne=10**6: training.allocate_ranks(  # noqa: E731
+        curves, [5.0, 5.0], d, ns, budget, min_gain=gain, neuron_elems=ne
+    )
+    assert ranks(10 * one, 0.05) == [10, 8]
+    assert ranks(2 * one, 0.05) == [8, 8]  # no room
+    assert ranks(10 * one, 0.0) == [12, 12]
+    # rank 8 -> 10 adds 2 x (10 + 90) = 200 weights a token and layer 0 predicts 1.5 x 5 = 7.5
+    # neurons fewer: worth it when a neuron's rows are more than 200 / 7.5 = 26.7 weights
+    assert ranks(10 * one, 0.05, ne=27) == [10, 8]
+    assert ranks(10 * one, 0.05, ne=26) == [8, 8]
 
 
 def test_train_saves_file_manifest_and_metadata(relu_trained):

@@ -11,7 +11,12 @@
 3. Ranks from the byte budget (all predictors at most `max_size` of the model's bytes): every
    layer starts at the smallest rank; the budget goes, step by step, to the layer where one
    more rung of the ladder removes the most predicted neurons per added weight, while that
-   removes at least `min_gain` of the layer's true active set.
+   removes at least `min_gain` of the layer's true active set, and while the neurons it stops
+   predicting would cost more to compute than the rung's weights (a token reads every predictor
+   weight once, and each predicted neuron's rows once: past that point a larger predictor makes
+   the token slower; on the synthetic OPT presets this stops every layer at the selector's
+   knee, rank 128, where the budget alone went on to 192-320 for 1.07 against 1.14 predicted
+   neurons per active one).
 4. Per layer, from the SVD factors at its rank, Adam on the balanced binary cross-entropy
    (`fitting.train_balanced`); the trained predictor is kept when its held-out ratio is lower
    than the SVD's, else the SVD's (both are recorded). The threshold is the highest logit
@@ -106,12 +111,21 @@ def rank_ladder(d: int, n: int, max_rank: int) -> list[int]:
 
 
 def allocate_ranks(
-    curves: list[dict[int, float]], active: list[float], d: int, ns: list[int], budget: int, min_gain: float
+    curves: list[dict[int, float]],
+    active: list[float],
+    d: int,
+    ns: list[int],
+    budget: int,
+    min_gain: float,
+    *,
+    neuron_elems: int,
 ) -> list[int]:
     """Ranks per layer within `budget` weights: start each layer at its smallest rank, then
     repeatedly move the layer whose next rank removes the most predicted neurons per token
     (ratio drop x truly active per token) per added weight, while the drop is at least
-    `min_gain` per doubling of the rank and the budget holds. curves[l]: rank -> predicted/true on held-out tokens."""
+    `min_gain` per doubling of the rank, the neurons removed times `neuron_elems` (the weights
+    computing one neuron reads: its row of each FFN part) are at least the weights added, and
+    the budget holds. curves[l]: rank -> predicted/true on held-out tokens."""
     ladders = [sorted(c) for c in curves]
     pos = [0] * len(curves)
     used = sum(predictor_elems(d, n, lad[0]) for lad, n in zip(ladders, ns))
@@ -124,6 +138,8 @@ def allocate_ranks(
             drop = c[r0] - c[r1]
             extra = (r1 - r0) * (d + ns[l])
             if drop < min_gain * math.log2(r1 / r0) or used + extra > budget:
+                continue
+            if drop * active[l] * neuron_elems < extra:  # costs the token more than it saves
                 continue
             eff = drop * active[l] / extra
             if eff > best_eff:
@@ -305,7 +321,8 @@ def train(
         else:
             curves = [{int(r): v for r, v in a["svd_ratio"].items()} for a in analyses]
             active = [a["active_fraction"] * n for a, n in zip(analyses, ns)]
-            ranks = allocate_ranks(curves, active, d, ns, budget, opts.min_gain)
+            parts = len(manifest.part_names)  # rows of d weights a neuron's FFN reads (up, down, gate)
+            ranks = allocate_ranks(curves, active, d, ns, budget, opts.min_gain, neuron_elems=parts * d)
         log(f"ranks from the budget ({budget} weights, {100 * opts.max_size:.1f}% of the model): {ranks}")
 
         # 4. per layer: training from the SVD, threshold
