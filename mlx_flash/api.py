@@ -106,8 +106,9 @@ def load(
         the residual stream after this layer's attention (its predictor or exact selector, see
         ffn.py), wasted reads capped at 25% of the rows read; exact selection stays exact (the
         guess only warms the cache).
-        A mixture of experts: the next MoE layer's router on this layer's input names the
-        experts read ahead.
+        A mixture of experts: the next MoE layer's router on a guess of its input (the residual
+        stream here plus the last token's step between the two layers) names the experts read
+        ahead.
     expert_policy: (mixtures of experts) the expert pools' eviction policy: "lru" (default),
         "lfu" (with aging), "pinned" (the hottest experts of each layer pinned), "naive" (no
         reuse: every token reads all its experts; a baseline).

@@ -601,12 +601,12 @@ def tap_residuals(layers: list[nn.Module]) -> int:
         name = next((k for k in FFN_NORMS if isinstance(layer.get(k), nn.Module)), None)
         if not isinstance(ffn, FlashFFN) or name is None:
             continue
-        ffn._norm = functools.partial(_tap(layer[name], ffn._tap_residual), layer[name])
+        ffn._norm = functools.partial(tap_input(layer[name], ffn._tap_residual), layer[name])
         n += 1
     return n
 
 
-def _tap(norm: nn.Module, record: Callable[[mx.array], None]) -> Callable:
+def tap_input(norm: nn.Module, record: Callable[[mx.array], None]) -> Callable:
     """Make `norm` call `record(x)` with its input before normalising it; returns its plain call."""
     base = type(norm)
     if base in _TAPPED.values():

@@ -50,6 +50,7 @@ class FlashSwitch(nn.Module):
         # the next layer's guessed experts ahead (guess: x -> its router's logits, set at load)
         self.overlap = True
         self.guess = None
+        self.residuals = None  # the residual stream at this layer's input (moe_model.Residuals), or None
         self._ahead_sent = 0  # experts read ahead for this layer's next call
         self._last_missed = 0  # experts its last decoded call would have missed without them
 
@@ -61,6 +62,8 @@ class FlashSwitch(nn.Module):
             rt.begin_layer(self.moe_layer, tokens)
             decode = tokens == 1 and (self.overlap or self.guess is not None)
             guess = self.guess(x) if decode and self.guess is not None else None
+            if self.residuals is not None:  # after the guess: it uses this call's and the last token's
+                self.residuals.roll()
             t0 = time.perf_counter()
             if guess is not None:  # the next layer's guess in the same evaluation as the router
                 mx.eval(indices, guess)
