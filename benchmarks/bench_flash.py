@@ -1041,7 +1041,8 @@ def main(argv: list[str] | None = None) -> int:
         metavar="RANK[:XDIR]",
         default=None,
         help="add the row bundling-svd: the full method with rank-RANK SVD predictors of the selector "
-        "(thresholds for 95%% recall on the calibration inputs XDIR/x_layer_NNN.npy; default XDIR: those "
+        "(thresholds at the trained predictors' threshold recall, 96%%, on the calibration inputs "
+        "XDIR/x_layer_NNN.npy; default XDIR: those "
         "--train-predictors kept), the untrained shortcut; the other rows keep the trained predictors",
     )
     ap.add_argument("--prepare-only", action="store_true", help="convert (and train predictors), then stop")
@@ -1113,15 +1114,20 @@ def run(args, rows: list[str]) -> int:
         train_predictors(folders["bundled"], work, args.train_predictors, log)
         share_all_predictors(folders, log)
     if "bundling-svd" in rows:  # the SVD shortcut's own row, beside the headline's predictors
+        from mlx_flash.predictors.training import TrainOptions
+
+        recall = TrainOptions().threshold_recall  # the trained predictors' threshold recall
         xdir = args.svd_xdir or str(work / "calibration-inputs")
         svd = work / f"{folders['bundled'].name}-svd{args.svd_rank}"
+        have = predictor_summary(svd) if svd.is_dir() else None
         if not (
-            svd.is_dir()
-            and (predictor_summary(svd) or {}).get("kind") == f"svd-{args.svd_rank}"
+            have
+            and have.get("kind") == f"svd-{args.svd_rank}"
+            and have.get("recall_target") == recall
             and os.path.samefile(svd / "config.json", folders["bundled"] / "config.json")
         ):
             log(f"installing rank-{args.svd_rank} SVD predictors in {svd} (calibration inputs {xdir})")
-            svd_predictors(linked_copy(folders["bundled"], svd), Path(xdir), args.svd_rank, 0.95, log)
+            svd_predictors(linked_copy(folders["bundled"], svd), Path(xdir), args.svd_rank, recall, log)
         folders["bundled-svd"] = svd
     if args.prepare_only:
         log(f"flash folders ready: {', '.join(str(f) for f in folders.values())}")

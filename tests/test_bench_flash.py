@@ -139,8 +139,8 @@ def test_errors_are_one_line(tiny, tmp_path):
 
 def test_svd_predictors_installed_and_used(tiny, tmp_path):
     """--svd-predictors RANK:XDIR adds the row bundling-svd: a linked copy of the bundled folder
-    with predictors in the trained ones' format (thresholds for 95% recall on the given
-    calibration inputs), selecting with them; the headline rows keep the folder's own
+    with predictors in the trained ones' format (thresholds at the trained ones' threshold recall,
+    96%, on the given calibration inputs), selecting with them; the headline rows keep the folder's own
     selection (here: no predictors, the exact selector)."""
     import numpy as np
 
@@ -166,7 +166,7 @@ def test_svd_predictors_installed_and_used(tiny, tmp_path):
     assert not layout.read_manifest(bundled).predictors_file
     m = layout.read_manifest(svd)
     assert m.predictors_file and m.extra["predictors"]["kind"] == "svd-16"
-    assert all(abs(l["recall"] - 0.95) < 0.02 for l in m.extra["predictors"]["layers"])
+    assert all(abs(l["recall"] - 0.96) < 0.005 for l in m.extra["predictors"]["layers"])
     assert (svd / m.dense_file).stat().st_ino == (bundled / m.dense_file).stat().st_ino  # linked, not copied
     assert bench.main(args) == 0  # a second run reuses the folder
 
