@@ -108,7 +108,8 @@ def load(
         guess only warms the cache).
         A mixture of experts: the next MoE layer's router on a guess of its input (the residual
         stream here plus the last token's step between the two layers) names the experts read
-        ahead.
+        ahead; the first MoE layer's router on the token's input plus the last token's
+        attention step names its own, read while its attention runs.
     expert_policy: (mixtures of experts) the expert pools' eviction policy: "lru" (default),
         "lfu" (with aging), "pinned" (the hottest experts of each layer pinned), "naive" (no
         reuse: every token reads all its experts; a baseline).

@@ -11,12 +11,14 @@ mlx-lm loads a model. Slots per layer come from the budget planner (`budget.plan
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import layout, vocab
@@ -27,7 +29,7 @@ from .expert_convert import switch_modules
 from .experts import ExpertCache, ExpertPool
 from .ffn import tap_input
 from .reader import FlashReader
-from .runtime import LOOKAHEAD_WASTE_CAP, FlashRuntime
+from .runtime import FlashRuntime
 from .safetensors_file import read_header
 from .stats import StatsSummary
 from .switch import FlashSwitch
@@ -42,19 +44,11 @@ class ExpertRuntime(FlashRuntime):
 
     experts: ExpertCache
     switches: list[FlashSwitch]
-    lookahead_factor = EXPERT_LOOKAHEAD_START  # guessed experts per expert missed, under the waste cap
-
-    def count_expert_lookahead(self, *, needed: int, hits: int, fetched: int, bundle_bytes: int) -> None:
-        """An MoE layer's look-ahead outcome: of `needed` missing experts, `hits` had been read
-        ahead, of `fetched` read ahead; the rest of `fetched` was wasted. Adapts the look-ahead's
-        size so that the waste stays under LOOKAHEAD_WASTE_CAP of the bytes read."""
-        self.record_guess(
-            needed=needed, hits=hits, fetched=fetched, wasted_bytes=(fetched - hits) * bundle_bytes
-        )
-        read = needed + fetched - hits  # experts read for this layer: the misses, and everything guessed
-        waste = (fetched - hits) / read if read else 0.0
-        self.lookahead_factor *= 0.85 if waste > 0.8 * LOOKAHEAD_WASTE_CAP else 1.05
-        self.lookahead_factor = min(max(self.lookahead_factor, 0.05), 8.0)
+    # look-ahead: experts read ahead per expert a layer missed on its last call, adapted per
+    # layer by `count_lookahead` (the dense layers' rule: larger while the layer's waste is under
+    # 80% of LOOKAHEAD_WASTE_CAP, smaller above)
+    lookahead_start = EXPERT_LOOKAHEAD_START
+    lookahead_max = 8.0
 
     def stats(self) -> StatsSummary:
         s = super().stats()
@@ -192,6 +186,7 @@ def load_moe_model(folder: Path, manifest: layout.Manifest, options) -> tuple[nn
                     model, a.module, b.module, b.num_experts, residuals[j], residuals[j + 1]
                 )
             runtime.switches[-1].residuals = residuals[-1]
+            guess_first_layer(model, manifest.experts[0], runtime.switches[0], residuals[0], runtime, k)
         vocab.plan_kv_cache(model, plan.context)
     model.eval()
     return model, runtime
@@ -270,10 +265,7 @@ def next_router(
     rmsnorm(h) * g' is the input times g' / g). On the tiny-moe preset's held-out text the
     residual guess's top 8 hold 76-82% of the next layer's experts, the renormalised input's
     29-52%. None when `there` has no router (no look-ahead for the layer)."""
-    router = None
-    for child in _get_module(model, there.rsplit(".", 1)[0]).children().values():
-        if isinstance(child, (nn.Linear, nn.QuantizedLinear)) and child.weight.shape[0] == num_experts:
-            router = child
+    router = _router(model, there, num_experts)
     if router is None:
         return None
     g_here, g_there = (getattr(_decoder_norm(model, p), "weight", None) for p in (here, there))
@@ -293,6 +285,51 @@ def next_router(
         return router(there_residuals.plain_norm(est).astype(x.dtype))
 
     return guess
+
+
+def guess_first_layer(
+    model: nn.Module,
+    entry: layout.ExpertLayer,
+    switch: FlashSwitch,
+    residuals: Residuals | None,
+    runtime: FlashRuntime,
+    k: int,
+) -> bool:
+    """Look-ahead for the first MoE layer, which no layer before it guesses: when a decoded
+    token enters the decoder layer that holds it (its `input_layernorm`, tapped), that layer's
+    router scores the guess of its MoE input the others get (`next_router`: this input plus what
+    the last token's attention added to it, through the MoE block's norm), and the switch of
+    `entry` reads its likeliest experts (`k` routed) while the layer's attention computes.
+    False (nothing tapped) where the layer has no such norm or router."""
+    norm = getattr(_get_module(model, entry.module.rsplit(".", 2)[0]), "input_layernorm", None)
+    router = _router(model, entry.module, entry.num_experts)
+    if not isinstance(norm, nn.Module) or router is None or residuals is None:
+        return False
+    entered: list[mx.array] = []  # the last token's input to the layer
+
+    def record(h: mx.array) -> None:
+        rows = h.reshape(-1, h.shape[-1])
+        if rows.shape[0] == 1 and entered and residuals.last is not None:
+            with runtime.lock:
+                t0 = time.perf_counter()
+                logits = router(residuals.plain_norm(rows + (residuals.last - entered[0])).astype(h.dtype))
+                logits = np.array(logits.astype(mx.float32)).reshape(-1)
+                runtime.add_time("selection", time.perf_counter() - t0)
+                switch.prefetch(logits, k)
+        entered[:] = [rows[-1:]]
+
+    tap_input(norm, record)
+    return True
+
+
+def _router(model: nn.Module, path: str, num_experts: int) -> nn.Module | None:
+    """The router of the MoE block holding the switch module at `path`: its linear layer with
+    one output per expert, or None."""
+    router = None
+    for child in _get_module(model, path.rsplit(".", 1)[0]).children().values():
+        if isinstance(child, (nn.Linear, nn.QuantizedLinear)) and child.weight.shape[0] == num_experts:
+            router = child
+    return router
 
 
 def _get_module(model: nn.Module, path: str) -> object:

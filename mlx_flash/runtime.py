@@ -48,6 +48,9 @@ class Staged:
 
 
 class FlashRuntime:
+    lookahead_start = LOOKAHEAD_START  # each layer's look-ahead factor, to begin with
+    lookahead_max = 4.0  # and at most
+
     def __init__(
         self,
         manifest: Manifest,
@@ -147,9 +150,9 @@ class FlashRuntime:
             setattr(self._current, f"{key}_ms", getattr(self._current, f"{key}_ms") + seconds * 1e3)
 
     def count_lookahead(self, layer: int, *, needed: int, hits: int, fetched: int | None) -> None:
-        """A decoded layer's reads under look-ahead: of `needed` missing neurons, `hits` had been
-        read ahead, of `fetched` read ahead (None: nothing was read ahead for this layer); the
-        rest of `fetched` was wasted. Keeps the running totals the cap is on, and adapts the
+        """A decoded layer's reads under look-ahead: of `needed` missing neurons (experts, for an
+        MoE layer), `hits` had been read ahead, of `fetched` read ahead (None or 0: nothing was
+        read ahead for this layer); the rest of `fetched` was wasted. Keeps the running totals the cap is on, and adapts the
         layer's look-ahead size: larger while its waste is under 80% of the cap, smaller above
         (a layer whose guess is poor, such as the first, reads ahead little)."""
         fetched = fetched or 0
@@ -164,9 +167,14 @@ class FlashRuntime:
             self.record_guess(
                 needed=needed, hits=hits, fetched=fetched, wasted_bytes=wasted * self.bundle_bytes
             )
-            f = self.lookahead_factors.get(layer, LOOKAHEAD_START)
+            f = self.lookahead_factor(layer)
             f *= 0.9 if totals[1] > 0.8 * LOOKAHEAD_WASTE_CAP * totals[0] else 1.05
-            self.lookahead_factors[layer] = min(max(f, 0.05), 4.0)
+            self.lookahead_factors[layer] = min(max(f, 0.05), self.lookahead_max)
+
+    def lookahead_factor(self, layer: int) -> float:
+        """How much `layer` reads ahead per row (expert) its guess names, as `count_lookahead`
+        has adapted it."""
+        return self.lookahead_factors.get(layer, self.lookahead_start)
 
     def record_guess(self, *, needed: int, hits: int, fetched: int, wasted_bytes: int) -> None:
         """A guess's outcome in the pass's statistics: of `needed` missing neurons (or experts),
@@ -183,10 +191,14 @@ class FlashRuntime:
         layer's adaptive factor times that, within one streaming block and within the hard cap:
         were every one of them wasted, the wasted rows would stay at most LOOKAHEAD_WASTE_CAP of
         the rows read since the last reset_stats."""
+        f = self.lookahead_factor(layer)
+        return max(0, min(int(f * selected + 0.5), self.lookahead_room(), self.stream_block))
+
+    def lookahead_room(self) -> int:
+        """Rows (experts) that may be read ahead now: were every one of them wasted, the wasted
+        rows would stay at most LOOKAHEAD_WASTE_CAP of the rows read since the last reset_stats."""
         cap = LOOKAHEAD_WASTE_CAP
-        room = (cap * self.lookahead_read_rows - self.lookahead_wasted_rows) / (1 - cap)
-        f = self.lookahead_factors.get(layer, LOOKAHEAD_START)
-        return max(0, min(int(f * selected + 0.5), int(room), self.stream_block))
+        return max(0, int((cap * self.lookahead_read_rows - self.lookahead_wasted_rows) / (1 - cap)))
 
     def count_token_layer(
         self, layer: int, *, active: int, loaded: int, used: int, overflow: bool = False

@@ -120,15 +120,10 @@ class FlashSwitch(nn.Module):
         pending = cache.submit(layer, needed, rt.add_time)
         plan = pending.plan
         rt.count_token_layer(layer, active=len(needed), loaded=len(plan.missing), used=pool.resident)
-        if plan.ahead_hits or self._ahead_sent:  # how the guess made for this call did
-            rt.count_expert_lookahead(
-                needed=len(plan.missing) + plan.ahead_hits,
-                hits=plan.ahead_hits,
-                fetched=self._ahead_sent,
-                bundle_bytes=pool.entry.expert_bytes,
-            )
-        self._ahead_sent = 0
         self._last_missed = len(plan.missing) + plan.ahead_hits
+        # the experts read for this call, and how the guess made for it did (the waste cap's totals)
+        rt.count_lookahead(layer, needed=self._last_missed, hits=plan.ahead_hits, fetched=self._ahead_sent)
+        self._ahead_sent = 0
         row = own.reshape(-1)
         late = np.isin(row, plan.missing)  # entries waiting on a read
         slots = np.maximum(pool.slot_of[row], 0).astype(np.uint32)  # another rank's: slot 0, dropped
@@ -142,7 +137,7 @@ class FlashSwitch(nn.Module):
             mx.async_eval(ready)  # computes while the reads arrive
         cache.complete(pending, rt.add_time)
         if guess is not None and layer + 1 < len(cache.pools):
-            self._read_ahead(guess, plan)
+            rt.switches[layer + 1].prefetch(np.array(guess).reshape(-1), len(plan.needed))
         slots = np.maximum(pool.slot_of[row], 0).astype(np.uint32)
         if ready is None:
             return self._inner(x, mx.array(slots).reshape(*shape, k))
@@ -151,20 +146,20 @@ class FlashSwitch(nn.Module):
         order = np.argsort(np.concatenate([early, tail]), kind="stable")
         return mx.take(mx.concatenate([ready, rest], axis=-2), mx.array(order.astype(np.uint32)), axis=-2)
 
-    def _read_ahead(self, guess: mx.array, plan) -> None:
-        """Read ahead the next layer's likeliest experts (`guess`: its router's logits on this
-        layer's input) that are not resident, as many as it missed last time times the runtime's
-        factor (at least one), and count how the guess for this layer did."""
-        rt, cache, layer = self._runtime, self._cache, self.moe_layer
-        nxt = cache.pools[layer + 1]
-        logits = np.array(guess).reshape(-1)
-        best = np.argsort(-logits, kind="stable")[: len(plan.needed)]
-        mine = rt.shard.experts(nxt.entry.num_experts)
-        if len(mine) < nxt.entry.num_experts:  # under mlx.launch: this rank's experts only
+    def prefetch(self, logits: np.ndarray, count: int) -> None:
+        """Read ahead this layer's likeliest experts for its next call (`logits`: its router's on
+        a guess of its input, `count` experts routed): of the `count` best scored, those
+        not resident, best first, as many as the layer missed last call (at least one)
+        times its look-ahead factor, within the waste cap's room (`FlashRuntime.lookahead_room`).
+        Its next call counts how the guess did."""
+        rt, cache = self._runtime, self._cache
+        entry = cache.pools[self.moe_layer].entry
+        best = np.argsort(-logits, kind="stable")[:count]
+        mine = rt.shard.experts(entry.num_experts)
+        if len(mine) < entry.num_experts:  # under mlx.launch: this rank's experts only
             best = best[np.isin(best, mine)]
-        target = rt.switches[layer + 1]
-        limit = max(1, int(np.ceil(rt.lookahead_factor * target._last_missed)))
-        target._ahead_sent = cache.read_ahead(layer + 1, best, limit)
+        limit = int(np.ceil(rt.lookahead_factor(self.moe_layer) * max(1, self._last_missed)))
+        self._ahead_sent = cache.read_ahead(self.moe_layer, best, min(limit, rt.lookahead_room()))
 
     def _group_sum(self, y: mx.array, mine: np.ndarray | None) -> mx.array:
         """One process: y. A rank of a group: its own (token, k) entries of y, zeros elsewhere,

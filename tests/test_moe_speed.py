@@ -140,3 +140,21 @@ def test_lookahead_guesses_from_the_residual_stream(tiny_moe_preset, monkeypatch
             model.flash.close()
     assert got["residual"][0] == got["input"][0]
     assert got["residual"][1] > got["input"][1] + 0.2, got  # 0.79 against 0.40 when written
+
+
+def test_lookahead_guesses_the_first_layer_too(tiny_moe_preset):
+    """The first MoE layer, which no layer before it guesses, reads its experts ahead when a
+    decoded token enters its decoder layer (its router on the token's input plus what the last
+    token's attention added), and some of them are used; the tokens are mlx-lm's."""
+    folder, _ = tiny_moe_preset
+    runs = {}
+    for la in (False, True):
+        model, tok = mlx_flash.load(folder, memory_budget="50%", context=CONTEXT, lookahead=la)
+        try:
+            runs[la] = _generate(model, tok), model.flash.experts.layer_stats()
+        finally:
+            model.flash.close()
+    assert runs[True][0] == runs[False][0]
+    (_, first), (_, plain) = runs[True][1][0], runs[False][1][0]
+    assert first.ahead_reads > 0 and first.ahead_hits > 0, first
+    assert plain.ahead_reads == 0
