@@ -294,17 +294,17 @@ def guess_first_layer(
     residuals: Residuals | None,
     runtime: FlashRuntime,
     k: int,
-) -> bool:
+) -> None:
     """Look-ahead for the first MoE layer, which no layer before it guesses: when a decoded
     token enters the decoder layer that holds it (its `input_layernorm`, tapped), that layer's
     router scores the guess of its MoE input the others get (`next_router`: this input plus what
     the last token's attention added to it, through the MoE block's norm), and the switch of
     `entry` reads its likeliest experts (`k` routed) while the layer's attention computes.
-    False (nothing tapped) where the layer has no such norm or router."""
+    Nothing is tapped where the layer has no such norm or router."""
     norm = getattr(_get_module(model, entry.module.rsplit(".", 2)[0]), "input_layernorm", None)
     router = _router(model, entry.module, entry.num_experts)
     if not isinstance(norm, nn.Module) or router is None or residuals is None:
-        return False
+        return
     entered: list[mx.array] = []  # the last token's input to the layer
 
     def record(h: mx.array) -> None:
@@ -319,7 +319,6 @@ def guess_first_layer(
         entered[:] = [rows[-1:]]
 
     tap_input(norm, record)
-    return True
 
 
 def _router(model: nn.Module, path: str, num_experts: int) -> nn.Module | None:

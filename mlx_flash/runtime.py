@@ -152,9 +152,10 @@ class FlashRuntime:
     def count_lookahead(self, layer: int, *, needed: int, hits: int, fetched: int | None) -> None:
         """A decoded layer's reads under look-ahead: of `needed` missing neurons (experts, for an
         MoE layer), `hits` had been read ahead, of `fetched` read ahead (None or 0: nothing was
-        read ahead for this layer); the rest of `fetched` was wasted. Keeps the running totals the cap is on, and adapts the
-        layer's look-ahead size: larger while its waste is under 80% of the cap, smaller above
-        (a layer whose guess is poor, such as the first, reads ahead little)."""
+        read ahead for this layer); the rest of `fetched` was wasted. Keeps the running totals
+        the cap is on, and adapts the layer's look-ahead size: larger while its waste is under
+        80% of the cap, smaller above (a layer whose guess is poor, such as the first, reads
+        ahead little)."""
         fetched = fetched or 0
         wasted = fetched - hits
         read = needed - hits + fetched
@@ -188,9 +189,8 @@ class FlashRuntime:
 
     def lookahead_size(self, layer: int, selected: int) -> int:
         """Rows to read ahead for `layer` when its guess selects `selected` uncached neurons: the
-        layer's adaptive factor times that, within one streaming block and within the hard cap:
-        were every one of them wasted, the wasted rows would stay at most LOOKAHEAD_WASTE_CAP of
-        the rows read since the last reset_stats."""
+        layer's adaptive factor times that, within one streaming block and within the waste
+        cap's room (`lookahead_room`)."""
         f = self.lookahead_factor(layer)
         return max(0, min(int(f * selected + 0.5), self.lookahead_room(), self.stream_block))
 
