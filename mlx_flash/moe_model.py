@@ -18,7 +18,6 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import layout, vocab
@@ -313,7 +312,7 @@ def guess_first_layer(
             with runtime.lock:
                 t0 = time.perf_counter()
                 logits = router(residuals.plain_norm(rows + (residuals.last - entered[0])).astype(h.dtype))
-                logits = np.array(logits.astype(mx.float32)).reshape(-1)
+                mx.eval(logits)
                 runtime.add_time("selection", time.perf_counter() - t0)
                 switch.prefetch(logits, k)
         entered[:] = [rows[-1:]]

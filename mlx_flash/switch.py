@@ -137,7 +137,7 @@ class FlashSwitch(nn.Module):
             mx.async_eval(ready)  # computes while the reads arrive
         cache.complete(pending, rt.add_time)
         if guess is not None and layer + 1 < len(cache.pools):
-            rt.switches[layer + 1].prefetch(np.array(guess).reshape(-1), len(plan.needed))
+            rt.switches[layer + 1].prefetch(guess, len(plan.needed))
         slots = np.maximum(pool.slot_of[row], 0).astype(np.uint32)
         if ready is None:
             return self._inner(x, mx.array(slots).reshape(*shape, k))
@@ -146,7 +146,7 @@ class FlashSwitch(nn.Module):
         order = np.argsort(np.concatenate([early, tail]), kind="stable")
         return mx.take(mx.concatenate([ready, rest], axis=-2), mx.array(order.astype(np.uint32)), axis=-2)
 
-    def prefetch(self, logits: np.ndarray, count: int) -> None:
+    def prefetch(self, logits: mx.array, count: int) -> None:
         """Read ahead this layer's likeliest experts for its next call (`logits`: its router's on
         a guess of its input, `count` experts routed): of the `count` best scored, those
         not resident, best first, as many as the layer missed last call (at least one)
@@ -154,7 +154,8 @@ class FlashSwitch(nn.Module):
         Its next call counts how the guess did."""
         rt, cache = self._runtime, self._cache
         entry = cache.pools[self.moe_layer].entry
-        best = np.argsort(-logits, kind="stable")[:count]
+        scores = np.array(logits.astype(mx.float32)).reshape(-1)  # numpy has no bfloat16
+        best = np.argsort(-scores, kind="stable")[:count]
         mine = rt.shard.experts(entry.num_experts)
         if len(mine) < entry.num_experts:  # under mlx.launch: this rank's experts only
             best = best[np.isin(best, mine)]

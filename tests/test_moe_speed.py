@@ -4,6 +4,7 @@ the naive baseline all give mlx-lm's greedy tokens; the look-ahead's reads are n
 
 from __future__ import annotations
 
+import mlx.core as mx
 import mlx_lm
 import pytest
 from tiny_models import TOKENIZER_TEXT, make_moe_source
@@ -158,3 +159,21 @@ def test_lookahead_guesses_the_first_layer_too(tiny_moe_preset):
     (_, first), (_, plain) = runs[True][1][0], runs[False][1][0]
     assert first.ahead_reads > 0 and first.ahead_hits > 0, first
     assert plain.ahead_reads == 0
+
+
+def test_lookahead_takes_bfloat16_guesses(family):
+    """On a GPU a bfloat16 folder computes in bfloat16, so the routers' guesses are bfloat16
+    (numpy has no such type): a layer reads ahead from them as from float32 ones."""
+    folder, tok, ref, plan = family
+    n = layout.read_manifest(folder).experts[0].num_experts
+    model, rt = _load(folder, max(2, n // 2), plan, lookahead=True)
+    try:
+        switch = rt.switches[-1]
+        scores = mx.arange(n, dtype=mx.float32)  # the last experts score best
+        rt.lookahead_read_rows = 8  # room for the cap: two experts
+        switch.prefetch(scores.astype(mx.bfloat16), 2)
+        ahead = rt.experts.layer_stats()[-1][1].ahead_reads
+        assert ahead >= 1
+        rt.experts.finish_ahead()
+    finally:
+        rt.close()
