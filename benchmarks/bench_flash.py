@@ -240,10 +240,11 @@ def svd_predictors(folder: Path, x_dir: Path, rank: int, recall: float, log) -> 
     from mlx_flash import layout
     from mlx_flash.families import ACTIVATIONS, architecture_for
     from mlx_flash.model import read_config
-    from mlx_flash.predictors.store import LayerPredictor, install_predictors
+    from mlx_flash.predictors.store import LayerPredictor, Storage, install_predictors
     from mlx_flash.reader import FlashReader
 
     m = layout.read_manifest(folder)
+    storage = Storage.of(m)
     if ACTIVATIONS.get(m.activation) != "relu":
         raise BenchError("--svd-predictors needs a ReLU model (active = pre-activation > 0)")
     arch = architecture_for(read_config(folder))
@@ -273,11 +274,13 @@ def svd_predictors(folder: Path, x_dir: Path, rank: int, recall: float, log) -> 
             r = min(rank, len(S))
             A, B = Vt[:r].astype(np.float32), ((Q @ Ub[:, :r]) * S[:r]).astype(np.float32)
             bias = b + x.mean(0) @ W.T - (x.mean(0) @ A.T) @ B.T
-            z = (x @ A.T) @ B.T + bias
+            p = storage.round_trip(LayerPredictor(A, B, bias.astype(np.float32), 0.0))  # as stored
+            z = p.logits(x)
             pos = np.sort(z[y])
             t = float(pos[int((1 - recall) * len(pos))]) if len(pos) else float(np.finfo(np.float32).max)
             pred = z >= t
-            layers.append(LayerPredictor(A, B, bias.astype(np.float32), t))
+            p.threshold = t
+            layers.append(p)
             records.append(
                 {
                     "layer": e.layer,

@@ -230,7 +230,8 @@ class ModelSizes:
     hidden_size: int
     num_parts: int  # neuron-indexed parts per neuron (3 gated, 2 two-matrix)
     kv_elems_per_token: int  # keys + values of all layers for one token
-    predictor_elems: int = 0  # all layers' predictors
+    predictor_elems: int = 0  # all layers' predictors' float numbers (held in the compute dtype)
+    predictor_packed_bytes: int = 0  # and their 8-bit factors' packed bytes
     # Quantized models give their sizes in bytes (0: elements times the compute dtype's size):
     dense_bytes: int = 0  # the dense weights in memory (packed weights, scales, ...)
     neuron_bytes: int = 0  # one neuron of one layer, all parts, as the cache holds it
@@ -360,7 +361,7 @@ def plan_memory(
             sizes.num_layers * sizes.num_neurons * (sizes.selector_neuron_bytes or sizes.hidden_size * b)
         )
     if mode == "flash" and selection == "predictor":
-        fixed["predictor"] = sizes.predictor_elems * b
+        fixed["predictor"] = sizes.predictor_elems * b + sizes.predictor_packed_bytes
     n = sizes.num_neurons
     extra = {
         "naive": (0, 0),

@@ -218,9 +218,10 @@ def load_flash_model(
             f"python -m mlx_flash.predictors train --model {folder} --data TEXTFILE, or use selection='exact'"
         )
     if mode == "flash" and manifest.predictors_file and options.selection in (None, "predictor"):
-        from .predictors.store import predictor_elems
+        from .predictors.store import predictor_sizes
 
-        sizes = replace(sizes, predictor_elems=predictor_elems(folder, manifest))
+        floats, packed = predictor_sizes(folder, manifest)
+        sizes = replace(sizes, predictor_elems=floats, predictor_packed_bytes=packed)
     plan, selection = plan_with_selection(
         sizes,
         mode=mode,

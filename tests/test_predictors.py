@@ -23,7 +23,7 @@ from mlx_flash.predictors import Predictors, fitting, training
 from mlx_flash.predictors import calibration as cal
 from mlx_flash.predictors.__main__ import main as cli
 from mlx_flash.predictors.evaluation import agreement, evaluate, layer_metrics, window_union
-from mlx_flash.predictors.store import LayerPredictor, install_predictors
+from mlx_flash.predictors.store import LayerPredictor, Storage, install_predictors
 
 FAST = ["--epochs", "4", "--quiet"]
 
@@ -157,17 +157,21 @@ def test_ranks_from_the_budget_by_hand():
     # layer 0 gains a lot from rank 10, layer 1 nothing: the budget goes to layer 0
     curves = [{8: 3.0, 10: 1.5, 12: 1.499}, {8: 1.2, 10: 1.199, 12: 1.198}]
     d, ns = 10, [90, 90]
-    one = training.predictor_elems(d, 90, 8)
-    ranks = lambda budget, gain, ne=10**6: training.allocate_ranks(  # noqa: E731
-        curves, [5.0, 5.0], d, ns, budget, min_gain=gain, neuron_elems=ne
+    f32, q8 = Storage(np.dtype(np.float32), None), Storage(np.dtype(np.float32), 32)
+    one = f32.layer_bytes(d, 90, 8)
+    assert one == (8 * (10 + 90) + 90) * 4 + 4 and q8.rank_bytes(d, 90) == 100 + 2 * (100 // 32) * 4
+    ranks = lambda budget, gain, ne=10**6, st=f32: training.allocate_ranks(  # noqa: E731
+        curves, [5.0, 5.0], d, ns, budget, min_gain=gain, neuron_elems=ne, storage=st
     )
     assert ranks(10 * one, 0.05) == [10, 8]
     assert ranks(2 * one, 0.05) == [8, 8]  # no room
+    assert ranks(2 * one, 0.05, st=q8) == [10, 8]  # room for 8-bit factors in the same bytes
     assert ranks(10 * one, 0.0) == [12, 12]
     # rank 8 -> 10 adds 2 x (10 + 90) = 200 weights a token and layer 0 predicts 1.5 x 5 = 7.5
     # neurons fewer: worth it when a neuron's rows are more than 200 / 7.5 = 26.7 weights
     assert ranks(10 * one, 0.05, ne=27) == [10, 8]
     assert ranks(10 * one, 0.05, ne=26) == [8, 8]
+    assert ranks(10 * one, 0.05, ne=None) == [10, 8]  # --spend-budget: no compute limit
 
 
 def test_train_saves_file_manifest_and_metadata(relu_trained):
@@ -188,6 +192,53 @@ def test_train_saves_file_manifest_and_metadata(relu_trained):
     assert ids.dtype == np.int64 and np.all(np.diff(ids) > 0)
 
 
+def test_stored_factors_are_8_bit_and_apply_what_thresholds_were_chosen_on(relu_trained, tmp_path):
+    """A float32 folder of d = 64 keeps 8-bit factors (group 64): the file is under a third of
+    float32 factors' bytes, the runtime's quantized product gives the logits of the round trip
+    the thresholds were chosen on, and a file of float factors (format 1's layout) still loads and predicts."""
+    import shutil
+
+    from mlx_flash.predictors import store
+    from mlx_flash.predictors.store import save_predictors
+    from mlx_flash.safetensors_file import read_header
+
+    _, folder, _ = relu_trained
+    m = layout.read_manifest(folder)
+    d, ns = m.hidden_size, [e.num_neurons for e in m.layers]
+    st = Storage.of(m)
+    assert st.group == 64
+    assert store.quant_group(96, ns) == 32 and store.quant_group(100, ns) is None
+    p = Predictors.load(folder)
+    assert p.group == 64 and p.info["quantization"] == {"bits": 8, "group_size": 64}
+    header, _ = read_header(folder / layout.PREDICTORS_NAME)
+    file_bytes = sum(t.nbytes for t in header.values())
+    float_bytes = sum(4 * (r * (d + n) + n + 1) for r, n in zip(p.ranks(), ns))
+    assert file_bytes == sum(st.layer_bytes(d, n, r) for r, n in zip(p.ranks(), ns)) < float_bytes / 3
+    x = np.random.default_rng(0).standard_normal((5, d)).astype(np.float32)
+    plain = []
+    for i, t in enumerate(p.thresholds):
+        A, B = p.float_factors(i)
+        lp = LayerPredictor(A, B, np.array(p._bias[i]), t)
+        assert np.allclose(np.array(p.logits(i, mx.array(x))), lp.logits(x), atol=1e-4)
+        assert np.array_equal(st.round_trip(lp).A, A)  # quantizing what was quantized changes nothing
+        assert np.array_equal(p.predict_mask(i, x), lp.logits(x) >= t)
+        plain.append(lp)
+    old = tmp_path / "flash"
+    shutil.copytree(folder, old)
+    save_predictors(old / layout.PREDICTORS_NAME, plain, p.info, Storage(np.dtype(np.float32), None))
+    info = json.loads(read_header(old / layout.PREDICTORS_NAME)[1][store.METADATA_KEY])
+    assert "quantization" not in info
+    q = Predictors.load(old)
+    assert q.group is None and q.ranks() == p.ranks() and q.num_elems == p.num_elems
+    for i in range(len(plain)):
+        assert np.array_equal(
+            q.predict(i, mx.array(x[:1])), np.flatnonzero(plain[i].logits(x[:1])[0] >= plain[i].threshold)
+        )
+    planned, _ = mlx_flash.load(old, selection="predictor", context=128)
+    assert planned.flash.plan.predictor_bytes == planned.flash.predictors.nbytes == float_bytes - 4 * len(ns)
+    planned.flash.close()
+
+
 def test_default_tokens_keep_the_forward_work_of_8192_tokens_of_a_13b_model():
     """Without --tokens: 8,192 calibration tokens for opt-1.3b in float32 (5.26 GB) and larger,
     more for a smaller model at about the same forward work, at most 65,536 (a 15 MB model
@@ -206,14 +257,14 @@ def test_train_resumes_per_layer(relu_flash, tmp_path):
     args = dict(tokens=512, opts=training.TrainOptions(epochs=2, rank=8), progress=False)
     training.train(folder, text, keep_work=True, **args)
     work = folder / training.WORK_DIR_NAME
-    first = np.load(work / "layer_000.npz")["A"]
+    first = np.load(work / "layer_000.npz")["A"]  # as stored: 8-bit factors, widened
     (work / "layer_001.npz").unlink()
     logs = []
     training.train(folder, text, log=logs.append, **args)
     assert any("already collected" in s for s in logs) and any(
         "1 layer(s) already trained" in s for s in logs
     )
-    assert np.array_equal(Predictors.load(folder)._A[0], mx.array(first))
+    assert np.allclose(Predictors.load(folder).float_factors(0)[0], first, rtol=0, atol=1e-6)
     assert not work.exists()
 
 
@@ -385,11 +436,11 @@ def test_missing_or_mismatched_predictors_file_is_one_line_error(relu_trained, t
     copy = tmp_path / "flash"
     shutil.copytree(folder, copy)
     p = Predictors.load(copy)
-    layers = [
-        LayerPredictor(np.array(a)[:, :-1], np.array(b), np.array(c), t)  # A one column short
-        for a, b, c, t in zip(p._A, p._B, p._bias, p.thresholds)
-    ]
-    save_predictors(copy / layout.PREDICTORS_NAME, layers, p.info, np.dtype(np.float32))
+    layers = []
+    for i, t in enumerate(p.thresholds):
+        A, B = p.float_factors(i)
+        layers.append(LayerPredictor(A[:, :-1], B, np.zeros(len(B), np.float32), t))  # A one column short
+    save_predictors(copy / layout.PREDICTORS_NAME, layers, p.info, Storage(np.dtype(np.float32), None))
     for broken in ("mismatched", "missing"):
         with pytest.raises(MlxFlashError) as e:
             mlx_flash.load(copy, selection="predictor")
@@ -403,7 +454,7 @@ def test_predictor_selection_generates_and_is_planned(relu_trained):
     _, folder, _ = relu_trained
     model, tok = mlx_flash.load(folder, selection="predictor", context=128)
     rt = model.flash
-    assert rt.selection == "predictor" and rt.plan.predictor_bytes == rt.predictors.num_elems * 4
+    assert rt.selection == "predictor" and rt.plan.predictor_bytes == rt.predictors.nbytes
     assert rt.plan.selector_bytes == 0 and not rt.mask_inactive
     text = mlx_flash.generate(model, tok, TOKENIZER_TEXT[:80], max_tokens=8)
     assert isinstance(text, str) and mlx_flash.flash_stats(model).decode_tokens >= 7

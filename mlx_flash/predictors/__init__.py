@@ -6,6 +6,6 @@ which FFN neurons a token will need, trained on calibration text, stored in the 
     model, tok = mlx_flash.load(FLASHDIR, selection="predictor")
 """
 
-from .store import LayerPredictor, PredictorError, Predictors, predictor_elems
+from .store import LayerPredictor, PredictorError, Predictors, Storage, predictor_sizes
 
-__all__ = ["LayerPredictor", "PredictorError", "Predictors", "predictor_elems"]
+__all__ = ["LayerPredictor", "PredictorError", "Predictors", "Storage", "predictor_sizes"]

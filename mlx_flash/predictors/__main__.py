@@ -100,6 +100,13 @@ def _parser() -> argparse.ArgumentParser:
         help="a layer gets more rank only while it cuts its predicted/true ratio by this much (default: %(default)s)",
     )
     t.add_argument(
+        "--spend-budget",
+        action="store_true",
+        help="ranks from --max-size and --min-gain alone: the fewest neurons predicted that the budget buys, "
+        "also where a larger predictor costs a token more compute than the neurons it stops predicting "
+        "(by default ranks stop there)",
+    )
+    t.add_argument(
         "--sparsity",
         type=float,
         default=d.sparsity,
@@ -181,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             max_size=args.max_size,
             max_rank=args.max_rank,
             min_gain=args.min_gain,
+            spend_budget=args.spend_budget,
             train_tokens=args.train_tokens,
             sparsity=args.sparsity,
             epochs=args.epochs,

@@ -9,10 +9,17 @@ Layer l's predictor scores every FFN neuron from that layer's FFN input x (a [d]
 each neuron have its own base rate). The threshold is kept as a logit so that no sigmoid is
 computed per token; `threshold_probability` in the metadata is sigmoid(t).
 
-`predictors.safetensors` in a flash folder holds, per layer i, the tensors
-``layers.{i}.A``, ``layers.{i}.B``, ``layers.{i}.bias`` and ``layers.{i}.threshold`` (shape
-[1]), in the flash folder's dtype (float16 for bfloat16 folders), and under the metadata key
-``mlx_flash_predictors`` a JSON object: ``format`` (1), ``rule`` (how "active" was defined for
+`predictors.safetensors` in a flash folder holds, per layer i, the factors in 8-bit MLX affine
+quantization (format 2: ``layers.{i}.Aq`` [r, d/4] uint32 with ``.scales`` and ``.biases``
+[r, d/g], quantized along d; ``layers.{i}.Btq`` = B transposed [r, n/4] uint32 with ``.scales``
+and ``.biases`` [r, n/g], quantized along n; g = 64, or 32 where 64 does not divide d and every
+n), else (d or an n not a multiple of 32, and every format 1 file) plain ``layers.{i}.A`` and
+``layers.{i}.B``; and ``layers.{i}.bias`` and ``layers.{i}.threshold`` (shape [1]). Float tensors
+are in the flash folder's dtype (float16 for bfloat16 folders). 8-bit factors cost 1.06-1.13
+bytes a weight against 2-4, so the same bytes hold 1.8-3.6x the rank, and MLX's
+``quantized_matmul`` with float32 inputs is as fast on a CPU as the float32 product. Under the
+metadata key ``mlx_flash_predictors`` a JSON object: ``format``, ``quantization`` (``bits``,
+``group_size``; absent for plain factors), ``rule`` (how "active" was defined for
 training: ``relu`` = activation > 0, or ``threshold`` = |activation| > the layer's
 ``activation_threshold``), and ``layers``: per layer rank, threshold, and the recall and
 predicted/true ratio measured on the calibration text's validation split. The manifest's
@@ -34,9 +41,11 @@ from .. import layout
 from ..errors import MlxFlashError
 from ..safetensors_file import SafetensorsError, read_header
 
-FORMAT = 1
+FORMAT = 2  # 2: 8-bit factors (format 1, plain float factors, still loads)
 METADATA_KEY = "mlx_flash_predictors"
-TENSORS = ("A", "B", "bias", "threshold")
+QUANT_BITS = 8
+FLOAT_TENSORS = ("A", "B", "bias", "threshold")
+QUANT_TENSORS = ("Aq", "Aq.scales", "Aq.biases", "Btq", "Btq.scales", "Btq.biases", "bias", "threshold")
 
 
 class PredictorError(MlxFlashError):
@@ -48,9 +57,83 @@ def tensor_name(layer: int, what: str) -> str:
 
 
 def storage_dtype(flash_dtype: str) -> np.dtype:
-    """The dtype predictors are stored in: the flash folder's (float16 for bfloat16 folders,
-    which numpy cannot hold)."""
+    """The dtype of the predictors' float tensors: the flash folder's (float16 for bfloat16
+    folders, which numpy cannot hold)."""
     return np.dtype(np.float32) if flash_dtype == "float32" else np.dtype(np.float16)
+
+
+def quant_group(d: int, ns: list[int]) -> int | None:
+    """The group size of 8-bit factors for hidden size d and the layers' neuron counts ns (A is
+    quantized along d, B transposed along n): 64 or 32, the larger that divides them all; None
+    where neither does (plain float factors)."""
+    return next((g for g in (64, 32) if d % g == 0 and all(n % g == 0 for n in ns)), None)
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How a folder's predictors are stored: float tensors in `dtype`; the factors in 8-bit
+    groups of `group` (None: in `dtype` too). The one place that says what a predictor costs."""
+
+    dtype: np.dtype
+    group: int | None
+
+    @classmethod
+    def of(cls, manifest: layout.Manifest) -> Storage:
+        ns = [e.num_neurons for e in manifest.layers]
+        return cls(storage_dtype(manifest.dtype), quant_group(manifest.hidden_size, ns))
+
+    @property
+    def st_dtype(self) -> str:
+        return "F32" if self.dtype == np.float32 else "F16"
+
+    def rank_bytes(self, d: int, n: int) -> int:
+        """Bytes one more rank adds to a layer's predictor (a row of A, a column of B)."""
+        size = self.dtype.itemsize
+        if self.group is None:
+            return (d + n) * size
+        return (d + n) * QUANT_BITS // 8 + 2 * (d + n) // self.group * size
+
+    def layer_bytes(self, d: int, n: int, rank: int) -> int:
+        """Bytes of a layer's predictor of `rank` (factors, bias, threshold)."""
+        return rank * self.rank_bytes(d, n) + n * self.dtype.itemsize + 4
+
+    def info(self) -> dict:
+        return {} if self.group is None else {"quantization": {"bits": QUANT_BITS, "group_size": self.group}}
+
+    def _quantize(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        from ..dtypes import from_float32
+        from ..quantize import quantize_rows
+
+        st = self.st_dtype
+        return quantize_rows(from_float32(rows, st), st, QUANT_BITS, self.group)
+
+    def tensors(self, layer: int, p: LayerPredictor) -> dict[str, np.ndarray]:
+        """The file's tensors for layer `layer`'s predictor `p`."""
+        out = {}
+        if self.group is None:
+            out["A"], out["B"] = (np.ascontiguousarray(a, dtype=self.dtype) for a in (p.A, p.B))
+        else:
+            for name, rows in (("Aq", p.A), ("Btq", np.asarray(p.B).T)):
+                out[name], out[name + ".scales"], out[name + ".biases"] = self._quantize(rows)
+        out["bias"] = np.ascontiguousarray(p.bias, dtype=self.dtype)
+        out["threshold"] = np.array([p.threshold], dtype=np.float32)
+        return {tensor_name(layer, k): v for k, v in out.items()}
+
+    def round_trip(self, p: LayerPredictor) -> LayerPredictor:
+        """`p` as a save and load gives it back (factors rounded or quantized), in float32: what
+        thresholds are chosen on."""
+        if self.group is None:
+            r = lambda a: np.asarray(a).astype(self.dtype).astype(np.float32)  # noqa: E731
+            return LayerPredictor(r(p.A), r(p.B), r(p.bias), float(p.threshold))
+        A, Bt = (_dequantize(*self._quantize(a), self.group) for a in (p.A, np.asarray(p.B).T))
+        bias = np.asarray(p.bias).astype(self.dtype).astype(np.float32)
+        return LayerPredictor(A, np.ascontiguousarray(Bt.T), bias, float(p.threshold))
+
+
+def _dequantize(w, scales, biases, group: int) -> np.ndarray:
+    """float32 rows of 8-bit factors (numpy or MLX fields)."""
+    s, b = (mx.array(a).astype(mx.float32) for a in (scales, biases))
+    return np.array(mx.dequantize(mx.array(w), s, b, group_size=group, bits=QUANT_BITS))
 
 
 @dataclass
@@ -76,26 +159,18 @@ class LayerPredictor:
             np.float32
         ) + self.bias.astype(np.float32)
 
-    def rounded(self, dtype: np.dtype) -> LayerPredictor:
-        """The same predictor with its factors rounded to `dtype` and held as float32 (what
-        is applied after a save and load)."""
-        r = lambda a: np.asarray(a).astype(dtype).astype(np.float32)  # noqa: E731
-        return LayerPredictor(r(self.A), r(self.B), r(self.bias), float(self.threshold))
-
 
 def save_predictors(
-    path: str | os.PathLike, layers: list[LayerPredictor], info: dict, dtype: np.dtype
+    path: str | os.PathLike, layers: list[LayerPredictor], info: dict, storage: Storage
 ) -> None:
     """Write `layers` (one per model layer, in order) and the JSON `info` to `path`."""
     from safetensors.numpy import save_file
 
     tensors: dict[str, np.ndarray] = {}
     for i, p in enumerate(layers):
-        tensors[tensor_name(i, "A")] = np.ascontiguousarray(p.A, dtype=dtype)
-        tensors[tensor_name(i, "B")] = np.ascontiguousarray(p.B, dtype=dtype)
-        tensors[tensor_name(i, "bias")] = np.ascontiguousarray(p.bias, dtype=dtype)
-        tensors[tensor_name(i, "threshold")] = np.array([p.threshold], dtype=np.float32)
-    meta = {METADATA_KEY: json.dumps({"format": FORMAT, **info})}
+        tensors.update(storage.tensors(i, p))
+    info = {k: v for k, v in info.items() if k not in ("format", "quantization")}
+    meta = {METADATA_KEY: json.dumps({"format": FORMAT, **info, **storage.info()})}
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
@@ -105,11 +180,12 @@ def save_predictors(
 def install_predictors(
     folder: str | os.PathLike, layers: list[LayerPredictor], info: dict, summary: dict | None = None
 ) -> Path:
-    """Save `layers` as the folder's predictors file and record it in the manifest
-    (``predictors_file``; ``extra["predictors"]`` = `summary`). Returns the file's path."""
+    """Save `layers` as the folder's predictors file (in `Storage.of` the folder) and record it
+    in the manifest (``predictors_file``; ``extra["predictors"]`` = `summary`). Returns the
+    file's path."""
     manifest = layout.read_manifest(folder)
     path = Path(folder) / layout.PREDICTORS_NAME
-    save_predictors(path, layers, info, storage_dtype(manifest.dtype))
+    save_predictors(path, layers, info, Storage.of(manifest))
     manifest.predictors_file = layout.PREDICTORS_NAME
     manifest.extra["predictors"] = summary if summary is not None else {"file": layout.PREDICTORS_NAME}
     layout.write_manifest(folder, manifest)
@@ -123,6 +199,36 @@ def predictors_path(folder: str | os.PathLike, manifest: layout.Manifest) -> Pat
             f"`python -m mlx_flash.predictors train --model {folder} --data TEXTFILE` or use selection='exact'"
         )
     return Path(folder) / manifest.predictors_file
+
+
+def _group_of(info: dict, path: Path) -> int | None:
+    q = info.get("quantization")
+    if q is None:
+        return None
+    if q.get("bits") != QUANT_BITS or q.get("group_size") not in (32, 64):
+        raise PredictorError(
+            f"{path}: unsupported predictor quantization {q}; re-run python -m mlx_flash.predictors train"
+        )
+    return int(q["group_size"])
+
+
+def _want_shapes(names: dict, d: int, n: int, group: int | None) -> dict:
+    """The shapes a layer's tensors must have, for the rank its first factor says."""
+    if group is None:
+        r = names.get("A", (0,))[0]
+        return {"A": (r, d), "B": (n, r), "bias": (n,), "threshold": (1,)}
+    r = names.get("Aq", (0,))[0]
+    packs = 32 // QUANT_BITS
+    return {
+        "Aq": (r, d // packs),
+        "Aq.scales": (r, d // group),
+        "Aq.biases": (r, d // group),
+        "Btq": (r, n // packs),
+        "Btq.scales": (r, n // group),
+        "Btq.biases": (r, n // group),
+        "bias": (n,),
+        "threshold": (1,),
+    }
 
 
 def read_predictors_header(folder: str | os.PathLike, manifest: layout.Manifest) -> tuple[dict, dict]:
@@ -147,41 +253,56 @@ def read_predictors_header(folder: str | os.PathLike, manifest: layout.Manifest)
         raise PredictorError(
             f"{path}: predictors format {info.get('format')} is newer than this mlx_flash reads; upgrade"
         )
+    group = _group_of(info, path)
     d = manifest.hidden_size
     for e in manifest.layers:
         n = e.num_neurons
         shapes = {
             name: tensors[tensor_name(e.layer, name)].shape
-            for name in TENSORS
+            for name in (FLOAT_TENSORS if group is None else QUANT_TENSORS)
             if tensor_name(e.layer, name) in tensors
         }
-        r = shapes.get("A", (0,))[0]
-        want = {"A": (r, d), "B": (n, r), "bias": (n,), "threshold": (1,)}
-        if shapes != want or r < 1:
+        want = _want_shapes(shapes, d, n, group)
+        if shapes != want or next(iter(want.values()))[0] < 1:
+            kind = "A [r, d], B [n, r]" if group is None else "8-bit A [r, d], B^T [r, n]"
             raise PredictorError(
-                f"{path}: layer {e.layer}'s predictor does not match the model (want A [r, {d}], B [{n}, r], bias [{n}]); "
-                "re-run python -m mlx_flash.predictors train"
+                f"{path}: layer {e.layer}'s predictor does not match the model (want {kind} with d = {d}, "
+                f"n = {n}, bias [{n}]); re-run python -m mlx_flash.predictors train"
             )
     return tensors, info
 
 
-def predictor_elems(folder: str | os.PathLike, manifest: layout.Manifest) -> int:
-    """Elements of all layers' predictors (what the memory planner counts)."""
+def predictor_sizes(folder: str | os.PathLike, manifest: layout.Manifest) -> tuple[int, int]:
+    """(float elements, bytes of packed 8-bit factors) of all layers' predictors, as held in
+    memory: the float part in the compute dtype (what the memory planner counts)."""
     tensors, _ = read_predictors_header(folder, manifest)
-    return sum(t.numel for t in tensors.values())
+    floats = sum(
+        t.numel for name, t in tensors.items() if t.dtype != "U32" and not name.endswith(".threshold")
+    )
+    packed = sum(t.nbytes for t in tensors.values() if t.dtype == "U32")
+    return floats, packed
 
 
 class Predictors:
-    """All layers' predictors, resident in memory as MLX arrays; `predict(layer, x)` gives the
-    ids of the neurons predicted active for one token."""
+    """All layers' predictors, resident in memory as MLX arrays (8-bit factors as stored, or
+    float factors); `predict(layer, x)` gives the ids of the neurons predicted active for one
+    token."""
 
-    def __init__(self, layers: list[LayerPredictor], info: dict, dtype: mx.Dtype = mx.float32):
+    def __init__(self, raw: list[dict[str, np.ndarray]], info: dict, group: int | None, dtype: mx.Dtype):
+        """`raw`: per layer the file's tensors by short name (`FLOAT_TENSORS` or `QUANT_TENSORS`)."""
         self.info = info
         self.dtype = dtype
-        self._A = [mx.array(np.asarray(p.A, np.float32)).astype(dtype) for p in layers]
-        self._B = [mx.array(np.asarray(p.B, np.float32)).astype(dtype) for p in layers]
-        self._bias = [mx.array(np.asarray(p.bias, np.float32)).astype(dtype) for p in layers]
-        self.thresholds = [float(p.threshold) for p in layers]
+        self.group = group
+        f = lambda a: mx.array(np.asarray(a, np.float32)).astype(dtype)  # noqa: E731
+        if group is None:
+            self._A = [(f(t["A"]),) for t in raw]
+            self._B = [(f(t["B"]),) for t in raw]
+        else:
+            self._A = [(mx.array(t["Aq"]), f(t["Aq.scales"]), f(t["Aq.biases"])) for t in raw]
+            self._B = [(mx.array(t["Btq"]), f(t["Btq.scales"]), f(t["Btq.biases"])) for t in raw]
+        self._bias = [f(t["bias"]) for t in raw]
+        self.thresholds = [float(t["threshold"][0]) for t in raw]
+        self._float: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         mx.eval(self._A, self._B, self._bias)
 
     @classmethod
@@ -191,49 +312,69 @@ class Predictors:
         from safetensors.numpy import load_file
 
         manifest = manifest or layout.read_manifest(folder)
+        path = predictors_path(folder, manifest)
         _, info = read_predictors_header(folder, manifest)
-        raw = load_file(str(predictors_path(folder, manifest)))
-        layers = [
-            LayerPredictor(
-                raw[tensor_name(i, "A")],
-                raw[tensor_name(i, "B")],
-                raw[tensor_name(i, "bias")],
-                float(raw[tensor_name(i, "threshold")][0]),
-            )
-            for i in range(manifest.num_layers)
-        ]
-        return cls(layers, info, dtype)
+        group = _group_of(info, path)
+        names = FLOAT_TENSORS if group is None else QUANT_TENSORS
+        tensors = load_file(str(path))
+        raw = [{k: tensors[tensor_name(i, k)] for k in names} for i in range(manifest.num_layers)]
+        return cls(raw, info, group, dtype)
 
     @property
     def num_layers(self) -> int:
         return len(self._A)
 
+    def ranks(self) -> list[int]:
+        return [int(a[0].shape[0]) for a in self._A]
+
     @property
     def num_elems(self) -> int:
-        return sum(a.size + b.size + c.size + 1 for a, b, c in zip(self._A, self._B, self._bias))
+        """Weights of all layers' predictors (a factor's weight counts one, quantized or not)."""
+        return sum(self.layer_elems(i) for i in range(self.num_layers))
+
+    def layer_elems(self, layer: int) -> int:
+        r, n = self.ranks()[layer], self._bias[layer].size
+        d = self._A[layer][0].shape[1] * (1 if self.group is None else 32 // QUANT_BITS)
+        return r * (d + n) + n + 1
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes + c.nbytes for a, b, c in zip(self._A, self._B, self._bias))
-
-    def ranks(self) -> list[int]:
-        return [int(a.shape[0]) for a in self._A]
+        """Bytes held in memory."""
+        return sum(a.nbytes for layer in (*self._A, *self._B) for a in layer) + sum(
+            b.nbytes for b in self._bias
+        )
 
     def logits(self, layer: int, x: mx.array) -> mx.array:
         """z for inputs x [..., d]."""
         x = x.astype(self.dtype)
-        return (x @ self._A[layer].T) @ self._B[layer].T + self._bias[layer]
+        if self.group is None:
+            (A,), (B,) = self._A[layer], self._B[layer]
+            return (x @ A.T) @ B.T + self._bias[layer]
+        q = dict(group_size=self.group, bits=QUANT_BITS)
+        h = mx.quantized_matmul(x, *self._A[layer], transpose=True, **q)
+        return mx.quantized_matmul(h, *self._B[layer], transpose=False, **q) + self._bias[layer]
 
     def predict(self, layer: int, x: mx.array) -> np.ndarray:
         """Sorted ids of the neurons predicted active for one token's FFN input x ([1, d])."""
-        z = self.logits(layer, x.reshape(-1))
+        z = self.logits(layer, x.reshape(1, -1)).reshape(-1)
         mx.eval(z)
         return np.flatnonzero(np.array(z) >= self.thresholds[layer]).astype(np.int64)
+
+    def float_factors(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """(A [r, d], B [n, r]) of a layer as float32 numpy (8-bit factors widened, kept)."""
+        if layer not in self._float:
+            if self.group is None:
+                self._float[layer] = (_numpy(self._A[layer][0]), _numpy(self._B[layer][0]))
+            else:
+                A, Bt = (_dequantize(*f, self.group) for f in (self._A[layer], self._B[layer]))
+                self._float[layer] = (A, np.ascontiguousarray(Bt.T))
+        return self._float[layer]
 
     def predict_mask(self, layer: int, x: np.ndarray, chunk: int = 4096) -> np.ndarray:
         """bool [N, n]: predicted active, for a batch of inputs x [N, d] (numpy, computed with
         numpy's BLAS: MLX's Linux CPU one is 30-40x slower for batches)."""
-        A, B, b = (_numpy(a) for a in (self._A[layer], self._B[layer], self._bias[layer]))
+        A, B = self.float_factors(layer)
+        b = _numpy(self._bias[layer])
         t = self.thresholds[layer]
         out = [
             ((np.asarray(x[lo : lo + chunk], np.float32) @ A.T) @ B.T + b) >= t

@@ -44,7 +44,7 @@ from ..errors import MlxFlashError
 from . import calibration as cal
 from . import fitting as fit
 from .fitting import choose_threshold, set_counts  # noqa: F401 (part of this module's interface)
-from .store import LayerPredictor, install_predictors, sigmoid, storage_dtype
+from .store import FORMAT, LayerPredictor, Storage, install_predictors, sigmoid
 
 WORK_DIR_NAME = "predictors.work"
 SPARSITY_GRID = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # quantiles kept for eval's sparsity sweep
@@ -63,6 +63,8 @@ class TrainOptions:
     max_size: float = 0.05  # all predictors at most this fraction of the model's bytes (as stored)
     max_rank: int = 512  # the largest rank a layer may get
     min_gain: float = 0.05  # a doubling of rank must cut predicted / true by at least this
+    # ranks also where a larger predictor costs a token more compute than it saves (budget alone)
+    spend_budget: bool = False
     sparsity: float = 0.5  # threshold rule only: fraction of activations counted as inactive
     epochs: int = 4
     batch: int = 512
@@ -95,10 +97,6 @@ class TrainOptions:
             raise MlxFlashError(f"validation fraction must be in (0, 0.5), got {self.val_fraction}")
 
 
-def predictor_elems(d: int, n: int, rank: int) -> int:
-    return rank * (d + n) + n + 1
-
-
 def rank_ladder(d: int, n: int, max_rank: int) -> list[int]:
     """Four ranks an octave from 8 (8, 10, 12, 14, 16, 20, 24, 28, 32, 40, ...) up to max_rank
     (included), at most min(d, n)."""
@@ -118,17 +116,19 @@ def allocate_ranks(
     budget: int,
     min_gain: float,
     *,
-    neuron_elems: int,
+    neuron_elems: int | None,
+    storage: Storage,
 ) -> list[int]:
-    """Ranks per layer within `budget` weights: start each layer at its smallest rank, then
-    repeatedly move the layer whose next rank removes the most predicted neurons per token
-    (ratio drop x truly active per token) per added weight, while the drop is at least
-    `min_gain` per doubling of the rank, the neurons removed times `neuron_elems` (the weights
-    computing one neuron reads: its row of each FFN part) are at least the weights added, and
-    the budget holds. curves[l]: rank -> predicted/true on held-out tokens."""
+    """Ranks per layer within `budget` bytes (as `storage` stores them): start each layer at
+    its smallest rank, then repeatedly move the layer whose next rank removes the most
+    predicted neurons per token (ratio drop x truly active per token) per added byte, while the
+    drop is at least `min_gain` per doubling of the rank, the neurons removed times
+    `neuron_elems` (the weights computing one neuron reads: its row of each FFN part) are at
+    least the weights added (a quantized weight costs a token about what a float one does; None:
+    no such limit), and the budget holds. curves[l]: rank -> predicted/true on held-out tokens."""
     ladders = [sorted(c) for c in curves]
     pos = [0] * len(curves)
-    used = sum(predictor_elems(d, n, lad[0]) for lad, n in zip(ladders, ns))
+    used = sum(storage.layer_bytes(d, n, lad[0]) for lad, n in zip(ladders, ns))
     while True:
         best, best_eff = None, 0.0
         for l, (lad, c) in enumerate(zip(ladders, curves)):
@@ -136,18 +136,19 @@ def allocate_ranks(
                 continue
             r0, r1 = lad[pos[l]], lad[pos[l] + 1]
             drop = c[r0] - c[r1]
-            extra = (r1 - r0) * (d + ns[l])
+            extra = (r1 - r0) * storage.rank_bytes(d, ns[l])
             if drop < min_gain * math.log2(r1 / r0) or used + extra > budget:
                 continue
-            if drop * active[l] * neuron_elems < extra:  # costs the token more than it saves
-                continue
+            added = (r1 - r0) * (d + ns[l])  # weights a token computes more
+            if neuron_elems is not None and drop * active[l] * neuron_elems < added:
+                continue  # costs the token more than it saves
             eff = drop * active[l] / extra
             if eff > best_eff:
                 best, best_eff = l, eff
         if best is None:
             return [lad[p] for lad, p in zip(ladders, pos)]
         lad = ladders[best]
-        used += (lad[pos[best] + 1] - lad[pos[best]]) * (d + ns[best])
+        used += (lad[pos[best] + 1] - lad[pos[best]]) * storage.rank_bytes(d, ns[best])
         pos[best] += 1
 
 
@@ -271,7 +272,7 @@ def train(
         train_opts = asdict(opts)
         if kind == "relu":
             train_opts.pop("sparsity")
-        train_fp = _fingerprint({"collect": collect_fp, "opts": train_opts})
+        train_fp = _fingerprint({"collect": collect_fp, "opts": train_opts, "format": FORMAT})
         meta = _open_work(work, collect_fp, train_fp, fresh, log)
         xs_paths = [work / f"x_layer_{i:03d}.npy" for i in range(L)]
 
@@ -294,15 +295,16 @@ def train(
         ffns = [cal.LayerFFN(f) for f in cal.flash_layers(model)]
         train_rows, val_rows = held_out_split(n_rows, opts.val_fraction)
         n_val = len(val_rows)
-        st_dtype = storage_dtype(manifest.dtype)
-        budget = int(opts.max_size * m_bytes / st_dtype.itemsize)  # in predictor elements
+        storage = Storage.of(manifest)
+        budget = int(opts.max_size * m_bytes)  # in bytes, as stored
         ns = [e.num_neurons for e in manifest.layers]
-        if budget < sum(predictor_elems(d, n, 1) for n in ns):
+        if budget < sum(storage.layer_bytes(d, n, 1) for n in ns):
             raise MlxFlashError(f"--max-size {opts.max_size} leaves no room for even rank-1 predictors")
         # the largest rank one layer can get (the others at the smallest rank, or all equal)
-        others = sum(predictor_elems(d, n, MIN_RANK) for n in ns[1:])
+        others = sum(storage.layer_bytes(d, n, MIN_RANK) for n in ns[1:])
         k_max = max(
-            (budget - others - ns[0] - 1) // (d + ns[0]), (budget // L - max(ns) - 1) // (d + max(ns))
+            (budget - others - storage.layer_bytes(d, ns[0], 0)) // storage.rank_bytes(d, ns[0]),
+            (budget // L - storage.layer_bytes(d, max(ns), 0)) // storage.rank_bytes(d, max(ns)),
         )
         k_max = max(1, min(opts.rank or opts.max_rank, k_max))
 
@@ -322,8 +324,17 @@ def train(
             curves = [{int(r): v for r, v in a["svd_ratio"].items()} for a in analyses]
             active = [a["active_fraction"] * n for a, n in zip(analyses, ns)]
             parts = len(manifest.part_names)  # rows of d weights a neuron's FFN reads (up, down, gate)
-            ranks = allocate_ranks(curves, active, d, ns, budget, opts.min_gain, neuron_elems=parts * d)
-        log(f"ranks from the budget ({budget} weights, {100 * opts.max_size:.1f}% of the model): {ranks}")
+            ranks = allocate_ranks(
+                curves,
+                active,
+                d,
+                ns,
+                budget,
+                opts.min_gain,
+                neuron_elems=None if opts.spend_budget else parts * d,
+                storage=storage,
+            )
+        log(f"ranks from the budget ({budget} bytes, {100 * opts.max_size:.1f}% of the model): {ranks}")
 
         # 4. per layer: training from the SVD, threshold
         predictors: list[LayerPredictor] = []
@@ -341,7 +352,7 @@ def train(
                     analyses[i],
                     ranks[i],
                     opts,
-                    st_dtype,
+                    storage,
                     progress,
                     work / f"svd_{i:03d}.npz",
                 )
@@ -356,6 +367,7 @@ def train(
             records.append(rec)
 
         elems = sum(p.num_elems for p in predictors)
+        nbytes = sum(storage.layer_bytes(d, p.B.shape[0], p.rank) for p in predictors)
         info = {
             "rule": kind,
             "kind": "trained",
@@ -370,9 +382,9 @@ def train(
                 "held_out_tokens": n_val,
             },
             "elems": elems,
-            "bytes": elems * st_dtype.itemsize,
+            "bytes": nbytes,
             "model_bytes": m_bytes,
-            "fraction_of_model": round(elems * st_dtype.itemsize / m_bytes, 6),
+            "fraction_of_model": round(nbytes / m_bytes, 6),
             "layers": records,
         }
         summary = {
@@ -492,7 +504,7 @@ def _train_layer(
     analysis: dict,
     rank: int,
     opts: TrainOptions,
-    st_dtype: np.dtype,
+    storage: Storage,
     progress: bool,
     svd_path: Path,
 ) -> tuple[LayerPredictor, dict]:
@@ -519,7 +531,7 @@ def _train_layer(
     A0, B0 = svd.factors(rank, scale)
     c0 = (scale * shift).astype(np.float32)
     y_val = cal.active_sets(f, x_val, rule)
-    candidates = {"svd": fit.fold(stats, A0, B0, c0).rounded(st_dtype)}
+    candidates = {"svd": storage.round_trip(fit.fold(stats, A0, B0, c0))}
     if opts.epochs:
         steps = max(1, len(u) // opts.batch) * opts.epochs
         with tqdm(
@@ -537,7 +549,7 @@ def _train_layer(
                 seed=opts.seed,
                 progress=bar,
             )
-        candidates["trained"] = fit.fold(stats, A, B, c).rounded(st_dtype)
+        candidates["trained"] = storage.round_trip(fit.fold(stats, A, B, c))
     measured = {}
     for name, p in candidates.items():
         t, m = choose_threshold(p, x_val, y_val, opts.threshold_recall)
