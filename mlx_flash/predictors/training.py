@@ -8,19 +8,20 @@
 2. Per layer, the selector's SVD (`fitting.SelectorSVD`: the gate or up rows, whitened by the
    inputs' covariance) at the largest rank the budget allows, and on the held-out tokens the
    predicted / truly active ratio at the recall target for each rank of a ladder (8, 10, 12, 14, 16, 20, ...).
-3. Ranks from the byte budget (all predictors at most `max_size` of the model's bytes): every
+3. Ranks from the byte budget (all predictors at most `max_size` of the model's bytes, as stored): every
    layer starts at the smallest rank; the budget goes, step by step, to the layer where one
-   more rung of the ladder removes the most predicted neurons per added weight, while that
+   more rung of the ladder removes the most predicted neurons per added byte, while that
    removes at least `min_gain` of the layer's true active set, and while the neurons it stops
    predicting would cost more to compute than the rung's weights (a token reads every predictor
    weight once, and each predicted neuron's rows once: past that point a larger predictor makes
    the token slower; on the synthetic OPT presets this stops every layer at the selector's
    knee, rank 128, where the budget alone went on to 192-320 for 1.07 against 1.14 predicted
-   neurons per active one).
+   neurons per active one; `spend_budget` (`--spend-budget`) drops this limit).
 4. Per layer, from the SVD factors at its rank, Adam on the balanced binary cross-entropy
    (`fitting.train_balanced`); the trained predictor is kept when its held-out ratio is lower
-   than the SVD's, else the SVD's (both are recorded). The threshold is the highest logit
-   whose held-out recall reaches the target.
+   than the SVD's, else the SVD's (both are recorded), each measured as stored (8-bit
+   factors: `store.Storage`). The threshold is the highest logit whose held-out recall reaches
+   the target.
 
 Every layer's work is saved as it finishes (in FLASHDIR/predictors.work), so an interrupted
 run resumes where it stopped.
