@@ -122,18 +122,17 @@ class Storage:
     def round_trip(self, p: LayerPredictor) -> LayerPredictor:
         """`p` as a save and load gives it back (factors rounded or quantized), in float32: what
         thresholds are chosen on."""
+        r = lambda a: np.asarray(a).astype(self.dtype).astype(np.float32)  # noqa: E731
         if self.group is None:
-            r = lambda a: np.asarray(a).astype(self.dtype).astype(np.float32)  # noqa: E731
             return LayerPredictor(r(p.A), r(p.B), r(p.bias), float(p.threshold))
-        A, Bt = (_dequantize(*self._quantize(a), self.group) for a in (p.A, np.asarray(p.B).T))
-        bias = np.asarray(p.bias).astype(self.dtype).astype(np.float32)
-        return LayerPredictor(A, np.ascontiguousarray(Bt.T), bias, float(p.threshold))
+        from ..quantize import dequantize_raw
 
-
-def _dequantize(w, scales, biases, group: int) -> np.ndarray:
-    """float32 rows of 8-bit factors (numpy or MLX fields)."""
-    s, b = (mx.array(a).astype(mx.float32) for a in (scales, biases))
-    return np.array(mx.dequantize(mx.array(w), s, b, group_size=group, bits=QUANT_BITS))
+        st = self.st_dtype
+        A, Bt = (
+            dequantize_raw(*self._quantize(a), st, QUANT_BITS, self.group, "F32")
+            for a in (p.A, np.asarray(p.B).T)
+        )
+        return LayerPredictor(A, np.ascontiguousarray(Bt.T), r(p.bias), float(p.threshold))
 
 
 @dataclass
@@ -333,8 +332,8 @@ class Predictors:
         return sum(self.layer_elems(i) for i in range(self.num_layers))
 
     def layer_elems(self, layer: int) -> int:
-        r, n = self.ranks()[layer], self._bias[layer].size
-        d = self._A[layer][0].shape[1] * (1 if self.group is None else 32 // QUANT_BITS)
+        (r, cols), n = self._A[layer][0].shape, self._bias[layer].size
+        d = cols * (1 if self.group is None else 32 // QUANT_BITS)
         return r * (d + n) + n + 1
 
     @property
@@ -366,7 +365,10 @@ class Predictors:
             if self.group is None:
                 self._float[layer] = (_numpy(self._A[layer][0]), _numpy(self._B[layer][0]))
             else:
-                A, Bt = (_dequantize(*f, self.group) for f in (self._A[layer], self._B[layer]))
+                A, Bt = (
+                    _numpy(mx.dequantize(*f, group_size=self.group, bits=QUANT_BITS))
+                    for f in (self._A[layer], self._B[layer])
+                )
                 self._float[layer] = (A, np.ascontiguousarray(Bt.T))
         return self._float[layer]
 
