@@ -9,7 +9,9 @@ neuron cache's memory-management cost per token against a bare memcpy of the sam
 
 Every cell runs each engine (all that load here, by default) and fio (psync with one job per
 read in flight, and io_uring with that iodepth: the better of the two is the reference) on the
-same file, alternately, `--repeats` times, medians. Throughput is MB/s of flash bytes; CPU per
+same file, alternately, `--repeats` times in a fresh random order each time (the disk's speed
+depends on what ran just before: a fixed order gave one engine the place after fio's every
+round), medians. Throughput is MB/s of flash bytes; CPU per
 read is the process's user+system CPU time (getrusage, every thread) over the reads it made,
 and fio's own usr+sys CPU over its reads. "busy": a second process spins on one core meanwhile.
 The reader keeps two requests in flight, each filling one of two reused output sets, as a
@@ -280,16 +282,21 @@ def measure_cell(
     buffers: str = "small_pages",
     fio_huge_pages: Path | None = None,
 ) -> dict:
-    """Every engine and both fio engines alternately, `repeats` times each, medians: the
-    disk's throughput drifts from second to second, alternation spreads the drift evenly.
+    """Every engine and both fio engines alternately, `repeats` times each, each round in a
+    random order, medians: the disk's throughput drifts from second to second and depends on
+    what ran just before; alternation in shuffled rounds spreads both evenly.
     fio_huge_pages: the preload library giving fio's buffers huge pages (with `buffers`
     huge_pages)."""
-    samples: dict[str, list[dict]] = {e: [] for e in engines + [f"fio-{f}" for f in FIO_ENGINES]}
+    sides = engines + [f"fio-{f}" for f in FIO_ENGINES]
+    samples: dict[str, list[dict]] = {s: [] for s in sides}
     for _ in range(repeats):
-        for e in engines:
-            samples[e].append(reader_run(path, chunk, depth, seconds, rng, e, buffers=buffers))
-        for f in FIO_ENGINES:
-            samples[f"fio-{f}"].append(fio_run(path, chunk, depth, seconds, f, fio_huge_pages))
+        for k in rng.permutation(len(sides)):
+            side = sides[k]
+            if side.startswith("fio-"):
+                run = fio_run(path, chunk, depth, seconds, side[4:], fio_huge_pages)
+            else:
+                run = reader_run(path, chunk, depth, seconds, rng, side, buffers=buffers)
+            samples[side].append(run)
     cell = {"chunk_bytes": chunk, "depth": depth, "results": {}}
     for name, runs in samples.items():
         cell["results"][name] = {

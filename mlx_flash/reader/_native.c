@@ -16,7 +16,8 @@
  * Backends:
  *   io_uring  (Linux, where the kernel and the container allow io_uring_setup): one C thread
  *             keeps up to `depth` IORING_OP_READV requests in flight, through the raw system
- *             calls (no liburing), and collects their completions;
+ *             calls (no liburing), and collects their completions (the ring set up as fio
+ *             sets up its own: completions run only when that thread asks for them);
  *   pthreads  (everywhere else, macOS included): `depth` C threads, one blocking preadv each.
  *             On macOS the reader opens its files with F_NOCACHE set and F_RDAHEAD off
  *             (files.py), so the preads bypass the cache there too.
@@ -68,6 +69,26 @@
 #endif
 #ifndef __NR_io_uring_enter
 #define __NR_io_uring_enter 426
+#endif
+#ifndef __NR_io_uring_register
+#define __NR_io_uring_register 427
+#endif
+/* Setup flags of newer kernels than some headers know (each refused with EINVAL where the
+ * kernel is older: ring_setup falls back). */
+#ifndef IORING_SETUP_R_DISABLED
+#define IORING_SETUP_R_DISABLED (1U << 6) /* 5.10 */
+#endif
+#ifndef IORING_SETUP_COOP_TASKRUN
+#define IORING_SETUP_COOP_TASKRUN (1U << 8) /* 5.19 */
+#endif
+#ifndef IORING_SETUP_SINGLE_ISSUER
+#define IORING_SETUP_SINGLE_ISSUER (1U << 12) /* 6.0 */
+#endif
+#ifndef IORING_SETUP_DEFER_TASKRUN
+#define IORING_SETUP_DEFER_TASKRUN (1U << 13) /* 6.1 */
+#endif
+#ifndef IORING_REGISTER_ENABLE_RINGS
+#define IORING_REGISTER_ENABLE_RINGS 12
 #endif
 #endif
 #endif
@@ -169,6 +190,7 @@ typedef struct {
     void *sq_ptr, *cq_ptr;
     size_t sq_size, cq_size, sqes_size;
     unsigned pending; /* SQEs written and not yet taken by the kernel */
+    unsigned flags;   /* the setup flags the kernel took */
 } Ring;
 #endif
 
@@ -620,12 +642,29 @@ static void *pthread_worker(void *arg) {
 /* -- io_uring backend --------------------------------------------------------------------- */
 
 #ifdef HAVE_URING
+/* The ring's setup flags, best first (as fio sets them): completions run only when the ring's
+ * one thread asks for them in io_uring_enter (no task-work interrupt of that thread, no IPI);
+ * SINGLE_ISSUER and DEFER_TASKRUN need the ring's submitter to be that thread, so the ring is
+ * created disabled and the worker enables it (ring_enable). Older kernels refuse a flag with
+ * EINVAL: the next set is tried. */
+static const unsigned RING_FLAGS[] = {
+    IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN |
+        IORING_SETUP_R_DISABLED,
+    IORING_SETUP_COOP_TASKRUN,
+    0,
+};
+
 static int ring_setup(Ring *r, unsigned entries) {
     struct io_uring_params p;
-    memset(&p, 0, sizeof p);
     memset(r, 0, sizeof *r);
-    r->fd = (int)syscall(__NR_io_uring_setup, entries, &p);
+    for (size_t k = 0; k < sizeof RING_FLAGS / sizeof RING_FLAGS[0]; k++) {
+        memset(&p, 0, sizeof p);
+        p.flags = RING_FLAGS[k];
+        r->fd = (int)syscall(__NR_io_uring_setup, entries, &p);
+        if (r->fd >= 0 || errno != EINVAL) break;
+    }
     if (r->fd < 0) return -errno;
+    r->flags = p.flags;
     r->sq_size = p.sq_off.array + p.sq_entries * sizeof(unsigned);
     r->cq_size = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
     int single = (p.features & IORING_FEAT_SINGLE_MMAP) != 0;
@@ -669,6 +708,13 @@ static void ring_free(Ring *r) {
     r->fd = -1;
 }
 
+/* In the ring's worker, before its first submission: a ring created disabled is enabled, which
+ * makes this thread its single issuer. 0 or -errno. */
+static int ring_enable(Ring *r) {
+    if (!(r->flags & IORING_SETUP_R_DISABLED)) return 0;
+    return syscall(__NR_io_uring_register, r->fd, IORING_REGISTER_ENABLE_RINGS, NULL, 0) < 0 ? -errno : 0;
+}
+
 /* Queue one READV for flight `slot` (the ring has room: at most depth are in flight). */
 static void ring_push(Ring *r, Flight *f, int slot) {
     const ReadDesc *d = &f->batch->reads[f->index];
@@ -696,6 +742,9 @@ static void *ring_worker(void *arg) {
     int64_t *done_status = malloc(sizeof(int64_t) * (size_t)depth);
     if (!flights || !free_slots || !done_slots || !done_status) abort(); /* a few KiB */
     for (int s = 0; s < depth; s++) free_slots[s] = s;
+    /* (should it fail, which needs a kernel bug, the first io_uring_enter fails with EBADFD and
+     * the loop below fails the reads with that error) */
+    ring_enable(r);
     pthread_mutex_lock(&e->mu);
     for (;;) {
         Batch *b;

@@ -52,11 +52,11 @@ _SHORT = -1  # the C engine's status of a read that ended before the bytes it ne
 _FAULT_CODES = {k: i + 1 for i, k in enumerate(FAULT_KINDS)}  # the C side's numbering
 BACKENDS = ("io_uring", "pthreads")  # fastest first
 # The default backend ("native"): "auto", io_uring where the kernel and the container allow it,
-# else the pthread pool. On the project's Linux VM, once requests were planned and delivered in C
-# (bench_io's grid, 4 KiB-1 MiB, 1-64 in flight, quiet and busy; RESULTS.md, issue 19), io_uring
-# took less CPU per read than the pthread pool in 33 of 40 cells (1.11x / 1.16x fio's, median,
-# against 1.55x / 1.78x) and read faster in 22 of 40 (21 of the 32 at 16 KiB and more). (Before
-# that rewrite the pool was faster in 35 of 40 cells and was the default.)
+# else the pthread pool. On the project's Linux VM (bench_io's grid, 4 KiB-1 MiB, 1-64 in flight,
+# quiet and busy; RESULTS.md, issue 19) io_uring takes less CPU per read than the pool in most
+# cells (1.13-1.23x fio's lower, median, against 1.33-1.63x); in throughput the two are within
+# 0.02 of each other in median once bench_io shuffles the order of its rounds (with a fixed
+# order, whichever engine ran right after fio lost).
 DEFAULT_BACKEND = "auto"
 _probed: dict[str, str | None] = {}
 
