@@ -43,6 +43,7 @@ import shutil
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -287,16 +288,14 @@ def measure_cell(
     what ran just before; alternation in shuffled rounds spreads both evenly.
     fio_huge_pages: the preload library giving fio's buffers huge pages (with `buffers`
     huge_pages)."""
-    sides = engines + [f"fio-{f}" for f in FIO_ENGINES]
+    runs = {e: partial(reader_run, path, chunk, depth, seconds, rng, e, buffers=buffers) for e in engines}
+    for f in FIO_ENGINES:
+        runs[f"fio-{f}"] = partial(fio_run, path, chunk, depth, seconds, f, fio_huge_pages)
+    sides = list(runs)
     samples: dict[str, list[dict]] = {s: [] for s in sides}
     for _ in range(repeats):
         for k in rng.permutation(len(sides)):
-            side = sides[k]
-            if side.startswith("fio-"):
-                run = fio_run(path, chunk, depth, seconds, side[4:], fio_huge_pages)
-            else:
-                run = reader_run(path, chunk, depth, seconds, rng, side, buffers=buffers)
-            samples[side].append(run)
+            samples[sides[k]].append(runs[sides[k]]())
     cell = {"chunk_bytes": chunk, "depth": depth, "results": {}}
     for name, runs in samples.items():
         cell["results"][name] = {

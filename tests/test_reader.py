@@ -450,6 +450,34 @@ def test_rows_match_the_checksums_taken_at_load_on_every_engine(tmp_path, engine
             r.read(1, ids)
 
 
+def _kernel_gives_a_plain_ring() -> bool:
+    """Whether io_uring_setup with no flags works in this process (libc's syscall, not ours)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    params = ctypes.create_string_buffer(120)  # struct io_uring_params, zeroed: no flags
+    fd = libc.syscall(425, 1, params)  # __NR_io_uring_setup (the same on x86-64 and arm64)
+    if fd < 0:
+        return False
+    os.close(fd)
+    return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="io_uring is Linux's")
+def test_native_engine_runs_io_uring_wherever_the_kernel_gives_a_plain_ring(tmp_path):
+    """The engine's ring setup (fio's flags, falling back to older sets by EINVAL, enabled by its
+    worker thread) must not lose io_uring where a plain ring works: else the default would fall
+    back to the pthread pool silently and the io_uring tests would not run."""
+    if native_reader.load_error() is not None or not _kernel_gives_a_plain_ring():
+        pytest.skip("no native extension, or the kernel refuses io_uring here")
+    assert native_reader.backend_error("io_uring") is None
+    m, raw = make_flash_folder(tmp_path)
+    ids = np.array([3, 40, 41, 299], dtype=np.int64)
+    with FlashReader(tmp_path, m) as r:
+        assert r.engine == "native-io_uring"
+        check_rows(r.read(1, ids), raw[1], ids, m.dtype)
+
+
 def test_default_engine_is_native_where_built_else_threads_said_once(tmp_path, monkeypatch, caplog):
     from mlx_flash.reader import engines, native
 

@@ -39,6 +39,7 @@ import numpy as np
 
 from .. import layout
 from ..errors import MlxFlashError
+from ..quantize import dequantize_raw
 from ..safetensors_file import SafetensorsError, read_header
 
 FORMAT = 2  # 2: 8-bit factors (format 1, plain float factors, still loads)
@@ -125,8 +126,6 @@ class Storage:
         r = lambda a: np.asarray(a).astype(self.dtype).astype(np.float32)  # noqa: E731
         if self.group is None:
             return LayerPredictor(r(p.A), r(p.B), r(p.bias), float(p.threshold))
-        from ..quantize import dequantize_raw
-
         st = self.st_dtype
         A, Bt = (
             dequantize_raw(*self._quantize(a), st, QUANT_BITS, self.group, "F32")

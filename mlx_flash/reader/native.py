@@ -55,8 +55,9 @@ BACKENDS = ("io_uring", "pthreads")  # fastest first
 # else the pthread pool. On the project's Linux VM (bench_io's grid, 4 KiB-1 MiB, 1-64 in flight,
 # quiet and busy; RESULTS.md, issue 19) io_uring takes less CPU per read than the pool in most
 # cells (1.13-1.23x fio's lower, median, against 1.33-1.63x); in throughput the two are within
-# 0.02 of each other in median once bench_io shuffles the order of its rounds (with a fixed
-# order, whichever engine ran right after fio lost).
+# 0.02 of each other in median once bench_io shuffles the order of its rounds (with the fixed
+# order of before, io_uring ran right after fio in every round and lost in all 32 cells of
+# 16 KiB and more; moved to the end of the round, it split them 8 to 8).
 DEFAULT_BACKEND = "auto"
 _probed: dict[str, str | None] = {}
 
